@@ -1,0 +1,92 @@
+"""Command line: `serve` a checkpoint, `encode` files against a server, `demo` the whole pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from encoder_service.config import EngineConfig
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="local dir with config.json + *.safetensors (default: embedded tiny model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--max-tokens-per-batch", type=int, default=EngineConfig.max_tokens_per_batch)
+    p.add_argument("--max-tokens-per-request", type=int, default=EngineConfig.max_tokens_per_request)
+    p.add_argument("--max-items-per-request", type=int, default=EngineConfig.max_items_per_request)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        checkpoint=args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+        max_tokens_per_request=args.max_tokens_per_request,
+        max_items_per_request=args.max_items_per_request,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from encoder_service.server import ServerConfig, serve_forever
+
+    cfg = ServerConfig(host=args.host, port=args.port, engine=engine_config(args))
+    try:
+        asyncio.run(serve_forever(cfg))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from encoder_service.client import EncoderClient, image_file
+
+    with EncoderClient(args.address, timeout=args.timeout) as client:
+        client.wait_ready(timeout=args.timeout)
+        info = client.model_info()
+        result = client.encode([image_file(f) for f in args.files])
+    print(f"model {info.model_name}: hidden={info.hidden_size} tokens/tile={info.tiling.tokens_per_tile}")
+    print(f"embeddings {tuple(result.embeddings.shape)} {result.embeddings.dtype}")
+    for item in result.items:
+        print(f"  {item.item_id}: tiles={item.num_tiles} tokens={item.token_count} offset={item.offset}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from encoder_service.demo import run_demo
+
+    return run_demo(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="encoder-service", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run a standalone gRPC encoder server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    _add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("encode", help="encode image files against a running server")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("demo", help="end-to-end demo on the embedded tiny model")
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

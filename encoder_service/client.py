@@ -1,0 +1,62 @@
+"""Blocking gRPC client for the encoder service (the LLM worker's side of the wire)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from encoder_service import wire
+from encoder_service.engine import ModelInfo
+from encoder_service.processor import MediaInput, Modality
+from encoder_service.proto import encoder_pb2 as pb
+from encoder_service.proto import encoder_pb2_grpc as pb_grpc
+from encoder_service.server import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
+
+
+class EncoderClient:
+    def __init__(self, address: str, timeout: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.address, self.timeout = address, timeout
+        self.channel = grpc.insecure_channel(address, options=message_size_options(max_message_bytes))
+        self.stub = pb_grpc.EncoderServiceStub(self.channel)
+
+    def encode(
+        self,
+        items: list[MediaInput],
+        request_id: str | None = None,
+        timeout: float | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> wire.EncodeResult:
+        request = pb.EncodeRequest(
+            request_id=request_id or uuid.uuid4().hex, items=[wire.media_to_proto(i) for i in items]
+        )
+        response = self.stub.Encode(request, timeout=timeout or self.timeout, metadata=metadata)
+        return wire.decode_response(response)
+
+    def model_info(self, timeout: float | None = None, metadata=None) -> ModelInfo:
+        msg = self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout, metadata=metadata)
+        return wire.model_info_from_proto(msg)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server's standard health check says SERVING."""
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        status = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        if status.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError(f"encoder at {self.address} is not serving: {status.status}")
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "EncoderClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def image_file(path: str | Path, item_id: str | None = None) -> MediaInput:
+    """An image file as a MediaInput (bytes are sent as-is; the server decodes)."""
+    path = Path(path)
+    return MediaInput(Modality.IMAGE, path.read_bytes(), item_id=item_id or path.name)

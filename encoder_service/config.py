@@ -1,0 +1,175 @@
+"""Configuration dataclasses: what a checkpoint's config.json says, and how the service runs it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A pre-norm ViT. RADIO-style checkpoints add CLS and register tokens; SigLIP has none."""
+
+    hidden_size: int = 1280
+    num_layers: int = 32
+    num_heads: int = 16
+    intermediate_size: int = 5120
+    patch_size: int = 16
+    # Side of the square grid the position table was trained on (image_size // patch_size).
+    pos_embed_grid: int = 32
+    num_channels: int = 3
+    num_cls_tokens: int = 1
+    num_registers: int = 0
+    hidden_act: str = "gelu"  # "gelu" (exact) or "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    post_layernorm: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.num_cls_tokens + self.num_registers
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """VLM projector: `downsample`x`downsample` pixel shuffle, then LayerNorm -> MLP to the LLM width."""
+
+    downsample: int = 2
+    hidden_size: int = 4096
+    output_size: int = 4096
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class TilingSpec:
+    """Dynamic tiling as Nemotron Nano VL does it: up to `max_tiles` tiles plus a thumbnail.
+
+    Everything the token-count function needs, so that an LLM worker can lay out
+    placeholders before the encoder runs (GetModelInfo carries every field).
+    """
+
+    tile_size: int = 512
+    min_tiles: int = 1
+    max_tiles: int = 12
+    use_thumbnail: bool = True
+    tokens_per_tile: int = 256
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    tiling: TilingSpec = field(default_factory=TilingSpec)
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    # Guards against decompression bombs and absurd inputs.
+    max_image_pixels: int = 8192 * 8192
+    max_video_frames: int = 256
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Everything a checkpoint directory's config.json describes."""
+
+    name: str
+    vision: VisionConfig
+    projector: ProjectorConfig | None
+    processor: ProcessorConfig
+
+    @property
+    def output_size(self) -> int:
+        return self.projector.output_size if self.projector else self.vision.hidden_size
+
+    @property
+    def downsample(self) -> int:
+        return self.projector.downsample if self.projector else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": "encoder_service", **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "EncoderConfig":
+        proc = dict(d.get("processor", {}))
+        tiling = TilingSpec(**proc.pop("tiling", {}))
+        for key in ("image_mean", "image_std"):
+            if key in proc:
+                proc[key] = tuple(proc[key])
+        projector = ProjectorConfig(**d["projector"]) if d.get("projector") else None
+        vision = VisionConfig(**d["vision"])
+        return EncoderConfig(
+            name=d.get("name", "encoder"),
+            vision=vision,
+            projector=projector,
+            processor=ProcessorConfig(tiling=with_derived_tokens(tiling, vision, projector), **proc),
+        )
+
+
+def with_derived_tokens(
+    tiling: TilingSpec, vision: VisionConfig, projector: ProjectorConfig | None
+) -> TilingSpec:
+    """tokens_per_tile is never trusted from a file: it follows from tile, patch and shuffle sizes."""
+    downsample = projector.downsample if projector else 1
+    side = tiling.tile_size // vision.patch_size
+    if tiling.tile_size % vision.patch_size or side % downsample:
+        raise ValueError(
+            f"tile_size {tiling.tile_size} must be a multiple of patch_size*downsample "
+            f"({vision.patch_size}*{downsample})"
+        )
+    return dataclasses.replace(tiling, tokens_per_tile=(side // downsample) ** 2)
+
+
+@dataclass
+class EngineConfig:
+    """How one encoder replica runs a checkpoint."""
+
+    checkpoint: str | None = None  # None: the embedded tiny random checkpoint
+    device: str = "auto"  # "auto" -> cuda if available else cpu
+    dtype: str = "auto"  # "auto" -> bfloat16 on cuda, float32 on cpu
+    attention_backend: str = "auto"  # "torch", "flashinfer", "auto"
+    max_tokens_per_batch: int = 16384  # ViT tokens in one ragged forward
+    max_tokens_per_request: int = 65536  # output tokens one Encode may produce
+    max_items_per_request: int = 64
+
+
+def tiny_encoder_config() -> EncoderConfig:
+    """The embedded default: a RADIO-shaped ViT small enough for a 2-core CPU."""
+    vision = VisionConfig(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=128,
+        patch_size=8,
+        pos_embed_grid=8,
+        num_cls_tokens=1,
+        num_registers=2,
+        hidden_act="gelu",
+    )
+    projector = ProjectorConfig(downsample=2, hidden_size=128, output_size=64)
+    tiling = with_derived_tokens(TilingSpec(tile_size=64, max_tiles=12), vision, projector)
+    return EncoderConfig("tiny-radio-random", vision, projector, ProcessorConfig(tiling=tiling))
+
+
+def radio_h_encoder_config() -> EncoderConfig:
+    """RADIO ViT-H/16 + Nemotron-Nano-VL-style projector shapes (random weights: for benchmarks)."""
+    vision = VisionConfig(
+        hidden_size=1280,
+        num_layers=32,
+        num_heads=16,
+        intermediate_size=5120,
+        patch_size=16,
+        pos_embed_grid=32,
+        num_cls_tokens=1,
+        num_registers=4,
+        hidden_act="gelu",
+    )
+    projector = ProjectorConfig(downsample=2, hidden_size=5120, output_size=5120)
+    tiling = with_derived_tokens(TilingSpec(tile_size=512, max_tiles=12), vision, projector)
+    return EncoderConfig("radio-vit-h16-random", vision, projector, ProcessorConfig(tiling=tiling))
+
+
+PRESETS = {"tiny": tiny_encoder_config, "radio-h": radio_h_encoder_config}

@@ -1,0 +1,154 @@
+"""The encoder engine: media items in, ONE embedding tensor [sum(n_i), hidden] + counts out.
+
+request items -> processor (decode, tile) -> batcher (token budget) -> model (ragged ViT +
+projector, once per batch) -> one concatenated tensor. The consumer splits by counts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from encoder_service.attention import get_backend
+from encoder_service.batcher import plan_batches
+from encoder_service.config import EngineConfig, TilingSpec
+from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput
+from encoder_service.models import load_checkpoint, patchify, tiny_checkpoint_dir
+from encoder_service.processor import ImageProcessor, MediaInput, ProcessedItem
+
+
+@dataclass
+class EncodeOutput:
+    embeddings: torch.Tensor  # [sum(token_counts), hidden], on CPU
+    token_counts: list[int]
+    num_tiles: list[int]
+    tokens_per_frame: list[list[int]]  # [] for images
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def offsets(self) -> list[int]:
+        out, acc = [], 0
+        for n in self.token_counts:
+            out.append(acc)
+            acc += n
+        return out
+
+    def split(self) -> list[torch.Tensor]:
+        """Per-item views, for consumers and tests (the wire format stays one tensor)."""
+        return list(torch.split(self.embeddings, self.token_counts))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    hidden_size: int
+    dtype: torch.dtype
+    patch_size: int
+    tiling: TilingSpec
+    max_tokens_per_batch: int
+    max_tokens_per_request: int
+    max_items_per_request: int
+    attention_backend: str
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+class EncoderEngine:
+    def __init__(self, cfg: EngineConfig | None = None):
+        self.cfg = cfg = cfg or EngineConfig()
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.model = load_checkpoint(cfg.checkpoint or tiny_checkpoint_dir(), self.device, self.dtype)
+        self.processor = ImageProcessor(self.model.cfg.processor)
+        self.attention = get_backend(cfg.attention_backend, self.device)
+        tile_grid = self.tiling.tile_size // self.model.cfg.vision.patch_size
+        self.tile_grid = (tile_grid, tile_grid)
+        self.vit_tokens_per_tile = self.model.vit_tokens(self.tile_grid)
+        if cfg.max_tokens_per_batch < self.vit_tokens_per_tile:
+            raise ValueError(
+                f"max_tokens_per_batch={cfg.max_tokens_per_batch} is below one tile "
+                f"({self.vit_tokens_per_tile} ViT tokens)"
+            )
+
+    @property
+    def tiling(self) -> TilingSpec:
+        return self.processor.tiling
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            model_name=self.model.cfg.name,
+            hidden_size=self.model.cfg.output_size,
+            dtype=self.dtype,
+            patch_size=self.model.cfg.vision.patch_size,
+            tiling=self.tiling,
+            max_tokens_per_batch=self.cfg.max_tokens_per_batch,
+            max_tokens_per_request=self.cfg.max_tokens_per_request,
+            max_items_per_request=self.cfg.max_items_per_request,
+            attention_backend=self.attention.name,
+        )
+
+    # ------------------------------------------------------------------ request path
+
+    def check(self, items: list[MediaInput]) -> list[int]:
+        """Cheap validation from headers/shapes only; returns each item's token count."""
+        if not items:
+            raise InvalidInput("request has no items")
+        if len(items) > self.cfg.max_items_per_request:
+            raise InvalidInput(f"{len(items)} items exceed the limit of {self.cfg.max_items_per_request} per request")
+        counts = [self.processor.token_count(item)[0] for item in items]
+        if sum(counts) > self.cfg.max_tokens_per_request:
+            raise BudgetExceeded(
+                f"request needs {sum(counts)} tokens, over the budget of {self.cfg.max_tokens_per_request} per request"
+            )
+        return counts
+
+    def prepare(self, items: list[MediaInput]) -> list[ProcessedItem]:
+        """Validate and preprocess (decode, tile, normalise) one request's items on the CPU."""
+        self.check(items)
+        return [self.processor.process(item) for item in items]
+
+    def encode(self, items: list[MediaInput], deadline: float | None = None) -> EncodeOutput:
+        """Validate, preprocess and encode; `deadline` is a time.monotonic() instant."""
+        t0 = time.perf_counter()
+        processed = self.prepare(items)
+        out = self.run(processed, deadline)
+        out.stats["preprocess_ms"] = 1e3 * (time.perf_counter() - t0) - out.stats["forward_ms"]
+        return out
+
+    def run(self, processed: list[ProcessedItem], deadline: float | None = None) -> EncodeOutput:
+        """Encode already-prepared items (possibly from several requests) as one ragged stream."""
+        t0 = time.perf_counter()
+        embeddings, num_batches = self.encode_tiles(torch.cat([p.tiles for p in processed]), deadline)
+        counts = [p.num_tiles * self.model.tokens_out(self.tile_grid) for p in processed]
+        if sum(counts) != embeddings.shape[0]:
+            raise RuntimeError(f"model returned {embeddings.shape[0]} rows for {sum(counts)} expected tokens")
+        return EncodeOutput(
+            embeddings=embeddings,
+            token_counts=counts,
+            num_tiles=[p.num_tiles for p in processed],
+            tokens_per_frame=[p.tokens_per_frame for p in processed],
+            stats={"forward_ms": 1e3 * (time.perf_counter() - t0), "batches": num_batches},
+        )
+
+    def encode_tiles(self, tiles: torch.Tensor, deadline: float | None = None) -> tuple[torch.Tensor, int]:
+        """[n, 3, S, S] normalised tiles -> ([n * tokens_per_tile, hidden] on CPU, batches run)."""
+        batches = plan_batches([self.vit_tokens_per_tile] * tiles.shape[0], self.cfg.max_tokens_per_batch)
+        outputs = []
+        for rows in batches:
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded("deadline passed while encoding")
+            pixels = tiles[rows.start : rows.stop].to(self.device, self.dtype, non_blocking=True)
+            outputs.append(self.model(patchify(pixels, self.model.cfg.vision.patch_size), self.attention))
+        return torch.cat(outputs).cpu(), len(batches)

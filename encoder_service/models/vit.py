@@ -1,0 +1,136 @@
+"""A pre-norm Vision Transformer that runs on ragged (packed) batches of tiles.
+
+All tiles of a batch are flattened into one `[total_tokens, hidden]` sequence;
+attention is restricted to each tile by `indptr`, so tiles of any grid size
+share one forward pass with no padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from encoder_service.attention import RaggedAttention, TorchRaggedAttention
+from encoder_service.config import VisionConfig
+
+
+@dataclass(frozen=True)
+class PackedTiles:
+    """Patches of several tiles, concatenated: what one ragged forward consumes."""
+
+    patches: torch.Tensor  # [sum(gh*gw), C*p*p], channel-major inside a patch (Conv2d weight order)
+    grids: list[tuple[int, int]]  # (rows, cols) of patches per tile
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.grids)
+
+
+def patchify(tiles: torch.Tensor | Sequence[torch.Tensor], patch_size: int) -> PackedTiles:
+    """[n, C, H, W] (or a list of [C, H, W] of any sizes, multiples of patch_size) -> PackedTiles."""
+    if isinstance(tiles, torch.Tensor) and tiles.dim() == 4:
+        n, c, h, w = tiles.shape
+        gh, gw = h // patch_size, w // patch_size
+        x = tiles.reshape(n, c, gh, patch_size, gw, patch_size).permute(0, 2, 4, 1, 3, 5)
+        return PackedTiles(x.reshape(n * gh * gw, c * patch_size**2), [(gh, gw)] * n)
+    parts = [patchify(t.unsqueeze(0), patch_size) for t in tiles]
+    return PackedTiles(torch.cat([p.patches for p in parts]), [g for p in parts for g in p.grids])
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_pytorch_tanh", "gelu_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    raise ValueError(f"unsupported hidden_act {name!r}")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, backend: RaggedAttention, plan) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim).unbind(1)
+        return self.proj(backend.run(plan, q, k, v).reshape(x.shape[0], -1))
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = _activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg)
+
+    def forward(self, x: torch.Tensor, backend: RaggedAttention, plan) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), backend, plan)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, p = cfg.hidden_size, cfg.patch_size
+        # Stored in Conv2d layout [D, C, p, p] (checkpoint compatible), applied as a matmul.
+        self.patch_embed = nn.Conv2d(cfg.num_channels, d, kernel_size=p, stride=p)
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.pos_embed_grid**2, d))
+        self.prefix_tokens = nn.Parameter(torch.zeros(cfg.num_prefix_tokens, d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.post_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.post_layernorm else nn.Identity()
+
+    def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The trained square table, resampled (bicubic) to any grid: [gh*gw, D]."""
+        n = self.cfg.pos_embed_grid
+        if grid == (n, n):
+            return self.pos_embed
+        table = self.pos_embed.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False)
+        return table.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
+
+    def forward(self, batch: PackedTiles, backend: RaggedAttention | None = None) -> torch.Tensor:
+        """Returns the patch tokens (prefix tokens dropped) of every tile, concatenated: [sum(gh*gw), D]."""
+        backend = backend or TorchRaggedAttention()
+        weight = self.patch_embed.weight.flatten(1)
+        x = F.linear(batch.patches.to(weight.dtype), weight, self.patch_embed.bias)
+        pos = {g: self.position_embedding(g) for g in set(batch.grids)}
+        x = x + torch.cat([pos[g] for g in batch.grids])
+
+        n_prefix = self.cfg.num_prefix_tokens
+        lengths = torch.tensor([gh * gw + n_prefix for gh, gw in batch.grids])
+        indptr = F.pad(lengths.cumsum(0), (1, 0))
+        if n_prefix:
+            # Every sequence is [prefix tokens | its patches]; scatter patches into place.
+            is_patch = torch.ones(int(indptr[-1]), dtype=torch.bool)
+            for start in indptr[:-1].tolist():
+                is_patch[start : start + n_prefix] = False
+            is_patch = is_patch.to(x.device)
+            full = x.new_empty(int(indptr[-1]), x.shape[1])
+            full[is_patch] = x
+            full[~is_patch] = self.prefix_tokens.repeat(batch.num_tiles, 1)
+            x = full
+
+        plan = backend.plan(indptr, self.cfg.num_heads, self.cfg.head_dim)
+        for block in self.blocks:
+            x = block(x, backend, plan)
+        if n_prefix:
+            x = x[is_patch]
+        return self.post_norm(x)
