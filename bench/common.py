@@ -18,7 +18,11 @@ from encoder_service.models import save_checkpoint
 from encoder_service.models.checkpoint import random_encoder
 
 # A serving-like mix: photos, screenshots, documents, thumbnails.
-IMAGE_MIX = [(640, 480), (1920, 1080), (512, 512), (300, 800), (1024, 1024), (200, 200), (1280, 720), (800, 1200)]
+IMAGE_MIXES = {
+    "serving": [(640, 480), (1920, 1080), (512, 512), (300, 800), (1024, 1024), (200, 200), (1280, 720), (800, 1200)],
+    # Single-tile items (thumbnails, video frames): where packing across items matters most.
+    "small": [(512, 512), (256, 256), (400, 380), (128, 128)],
+}
 
 
 def preset_checkpoint(preset: str, root: Path) -> Path:
@@ -29,11 +33,12 @@ def preset_checkpoint(preset: str, root: Path) -> Path:
     return path
 
 
-def jpeg_mix(n: int, seed: int = 0) -> list[bytes]:
+def jpeg_mix(n: int, mix: str = "serving", seed: int = 0) -> list[bytes]:
     rng = np.random.default_rng(seed)
+    sizes = IMAGE_MIXES[mix]
     out = []
     for i in range(n):
-        w, h = IMAGE_MIX[i % len(IMAGE_MIX)]
+        w, h = sizes[i % len(sizes)]
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
@@ -46,14 +51,22 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each fn, run in turn (A B A B ...) so clock/thermal drift hits all alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    _sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}

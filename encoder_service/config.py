@@ -134,6 +134,7 @@ class EngineConfig:
     max_tokens_per_batch: int = 16384  # ViT tokens in one ragged forward
     max_tokens_per_request: int = 65536  # output tokens one Encode may produce
     max_items_per_request: int = 64
+    preprocess_threads: int = 4  # decode/resize in parallel (PIL releases the GIL)
 
 
 def tiny_encoder_config() -> EncoderConfig:

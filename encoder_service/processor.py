@@ -44,7 +44,7 @@ class MediaInput:
 
 @dataclass
 class ProcessedItem:
-    tiles: torch.Tensor  # [num_tiles, 3, tile, tile] float32, normalised
+    tiles: torch.Tensor  # [num_tiles, 3, tile, tile] uint8; normalised on the model's device
     tokens_per_frame: list[int] = field(default_factory=list)  # video only
 
     @property
@@ -104,6 +104,11 @@ def count_video_tokens(num_frames: int, spec: TilingSpec) -> list[int]:
 # ---------------------------------------------------------------- decoding and tiling
 
 
+def _stack(tiles: list[Image.Image]) -> torch.Tensor:
+    """PIL tiles -> uint8 [n, 3, H, W]."""
+    return torch.from_numpy(np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])).permute(0, 3, 1, 2)
+
+
 class ImageProcessor:
     def __init__(self, cfg: ProcessorConfig):
         self.cfg = cfg
@@ -117,12 +122,12 @@ class ImageProcessor:
     def process(self, item: MediaInput) -> ProcessedItem:
         if item.modality == Modality.IMAGE:
             image = self.load_image(item.data)
-            return ProcessedItem(self._normalise(self.tile_image(image)))
+            return ProcessedItem(_stack(self.tile_image(image)))
         if item.modality == Modality.VIDEO:
             frames = self.load_frames(item.data)
             size = (self.tiling.tile_size, self.tiling.tile_size)
             tiles = [f.resize(size, Image.Resampling.BICUBIC) for f in frames]
-            return ProcessedItem(self._normalise(tiles), count_video_tokens(len(frames), self.tiling))
+            return ProcessedItem(_stack(tiles), count_video_tokens(len(frames), self.tiling))
         raise InvalidInput(f"unknown modality {item.modality!r}")
 
     def token_count(self, item: MediaInput) -> tuple[int, list[int]]:
@@ -142,10 +147,13 @@ class ImageProcessor:
             tiles.append(image.resize((t, t), Image.Resampling.BICUBIC))
         return tiles
 
-    def _normalise(self, tiles: list[Image.Image]) -> torch.Tensor:
-        pixels = torch.from_numpy(np.stack([np.asarray(t, dtype=np.uint8) for t in tiles]))
-        x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
-        return (x - self.mean) / self.std
+    def normalize(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """uint8 [n, 3, H, W] -> normalised `dtype`, on whatever device the pixels are.
+
+        Tiles stay uint8 until they reach the GPU: 4x less host memory and H2D traffic.
+        """
+        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
+        return ((pixels.float() / 255.0 - mean) / std).to(dtype)
 
     # -- validation + decoding: every failure is the caller's, so InvalidInput
 

@@ -11,7 +11,6 @@ from PIL import Image
 from encoder_service.config import EngineConfig
 from encoder_service.engine import EncoderEngine
 from encoder_service.models import tiny_checkpoint_dir
-from encoder_service.server import BackgroundServer, ServerConfig
 
 
 def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int | None = None) -> bytes:
@@ -40,5 +39,7 @@ def engine(engine_config) -> EncoderEngine:
 @pytest.fixture(scope="session")
 def encoder_server(engine_config):
     """A real grpc.aio server on a free loopback port, shared by the session."""
+    from encoder_service.server import BackgroundServer, ServerConfig
+
     with BackgroundServer(ServerConfig(port=0, engine=engine_config)) as server:
         yield server

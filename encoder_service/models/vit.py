@@ -118,19 +118,21 @@ class VisionTransformer(nn.Module):
         lengths = torch.tensor([gh * gw + n_prefix for gh, gw in batch.grids])
         indptr = F.pad(lengths.cumsum(0), (1, 0))
         if n_prefix:
-            # Every sequence is [prefix tokens | its patches]; scatter patches into place.
-            is_patch = torch.ones(int(indptr[-1]), dtype=torch.bool)
+            # Every sequence is [prefix tokens | its patches]. Index lists (built on the CPU,
+            # copied without blocking) rather than boolean masks, which would sync the GPU.
+            is_prefix = torch.zeros(int(indptr[-1]), dtype=torch.bool)
             for start in indptr[:-1].tolist():
-                is_patch[start : start + n_prefix] = False
-            is_patch = is_patch.to(x.device)
+                is_prefix[start : start + n_prefix] = True
+            patch_rows = (~is_prefix).nonzero().squeeze(1).to(x.device, non_blocking=True)
+            prefix_rows = is_prefix.nonzero().squeeze(1).to(x.device, non_blocking=True)
             full = x.new_empty(int(indptr[-1]), x.shape[1])
-            full[is_patch] = x
-            full[~is_patch] = self.prefix_tokens.repeat(batch.num_tiles, 1)
+            full.index_copy_(0, patch_rows, x)
+            full.index_copy_(0, prefix_rows, self.prefix_tokens.repeat(batch.num_tiles, 1))
             x = full
 
         plan = backend.plan(indptr, self.cfg.num_heads, self.cfg.head_dim)
         for block in self.blocks:
             x = block(x, backend, plan)
         if n_prefix:
-            x = x[is_patch]
+            x = x.index_select(0, patch_rows)
         return self.post_norm(x)
