@@ -22,6 +22,8 @@ IMAGE_MIXES = {
     "serving": [(640, 480), (1920, 1080), (512, 512), (300, 800), (1024, 1024), (200, 200), (1280, 720), (800, 1200)],
     # Single-tile items (thumbnails, video frames): where packing across items matters most.
     "small": [(512, 512), (256, 256), (400, 380), (128, 128)],
+    # 2:1 images: 2 tiles + thumbnail each.
+    "wide": [(1024, 512), (800, 400), (1200, 600)],
 }
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.common import device_name, interleaved_medians, jpeg_mix, preset_checkpoint
-from encoder_service.config import EngineConfig
+from encoder_service.config import PRESETS, EngineConfig
 from encoder_service.engine import EncoderEngine
 from encoder_service.processor import MediaInput, Modality
 
@@ -35,7 +35,7 @@ def profile_one_batch(engine: EncoderEngine, processed) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--preset", default="tiny", choices=["tiny", "radio-h"])
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--attention-backend", default="auto")

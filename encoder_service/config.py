@@ -173,4 +173,12 @@ def radio_h_encoder_config() -> EncoderConfig:
     return EncoderConfig("radio-vit-h16-random", vision, projector, ProcessorConfig(tiling=tiling))
 
 
-PRESETS = {"tiny": tiny_encoder_config, "radio-h": radio_h_encoder_config}
+def tiny_512_encoder_config() -> EncoderConfig:
+    """The tiny ViT at Nemotron's geometry (512 px tiles, patch 16, 256 tokens/tile): realistic token counts."""
+    tiny = tiny_encoder_config()
+    vision = dataclasses.replace(tiny.vision, patch_size=16, pos_embed_grid=32)
+    tiling = with_derived_tokens(TilingSpec(tile_size=512, max_tiles=12), vision, tiny.projector)
+    return EncoderConfig("tiny-512-random", vision, tiny.projector, ProcessorConfig(tiling=tiling))
+
+
+PRESETS = {"tiny": tiny_encoder_config, "tiny-512": tiny_512_encoder_config, "radio-h": radio_h_encoder_config}

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from encoder_service.artifacts import build_once, cache_root
 from encoder_service.config import (
     EncoderConfig,
     ProcessorConfig,
@@ -81,21 +82,9 @@ def random_encoder(cfg: EncoderConfig, seed: int = 0) -> VisionEncoder:
 
 
 def tiny_checkpoint_dir(root: str | os.PathLike | None = None) -> Path:
-    """The embedded default checkpoint, materialised once under a cache dir and reused.
-
-    Deterministic (fixed seed), so every replica and worker builds the same weights.
-    """
+    """The embedded default encoder checkpoint (deterministic: every replica builds the same weights)."""
     cfg = tiny_encoder_config()
-    root = Path(root or os.environ.get("ENCODER_SERVICE_CACHE", Path.home() / ".cache" / "encoder_service"))
-    path = root / cfg.name
-    if not (path / WEIGHTS_FILE).exists():
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        save_checkpoint(random_encoder(cfg, seed=1234), tmp)
-        try:
-            tmp.rename(path)
-        except OSError:  # another process won the race; theirs is identical
-            pass
-    return path
+    return build_once(cache_root(root) / cfg.name, lambda tmp: save_checkpoint(random_encoder(cfg, seed=1234), tmp))
 
 
 def siglip_config(raw: dict) -> EncoderConfig:

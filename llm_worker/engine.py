@@ -1,0 +1,219 @@
+"""Reference LLM engine: any HF causal LM that takes `inputs_embeds`, chunked prefill, greedy decode.
+
+A scheduler step:
+1. admits waiting requests: ONE Encode call for all their uncached media, pinned in the cache;
+2. spends a per-step token budget on running requests in arrival order: a prefill chunk
+   (at most `chunk_size` prompt tokens) or one decode token each;
+3. releases a request's pins once its prefill is over.
+Media rows reach each chunk by slicing cached embeddings (`merge_chunk`), never by re-encoding.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from encoder_service.config import ProcessorConfig
+from encoder_service.processor import ImageProcessor, MediaInput
+from llm_worker.mm_cache import EmbeddingCache, content_hash
+from llm_worker.multimodal import Encoder, MediaRef, fetch_embeddings, merge_chunk
+from llm_worker.prompt import PromptLayout, count_markers, layout_prompt
+from llm_worker.tokenizer import ByteTokenizer, Tokenizer
+
+
+@dataclass
+class LLMWorkerConfig:
+    model_dir: str | None = None  # None: the embedded tiny random Llama
+    chunk_size: int = 256  # prompt tokens per prefill chunk
+    step_token_budget: int = 512  # tokens (prefill + decode) one scheduler step may process
+    cache_bytes: int = 1 << 30  # media embedding cache budget
+    device: str = "cpu"
+    record_prompt_logits: bool = False  # keep every prompt position's logits (tests, debugging)
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str  # text with one `<image>` / `<video>` marker per media item
+    media: list[MediaInput] = field(default_factory=list)
+    max_new_tokens: int = 16
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # laid out, media not yet fetched
+    PREFILL = "prefill"
+    DECODE = "decode"
+    DONE = "done"
+
+
+@dataclass
+class Sequence:
+    request: GenerationRequest
+    layout: PromptLayout
+    media: list[MediaRef]
+    arrival: int
+    status: Status = Status.WAITING
+    num_prefilled: int = 0
+    kv: DynamicCache | None = None
+    output_ids: list[int] = field(default_factory=list)
+    last_logits: torch.Tensor | None = None
+    prompt_logits: list[torch.Tensor] = field(default_factory=list)
+    prefill_chunks: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.layout.token_ids)
+
+    def distinct_keys(self) -> list[str]:
+        return list(dict.fromkeys(r.key for r in self.media))
+
+
+@dataclass
+class GenerationOutput:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    prefill_chunks: int
+    media_tokens: list[int]  # embedding rows per media item
+
+
+class LLMEngine:
+    def __init__(self, cfg: LLMWorkerConfig, encoder: Encoder, tokenizer: Tokenizer | None = None):
+        from llm_worker.tiny import tiny_llm_dir
+
+        self.cfg = cfg
+        self.encoder = encoder
+        self.tokenizer = tokenizer or ByteTokenizer()
+        self.device = torch.device(cfg.device)
+        model_dir = cfg.model_dir or tiny_llm_dir()
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"LLM checkpoint dir {model_dir} does not exist (no hub downloads)")
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
+        self.embed_tokens = self.model.get_input_embeddings()
+        info = encoder.model_info()
+        if info.hidden_size != self.model.config.hidden_size:
+            raise ValueError(
+                f"encoder emits {info.hidden_size}-wide embeddings, the LLM expects {self.model.config.hidden_size}"
+            )
+        # Token counts from sizes alone: the same pure function the encoder uses.
+        self.media_counter = ImageProcessor(ProcessorConfig(tiling=info.tiling))
+        self.cache = EmbeddingCache(cfg.cache_bytes)
+        self.encode_calls = 0
+        self._sequences: list[Sequence] = []
+        self._arrivals = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, request: GenerationRequest) -> Sequence:
+        """Lay the prompt out now: placeholder counts come from media sizes, before any encoding."""
+        if len(count_markers(request.prompt)) != len(request.media):
+            raise ValueError(
+                f"request {request.request_id}: {len(count_markers(request.prompt))} markers, "
+                f"{len(request.media)} media items"
+            )
+        runs = []
+        for item in request.media:
+            total, frames = self.media_counter.token_count(item)
+            runs.append(frames or [total])
+        layout = layout_prompt(request.prompt, runs, self.tokenizer)
+        refs = [MediaRef(content_hash(m), span, m) for m, span in zip(request.media, layout.spans)]
+        seq = Sequence(request, layout, refs, next(self._arrivals))
+        self._sequences.append(seq)
+        return seq
+
+    def has_work(self) -> bool:
+        return any(s.status != Status.DONE for s in self._sequences)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
+        seqs = [self.add_request(r) for r in requests]
+        while any(s.status != Status.DONE for s in seqs):
+            self.step()
+        return [self.output(s) for s in seqs]
+
+    def output(self, seq: Sequence) -> GenerationOutput:
+        return GenerationOutput(
+            request_id=seq.request.request_id,
+            token_ids=list(seq.output_ids),
+            text=self.tokenizer.decode(seq.output_ids),
+            prompt_tokens=seq.prompt_len,
+            prefill_chunks=seq.prefill_chunks,
+            media_tokens=[r.span.length for r in seq.media],
+        )
+
+    # ------------------------------------------------------------------ scheduling
+
+    def step(self) -> list[Sequence]:
+        """One scheduler step; returns the sequences that finished in it."""
+        waiting = [s for s in self._sequences if s.status == Status.WAITING]
+        if waiting:
+            self._admit(waiting)
+        budget = self.cfg.step_token_budget
+        finished = []
+        for seq in sorted((s for s in self._sequences if s.status in (Status.PREFILL, Status.DECODE)), key=lambda s: s.arrival):
+            if budget <= 0:
+                break
+            if seq.status == Status.PREFILL:
+                n = min(self.cfg.chunk_size, seq.prompt_len - seq.num_prefilled, budget)
+                self._prefill_chunk(seq, n)
+                budget -= n
+            else:
+                self._decode_one(seq)
+                budget -= 1
+            if seq.status == Status.DONE:
+                finished.append(seq)
+        self._sequences = [s for s in self._sequences if s.status != Status.DONE]
+        return finished
+
+    def _admit(self, seqs: list[Sequence]) -> None:
+        self.encode_calls += fetch_embeddings([s.media for s in seqs], self.encoder, self.cache)
+        for seq in seqs:
+            seq.kv = DynamicCache(config=self.model.config)
+            seq.status = Status.PREFILL
+
+    # ------------------------------------------------------------------ model work
+
+    @torch.inference_mode()
+    def _prefill_chunk(self, seq: Sequence, n: int) -> None:
+        start, end = seq.num_prefilled, seq.num_prefilled + n
+        ids = torch.tensor(seq.layout.token_ids[start:end], device=self.device)
+        embeds = self.embed_tokens(ids).clone()
+        overlapping = [r for r in seq.media if r.span.offset < end and r.span.end > start]
+        merge_chunk(embeds, start, [(r.span, self._media_rows(r)) for r in overlapping])
+        logits = self.model(inputs_embeds=embeds[None], past_key_values=seq.kv, use_cache=True).logits[0]
+        if self.cfg.record_prompt_logits:
+            seq.prompt_logits.append(logits.float().cpu())
+        seq.num_prefilled = end
+        seq.prefill_chunks += 1
+        if end == seq.prompt_len:
+            self._release(seq)
+            seq.status = Status.DECODE
+            self._emit(seq, logits[-1])
+
+    def _media_rows(self, ref: MediaRef) -> torch.Tensor:
+        """All embedding rows of an item (pinned in the cache while its request is in prefill)."""
+        return self.cache.get(ref.key).embeddings
+
+    def _release(self, seq: Sequence) -> None:
+        for key in seq.distinct_keys():
+            self.cache.unpin(key)
+
+    @torch.inference_mode()
+    def _decode_one(self, seq: Sequence) -> None:
+        ids = torch.tensor([[seq.output_ids[-1]]], device=self.device)
+        logits = self.model(input_ids=ids, past_key_values=seq.kv, use_cache=True).logits[0, -1]
+        self._emit(seq, logits)
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        seq.last_logits = logits.float().cpu()
+        token = int(logits.argmax())
+        seq.output_ids.append(token)
+        if token == self.tokenizer.eos_id or len(seq.output_ids) >= seq.request.max_new_tokens:
+            seq.status = Status.DONE
+            seq.kv = None

@@ -1,0 +1,97 @@
+"""Getting media embeddings into prefill chunks.
+
+1. `fetch_embeddings`: for a batch of requests, ONE Encode call for every item
+   not already cached (identical items deduplicated), the single returned tensor
+   split by the returned counts, the cache filled and the entries pinned.
+2. `merge_chunk`: for a chunk covering prompt positions [start, end), write
+   exactly the embedding rows whose placeholders fall inside it; an item that
+   straddles chunks is sliced, never re-encoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from encoder_service.engine import ModelInfo
+from encoder_service.processor import MediaInput
+from encoder_service.wire import EncodeResult
+from llm_worker.mm_cache import EmbeddingCache
+from llm_worker.prompt import MediaSpan
+
+
+class Encoder(Protocol):
+    """What the worker needs of the encoder pool (EncoderClient, or the Ray actor's pool client)."""
+
+    def encode(self, items: list[MediaInput]) -> EncodeResult: ...
+
+    def model_info(self) -> ModelInfo: ...
+
+
+class EmbeddingCountMismatch(ValueError):
+    """The encoder returned a different number of rows than the prompt has placeholders."""
+
+
+@dataclass
+class MediaRef:
+    """One media item of one request: its cache key and where its rows go."""
+
+    key: str
+    span: MediaSpan
+    media: MediaInput
+
+
+def fetch_embeddings(requests: list[list[MediaRef]], encoder: Encoder, cache: EmbeddingCache) -> int:
+    """Make every item of these requests resident and pinned once per request; returns Encode calls made.
+
+    The caller unpins each request's distinct keys when that request's prefill is over.
+    """
+    missing: dict[str, MediaInput] = {}
+    pins_needed: dict[str, int] = {}
+    for refs in requests:
+        for key in dict.fromkeys(r.key for r in refs):  # distinct keys, in order
+            if key in missing:
+                pins_needed[key] += 1
+            elif cache.lookup(key) is not None:
+                cache.pin(key)  # pinned now, so this batch's inserts cannot evict it
+            else:
+                missing[key] = next(r.media for r in refs if r.key == key)
+                pins_needed[key] = 1
+    if not missing:
+        return 0
+    result = encoder.encode(list(missing.values()))
+    if len(result.items) != len(missing):
+        raise EmbeddingCountMismatch(f"sent {len(missing)} items, encoder answered {len(result.items)}")
+    for key, rows, meta in zip(missing, result.split(), result.items):
+        # A copy per item: the cache's byte accounting must not keep the whole batch tensor alive.
+        cache.put(key, rows.clone(), meta.tokens_per_frame, pins=pins_needed[key])
+    return 1
+
+
+def merge_chunk(
+    chunk_embeds: torch.Tensor, start: int, items: list[tuple[MediaSpan, torch.Tensor]]
+) -> int:
+    """Write media rows into `chunk_embeds` (prompt positions [start, start + len)); returns rows written."""
+    end = start + chunk_embeds.shape[0]
+    written = 0
+    for span, rows in items:
+        if rows.shape[0] != span.length:
+            raise EmbeddingCountMismatch(
+                f"media item at prompt position {span.offset} has {span.length} placeholders "
+                f"but the encoder returned {rows.shape[0]} embedding rows"
+            )
+        if rows.shape[1] != chunk_embeds.shape[1]:
+            raise EmbeddingCountMismatch(
+                f"embedding width {rows.shape[1]} does not match the LLM hidden size {chunk_embeds.shape[1]}"
+            )
+        row_base = 0
+        for run in span.runs:
+            lo, hi = max(run.offset, start), min(run.offset + run.length, end)
+            if lo < hi:
+                first = row_base + lo - run.offset
+                chunk_embeds[lo - start : hi - start] = rows[first : first + hi - lo].to(chunk_embeds.dtype)
+                written += hi - lo
+            row_base += run.length
+    return written
