@@ -59,7 +59,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from encoder_service.demo import run_demo
+    from encoder_service.serve_app import DEFAULT_CONFIG
 
+    args.config = args.config or DEFAULT_CONFIG
     return run_demo(args)
 
 
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("demo", help="end-to-end demo on the embedded tiny model")
+    p = sub.add_parser("demo", help="local Ray + encoder pool + LLM worker on the embedded tiny models")
+    p.add_argument("--config", default=None, help="Serve config (default: deploy/serve_config.yaml)")
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)

@@ -1,37 +1,71 @@
-"""End-to-end demo on the embedded tiny model: a real gRPC server on loopback, two images, one Encode."""
+"""The main job on an embedded default: local Ray, the encoder pool on Serve (tiny model, CPU),
+one LLM worker actor, a prompt with two images -> generated text + the encoder's metadata."""
 
 from __future__ import annotations
 
 import argparse
 import io
+import logging
+import os
+import socket
 
 import numpy as np
 from PIL import Image
 
-from encoder_service.client import EncoderClient
-from encoder_service.config import EngineConfig
 from encoder_service.processor import MediaInput, Modality
-from encoder_service.server import BackgroundServer, ServerConfig
 
 
 def demo_images() -> list[MediaInput]:
     rng = np.random.default_rng(0)
     items = []
-    for name, (w, h) in {"photo.jpg": (640, 480), "document.png": (300, 900)}.items():
+    for name, (w, h) in {"photo.png": (640, 480), "document.png": (300, 900)}.items():
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
         items.append(MediaInput(Modality.IMAGE, buf.getvalue(), item_id=name))
     return items
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    with BackgroundServer(ServerConfig(port=0, engine=EngineConfig())) as server:
-        with EncoderClient(server.address) as client:
-            client.wait_ready()
-            info = client.model_info()
-            result = client.encode(demo_images())
-    print(f"encoder {info.model_name} on {server.address}: hidden={info.hidden_size}, tokens/tile={info.tiling.tokens_per_tile}")
-    print(f"one tensor {tuple(result.embeddings.shape)} {result.embeddings.dtype}, counts {result.token_counts}")
-    for item in result.items:
-        print(f"  {item.item_id}: {item.num_tiles} tiles -> rows [{item.offset}, {item.offset + item.token_count})")
-    return 0
+    import ray
+    from ray import serve
+
+    from encoder_service.client import EncoderClient
+    from encoder_service.serve_app import deploy, load_serve_config
+    from llm_worker.actor import LLMWorkerActor
+    from llm_worker.codec import pack_requests, unpack_outputs
+    from llm_worker.engine import GenerationRequest
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    config = load_serve_config(args.config)
+    config["grpc_options"]["port"], config["http_options"]["port"] = _free_port(), _free_port()
+    app = config["applications"][0]["name"]
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        address = deploy(config)
+        print(f"encoder pool '{app}' on Ray Serve, gRPC proxy at {address}")
+        images = demo_images()
+        with EncoderClient(address) as client:
+            encoded = client.encode(images, metadata=(("application", app),))
+        print(f"Encode: one tensor {tuple(encoded.embeddings.shape)} {encoded.embeddings.dtype}")
+        for item in encoded.items:
+            print(f"  {item.item_id}: {item.num_tiles} tiles, {item.token_count} tokens at rows "
+                  f"[{item.offset}, {item.offset + item.token_count})")
+        print(f"  served by replica {encoded.extras.get('replica')}, batch of {encoded.extras.get('batch_requests')}")
+
+        worker = LLMWorkerActor.options(num_cpus=1).remote({"addresses": [address], "application": app}, {"chunk_size": 64})
+        request = GenerationRequest("Describe <image> and compare it with <image>.", images, max_new_tokens=16)
+        [output] = unpack_outputs(ray.get(worker.generate.remote(pack_requests([request])), timeout=300))
+        stats = ray.get(worker.stats.remote())
+        print(f"LLM worker: prompt of {output.prompt_tokens} tokens ({output.media_tokens} media), "
+              f"{output.prefill_chunks} prefill chunks, {stats['encode_calls']} Encode call(s)")
+        print(f"generated (tiny random LLM, so noise): {output.text!r}")
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()

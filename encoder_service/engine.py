@@ -40,6 +40,17 @@ class EncodeOutput:
         """Per-item views, for consumers and tests (the wire format stays one tensor)."""
         return list(torch.split(self.embeddings, self.token_counts))
 
+    def select(self, first: int, last: int) -> "EncodeOutput":
+        """Items [first, last) as their own output: a row view of the one tensor, no copy."""
+        rows = sum(self.token_counts[:first]), sum(self.token_counts[:last])
+        return EncodeOutput(
+            embeddings=self.embeddings[rows[0] : rows[1]],
+            token_counts=self.token_counts[first:last],
+            num_tiles=self.num_tiles[first:last],
+            tokens_per_frame=self.tokens_per_frame[first:last],
+            stats=dict(self.stats),
+        )
+
 
 @dataclass(frozen=True)
 class ModelInfo:

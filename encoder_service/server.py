@@ -1,8 +1,9 @@
 """Standalone gRPC server (grpc.aio) for one encoder engine.
 
 Bad input is answered with INVALID_ARGUMENT / RESOURCE_EXHAUSTED and a clear
-message; the server keeps serving. Model work runs on one worker thread so the
-event loop stays free for health checks, deadlines and cancellations.
+message; the server keeps serving. Concurrent requests are batched into one
+ragged batch (RequestBatcher); model work runs off the event loop, which stays
+free for health checks, deadlines and cancellations.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -23,6 +23,7 @@ from encoder_service.engine import EncoderEngine
 from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.proto import encoder_pb2_grpc as pb_grpc
+from encoder_service.request_batcher import BatcherConfig, RequestBatcher
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class ServerConfig:
     port: int = 50051  # 0: pick a free port
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     engine: EngineConfig = field(default_factory=EngineConfig)
+    batching: BatcherConfig = field(default_factory=BatcherConfig)
 
 
 @dataclass
@@ -64,17 +66,17 @@ def status_for(error: Exception) -> grpc.StatusCode:
 
 
 class EncoderServicer(pb_grpc.EncoderServiceServicer):
-    def __init__(self, engine: EncoderEngine):
+    def __init__(self, engine: EncoderEngine, batching: BatcherConfig | None = None):
         self.engine = engine
         self.counters = ServiceCounters()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        self.batcher = RequestBatcher(engine, batching)
 
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
             items = [wire.media_from_proto(m) for m in request.items]
-            out = await asyncio.get_running_loop().run_in_executor(self._worker, self.engine.encode, items, deadline)
+            out = await self.batcher.submit(items, deadline)
         except Exception as e:  # every failure becomes a status; the server keeps serving
             self.counters.errors += 1
             code = status_for(e)
@@ -90,7 +92,7 @@ class EncoderServicer(pb_grpc.EncoderServiceServicer):
         return wire.model_info_to_proto(self.engine.info())
 
     def close(self) -> None:
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        self.batcher.close()
 
 
 class EncoderServer:
@@ -99,7 +101,7 @@ class EncoderServer:
     def __init__(self, cfg: ServerConfig, engine: EncoderEngine | None = None):
         self.cfg = cfg
         self.engine = engine or EncoderEngine(cfg.engine)
-        self.servicer = EncoderServicer(self.engine)
+        self.servicer = EncoderServicer(self.engine, cfg.batching)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None

@@ -152,3 +152,34 @@ def test_reflection_lists_the_service(encoder_server):
         responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert "encoder_service.v1.EncoderService" in names
+
+
+def test_standalone_server_batches_concurrent_requests(engine_config):
+    """Concurrent Encodes share one ragged batch; each caller still gets exactly its own rows."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from encoder_service.engine import EncoderEngine
+    from encoder_service.request_batcher import BatcherConfig
+
+    import dataclasses
+
+    engine_config = dataclasses.replace(engine_config, max_tokens_per_batch=16384)  # room for several requests
+    cfg = ServerConfig(port=0, engine=engine_config, batching=BatcherConfig(max_wait_ms=50))
+    rng = np.random.default_rng()
+    requests = [
+        [MediaInput(Modality.IMAGE, image_bytes(int(w), int(h))) for w, h in rng.integers(16, 200, size=(2, 2))]
+        for _ in range(8)
+    ]
+    barrier = threading.Barrier(len(requests))
+    with BackgroundServer(cfg) as server, EncoderClient(server.address) as c:
+        def call(items):
+            barrier.wait()
+            return c.encode(items)
+
+        with ThreadPoolExecutor(len(requests)) as ex:
+            results = list(ex.map(call, requests))
+    assert max(r.extras["batch_requests"] for r in results) > 1
+    reference = EncoderEngine(engine_config)
+    for items, result in zip(requests, results):
+        torch.testing.assert_close(result.embeddings, reference.encode(items).embeddings, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,201 @@
+"""The encoder pool on a real local Ray cluster, reached through Ray Serve's gRPC proxy."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from encoder_service.client import EncoderClient  # noqa: E402
+from encoder_service.config import EngineConfig  # noqa: E402
+from encoder_service.engine import EncoderEngine  # noqa: E402
+from encoder_service.processor import MediaInput, Modality  # noqa: E402
+from encoder_service.proto import encoder_pb2 as pb  # noqa: E402
+from encoder_service.serve_app import deploy, load_serve_config, running_replicas  # noqa: E402
+from llm_worker.actor import LLMWorkerActor  # noqa: E402
+from llm_worker.codec import pack_requests, unpack_outputs  # noqa: E402
+from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig  # noqa: E402
+from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient  # noqa: E402
+from llm_worker.tiny import tiny_llm_dir  # noqa: E402
+from tests.conftest import image_bytes  # noqa: E402
+
+APP = "encoder"
+METADATA = (("application", APP),)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tiny_checkpoint):
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield _free_port()  # Serve's gRPC proxy port: fixed once Serve starts, so one per cluster
+    serve.shutdown()
+    ray.shutdown()
+    assert not ray.is_initialized()
+
+
+def _config(tiny_checkpoint, port: int, **autoscaling) -> dict:
+    """deploy/serve_config.yaml, with test-sized knobs: fast autoscaling, a batching window."""
+    cfg = copy.deepcopy(load_serve_config())
+    cfg["grpc_options"]["port"] = port
+    cfg["http_options"]["port"] = port + 1 if port < 65535 else port - 1
+    app = cfg["applications"][0]
+    app["args"]["engine"].update(checkpoint=str(tiny_checkpoint), preprocess_threads=1)
+    app["args"]["batching"].update(max_wait_ms=30.0, preprocess_threads=2)
+    app["deployments"][0]["autoscaling_config"].update(
+        {"metrics_interval_s": 0.2, "look_back_period_s": 1.0, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0, **autoscaling}
+    )
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster, tiny_checkpoint):
+    """min 1, max 2 replicas; one replica per concurrent request as the scaling target."""
+    address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=1, max_replicas=2, target_ongoing_requests=1))
+    with EncoderClient(address, timeout=60) as client:
+        yield address, client
+
+
+def _items(rng, n):
+    sizes = [(int(w), int(h)) for w, h in rng.integers(20, 300, size=(n, 2))]
+    return [MediaInput(Modality.IMAGE, image_bytes(w, h, "PNG", seed=int(rng.integers(1 << 30)))) for w, h in sizes]
+
+
+def test_concurrent_calls_are_batched_and_each_equals_encoding_alone(pool, engine):
+    _, client = pool
+    rng = np.random.default_rng()
+    requests = [_items(rng, int(rng.integers(1, 3))) for _ in range(12)]
+    barrier = threading.Barrier(len(requests))
+
+    def call(items):
+        barrier.wait()  # all at once, so they queue together
+        return client.encode(items, metadata=METADATA)
+
+    with ThreadPoolExecutor(len(requests)) as ex:
+        results = list(ex.map(call, requests))
+    assert max(r.extras["batch_requests"] for r in results) > 1
+    for items, result in zip(requests, results):
+        alone = engine.encode(items)  # in-process, same checkpoint, nothing batched
+        assert result.token_counts == alone.token_counts
+        torch.testing.assert_close(result.embeddings, alone.embeddings, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_through_the_proxy_keeps_serving(pool):
+    _, client = pool
+    bad = pb.EncodeRequest(items=[pb.MediaItem(modality=pb.MODALITY_IMAGE, encoded_image=b"\x89PNG broken")])
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.Encode(bad, metadata=METADATA, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "undecodable" in err.value.details()
+    assert client.encode([MediaInput(Modality.IMAGE, image_bytes(64, 64))], metadata=METADATA).token_counts == [16]
+
+
+def _load(client, stop: threading.Event, results: list, errors: list):
+    rng = np.random.default_rng()
+    items = [MediaInput(Modality.IMAGE, image_bytes(600, 450, seed=int(rng.integers(1 << 30))))] * 3
+    deadline = time.monotonic() + 120  # bounded, whatever happens
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            results.append(client.encode(items))
+        except grpc.RpcError as e:  # pragma: no cover - reported by the assertions
+            errors.append(e)
+
+
+def _wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def test_sustained_load_scales_up_and_idle_scales_down(pool):
+    address, _ = pool
+    assert running_replicas(APP) == 1
+    stop, results, errors = threading.Event(), [], []
+    client = PoolEncoderClient(PoolClientConfig([address], APP))
+    threads = [threading.Thread(target=_load, args=(client, stop, results, errors)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        scaled_up = _wait_for(lambda: running_replicas(APP) == 2, timeout_s=60)
+        # ... and the new replica takes a share of the traffic.
+        both_serve = _wait_for(lambda: len({r.extras["replica"] for r in results}) == 2, timeout_s=30)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert scaled_up, "pool did not scale to 2 replicas under load"
+    assert both_serve, "the second replica never served a request"
+    assert not errors
+    assert _wait_for(lambda: running_replicas(APP) == 1, timeout_s=60), "pool did not scale down when idle"
+
+
+def _replica_actor_names() -> list[str]:
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return [a["name"] for a in named if a["namespace"] == "serve" and "EncoderDeployment" in a["name"]]
+
+
+def test_killing_a_replica_mid_load_loses_no_request(ray_cluster, tiny_checkpoint):
+    address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=2, max_replicas=2))
+    assert _wait_for(lambda: running_replicas(APP) == 2, timeout_s=60)
+    client = PoolEncoderClient(PoolClientConfig([address], APP, attempt_timeout_s=20, backoff_s=0.2, max_attempts=8))
+    stop, results, errors = threading.Event(), [], []
+    threads = [threading.Thread(target=_load, args=(client, stop, results, errors)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        assert _wait_for(lambda: len(results) >= 8, timeout_s=60)
+        victim = _replica_actor_names()[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        done_at_kill = len(results)
+        assert _wait_for(lambda: len(results) >= done_at_kill + 30, timeout_s=90)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, [e.code() for e in errors]
+    assert all(r.embeddings.shape[0] == sum(r.token_counts) for r in results)
+    assert _wait_for(lambda: running_replicas(APP) == 2, timeout_s=60), "Serve did not replace the killed replica"
+
+
+def test_llm_worker_actor_generates_through_the_pool(ray_cluster, tiny_checkpoint, tmp_path_factory):
+    address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=1, max_replicas=1))
+    llm_dir = str(tiny_llm_dir(tmp_path_factory.mktemp("llm")))
+    requests = [
+        GenerationRequest("Two pictures: <image> and <image>.", [
+            MediaInput(Modality.IMAGE, image_bytes(120, 80, seed=1)),
+            MediaInput(Modality.IMAGE, image_bytes(64, 64, seed=2)),
+        ], max_new_tokens=5),
+        GenerationRequest("Again <image>", [MediaInput(Modality.IMAGE, image_bytes(64, 64, seed=2))], max_new_tokens=5),
+    ]
+    worker = LLMWorkerActor.options(num_cpus=1).remote(
+        {"addresses": [address], "application": APP}, {"model_dir": llm_dir, "chunk_size": 16}
+    )
+    outputs = unpack_outputs(ray.get(worker.generate.remote(pack_requests(requests)), timeout=120))
+    stats = ray.get(worker.stats.remote())
+    assert stats["encode_calls"] == 1 and stats["cache"]["misses"] == 2  # 3 references, 2 distinct images
+
+    with EncoderClient(address) as direct:  # the same engine in this process, for the expected tokens
+        direct_client = PoolEncoderClient(PoolClientConfig([address], APP))
+        expected = LLMEngine(LLMWorkerConfig(model_dir=llm_dir, chunk_size=1000), direct_client).generate(requests)
+        direct_client.close()
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
+    assert outputs[0].media_tokens == [112, 16]  # 120x80 -> 3x2 tiles + thumbnail; 64x64 -> 1 tile
+    assert all(len(o.token_ids) == 5 for o in outputs)
+    ray.kill(worker)
