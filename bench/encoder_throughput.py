@@ -23,7 +23,6 @@ from encoder_service.processor import MediaInput, Modality
 
 
 def profile_one_batch(engine: EncoderEngine, processed) -> None:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])

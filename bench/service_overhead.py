@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -26,11 +25,6 @@ from encoder_service.config import PRESETS, EngineConfig
 from encoder_service.engine import EncoderEngine
 from encoder_service.processor import MediaInput, Modality
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -51,7 +45,7 @@ def main() -> None:
     from ray import serve
 
     from encoder_service.client import EncoderClient
-    from encoder_service.serve_app import deploy, load_serve_config
+    from encoder_service.serve_app import deploy, free_port, load_serve_config
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     checkpoint = str(preset_checkpoint(args.preset, workdir))
@@ -62,7 +56,7 @@ def main() -> None:
     ]
 
     cfg = load_serve_config()
-    cfg["grpc_options"]["port"], cfg["http_options"]["port"] = _free_port(), _free_port()
+    cfg["grpc_options"]["port"], cfg["http_options"]["port"] = free_port(), free_port()
     app = cfg["applications"][0]
     app["args"]["engine"]["checkpoint"] = checkpoint
     app["deployments"][0]["autoscaling_config"].update(min_replicas=1, max_replicas=1)
@@ -96,6 +90,7 @@ def main() -> None:
             with ThreadPoolExecutor(args.concurrency) as ex:
                 concurrent = list(ex.map(serve_call, requests))
             t3 = time.perf_counter()
+            assert [c.token_counts for c in concurrent] == [o.token_counts for _, o in served]
             if r == 0:
                 continue
             lat["direct"] += [d for d, _ in direct]

@@ -7,7 +7,6 @@ import argparse
 import io
 import logging
 import os
-import socket
 
 import numpy as np
 from PIL import Image
@@ -25,25 +24,20 @@ def demo_images() -> list[MediaInput]:
     return items
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_demo(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
     from encoder_service.client import EncoderClient
-    from encoder_service.serve_app import deploy, load_serve_config
+    from encoder_service.serve_app import deploy, free_port, load_serve_config
     from llm_worker.actor import LLMWorkerActor
     from llm_worker.codec import pack_requests, unpack_outputs
     from llm_worker.engine import GenerationRequest
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     config = load_serve_config(args.config)
-    config["grpc_options"]["port"], config["http_options"]["port"] = _free_port(), _free_port()
+    config["grpc_options"]["port"], config["http_options"]["port"] = free_port(), free_port()
     app = config["applications"][0]["name"]
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:

@@ -80,6 +80,15 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 # --------------------------------------------------------------------- deploying from Python
 
 
+def free_port() -> int:
+    """A loopback port nobody is listening on now (for local clusters, demos and tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def load_serve_config(path: str | os.PathLike = DEFAULT_CONFIG) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 

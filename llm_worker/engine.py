@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from encoder_service.config import ProcessorConfig
 from encoder_service.processor import ImageProcessor, MediaInput
 from llm_worker.mm_cache import EmbeddingCache, content_hash
-from llm_worker.multimodal import Encoder, MediaRef, fetch_embeddings, merge_chunk
+from llm_worker.multimodal import Encoder, MediaRef, check_frame_layout, fetch_embeddings, merge_chunk
 from llm_worker.prompt import PromptLayout, count_markers, layout_prompt
 from llm_worker.tokenizer import ByteTokenizer, Tokenizer
 
@@ -174,6 +174,8 @@ class LLMEngine:
     def _admit(self, seqs: list[Sequence]) -> None:
         self.encode_calls += fetch_embeddings([s.media for s in seqs], self.encoder, self.cache)
         for seq in seqs:
+            for ref in seq.media:
+                check_frame_layout(ref.span, self.cache.get(ref.key).tokens_per_frame)
             seq.kv = DynamicCache(config=self.model.config)
             seq.status = Status.PREFILL
 

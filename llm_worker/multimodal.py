@@ -70,6 +70,17 @@ def fetch_embeddings(requests: list[list[MediaRef]], encoder: Encoder, cache: Em
     return 1
 
 
+def check_frame_layout(span: MediaSpan, tokens_per_frame: list[int]) -> None:
+    """A video's placeholder runs must match the per-frame counts the encoder reported
+    (EVS-pruned frames differ in length: equal totals are not enough)."""
+    runs = [r.length for r in span.runs]
+    if tokens_per_frame and runs != list(tokens_per_frame):
+        raise EmbeddingCountMismatch(
+            f"video at prompt position {span.offset}: placeholders per frame {runs} "
+            f"but the encoder returned {list(tokens_per_frame)}"
+        )
+
+
 def merge_chunk(
     chunk_embeds: torch.Tensor, start: int, items: list[tuple[MediaSpan, torch.Tensor]]
 ) -> int:

@@ -7,7 +7,7 @@ import torch
 
 from encoder_service.processor import MediaInput, Modality
 from llm_worker.mm_cache import EmbeddingCache, content_hash
-from llm_worker.multimodal import EmbeddingCountMismatch, merge_chunk
+from llm_worker.multimodal import EmbeddingCountMismatch, check_frame_layout, merge_chunk
 from llm_worker.prompt import layout_prompt
 from llm_worker.tokenizer import ByteTokenizer
 
@@ -76,3 +76,10 @@ def test_content_hash_distinguishes_content_and_modality():
     assert content_hash(a) == content_hash(MediaInput(Modality.IMAGE, b"\x01\x02"))
     assert content_hash(a) != content_hash(MediaInput(Modality.IMAGE, b"\x01\x03"))
     assert content_hash(MediaInput(Modality.VIDEO, [b"\x01\x02"])) != content_hash(a)
+
+
+def test_video_frames_must_match_encoder_counts_not_just_the_total():
+    layout = layout_prompt("<video>", [[4, 4, 4]], ByteTokenizer())
+    check_frame_layout(layout.spans[0], [4, 4, 4])
+    with pytest.raises(EmbeddingCountMismatch, match=r"per frame \[4, 4, 4\].*\[6, 4, 2\]"):
+        check_frame_layout(layout.spans[0], [6, 4, 2])  # same total (EVS-like pruning), other split

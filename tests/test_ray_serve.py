@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,11 +16,9 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from encoder_service.client import EncoderClient  # noqa: E402
-from encoder_service.config import EngineConfig  # noqa: E402
-from encoder_service.engine import EncoderEngine  # noqa: E402
 from encoder_service.processor import MediaInput, Modality  # noqa: E402
 from encoder_service.proto import encoder_pb2 as pb  # noqa: E402
-from encoder_service.serve_app import deploy, load_serve_config, running_replicas  # noqa: E402
+from encoder_service.serve_app import deploy, free_port, load_serve_config, running_replicas  # noqa: E402
 from llm_worker.actor import LLMWorkerActor  # noqa: E402
 from llm_worker.codec import pack_requests, unpack_outputs  # noqa: E402
 from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig  # noqa: E402
@@ -33,16 +30,11 @@ APP = "encoder"
 METADATA = (("application", APP),)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def ray_cluster(tiny_checkpoint):
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
-    yield _free_port()  # Serve's gRPC proxy port: fixed once Serve starts, so one per cluster
+    yield free_port()  # Serve's gRPC proxy port: fixed once Serve starts, so one per cluster
     serve.shutdown()
     ray.shutdown()
     assert not ray.is_initialized()
@@ -191,10 +183,10 @@ def test_llm_worker_actor_generates_through_the_pool(ray_cluster, tiny_checkpoin
     stats = ray.get(worker.stats.remote())
     assert stats["encode_calls"] == 1 and stats["cache"]["misses"] == 2  # 3 references, 2 distinct images
 
-    with EncoderClient(address) as direct:  # the same engine in this process, for the expected tokens
-        direct_client = PoolEncoderClient(PoolClientConfig([address], APP))
-        expected = LLMEngine(LLMWorkerConfig(model_dir=llm_dir, chunk_size=1000), direct_client).generate(requests)
-        direct_client.close()
+    # The same LLM in this process, one chunk, same pool: the tokens the actor must produce.
+    local_pool = PoolEncoderClient(PoolClientConfig([address], APP))
+    expected = LLMEngine(LLMWorkerConfig(model_dir=llm_dir, chunk_size=1000), local_pool).generate(requests)
+    local_pool.close()
     assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
     assert outputs[0].media_tokens == [112, 16]  # 120x80 -> 3x2 tiles + thumbnail; 64x64 -> 1 tile
     assert all(len(o.token_ids) == 5 for o in outputs)

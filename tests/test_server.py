@@ -1,13 +1,10 @@
 """A real grpc.aio server on loopback: batch encode, splitting by counts, errors, health, limits."""
 
-import io
-
 import grpc
 import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 from encoder_service.client import EncoderClient
 from encoder_service.config import EngineConfig, tiny_encoder_config
