@@ -30,3 +30,20 @@ def test_engine_bf16_cuda_matches_fp32_cpu(tiny_checkpoint):
     assert gpu.token_counts == cpu.token_counts
     err = (gpu.embeddings.float() - cpu.embeddings).norm() / cpu.embeddings.norm()
     assert err.item() < 2e-2
+
+
+def test_grpc_server_on_cuda_serves_bf16_batches(tiny_checkpoint):
+    """The production path: bf16 on the GPU, one tensor over real gRPC, split by counts."""
+    from encoder_service.client import EncoderClient
+    from encoder_service.server import BackgroundServer, ServerConfig
+
+    items = [MediaInput(Modality.IMAGE, image_bytes(w, h)) for w, h in [(640, 480), (90, 300), (64, 64)]]
+    reference = EncoderEngine(EngineConfig(checkpoint=str(tiny_checkpoint), device="cpu")).encode(items)
+    cfg = ServerConfig(port=0, engine=EngineConfig(checkpoint=str(tiny_checkpoint), device="cuda"))
+    with BackgroundServer(cfg) as server, EncoderClient(server.address) as client:
+        assert client.model_info().dtype == torch.bfloat16
+        result = client.encode(items)
+    assert result.embeddings.dtype == torch.bfloat16
+    assert result.token_counts == reference.token_counts
+    for got, want in zip(result.split(), reference.split()):
+        assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
