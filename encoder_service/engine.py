@@ -74,7 +74,10 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose auto, {', '.join(dtypes)}")
+    return dtypes[dtype]
 
 
 class EncoderEngine:
@@ -128,7 +131,7 @@ class EncoderEngine:
         return counts
 
     def prepare(self, items: list[MediaInput]) -> list[ProcessedItem]:
-        """Validate and preprocess (decode, tile, normalise) one request's items on the CPU."""
+        """Validate and preprocess (decode, tile) one request's items on the CPU; tiles stay uint8."""
         self.check(items)
         return list(self._preprocess_pool.map(self.processor.process, items))
 

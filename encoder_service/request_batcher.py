@@ -11,6 +11,7 @@ so batches grow with load.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from encoder_service.engine import EncodeOutput, EncoderEngine
 from encoder_service.errors import DeadlineExceeded
 from encoder_service.processor import MediaInput, ProcessedItem
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,24 +80,42 @@ class RequestBatcher:
             return None
 
     async def _batch_loop(self) -> None:
+        """Never dies on an error: a batch that fails fails its requests, and the loop goes on
+        (a dead loop would leave every later request waiting forever)."""
+        while True:
+            batch: list[_Pending] = []
+            try:
+                await self._form_and_run(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.exception("encoder batch failed")
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+
+    async def _form_and_run(self, batch: list[_Pending]) -> None:
+        """One batch: the oldest request, plus queued ones while they fit, then one engine run.
+
+        Requests are appended to `batch` as they are taken, so the caller can fail them all
+        if anything goes wrong."""
         loop = asyncio.get_running_loop()
         budget = self.engine.cfg.max_tokens_per_batch
-        while True:
-            batch = [await self._next(None)]
-            tokens = batch[0].vit_tokens
-            wait_until = loop.time() + self.cfg.max_wait_ms / 1e3
-            while tokens < budget:
-                nxt = await self._next(wait_until - loop.time())
-                if nxt is None:
-                    break
-                if tokens + nxt.vit_tokens > budget:
-                    self._carry = nxt  # first in line for the next batch
-                    break
-                batch.append(nxt)
-                tokens += nxt.vit_tokens
-            batch = self._drop_expired(batch)
-            if batch:
-                await self._run(batch)
+        batch.append(await self._next(None))
+        tokens = batch[0].vit_tokens
+        wait_until = loop.time() + self.cfg.max_wait_ms / 1e3
+        while tokens < budget:
+            nxt = await self._next(wait_until - loop.time())
+            if nxt is None:
+                break
+            if tokens + nxt.vit_tokens > budget:
+                self._carry = nxt  # first in line for the next batch
+                break
+            batch.append(nxt)
+            tokens += nxt.vit_tokens
+        live = self._drop_expired(batch)
+        if live:
+            await self._run(live)
 
     def _drop_expired(self, batch: list[_Pending]) -> list[_Pending]:
         now, live = time.monotonic(), []
@@ -111,13 +132,7 @@ class RequestBatcher:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         items = [item for p in batch for item in p.processed]
-        try:
-            out = await loop.run_in_executor(self._model_thread, self.engine.run, items)
-        except Exception as e:  # an engine failure fails the whole batch, loudly
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(e)
-            return
+        out = await loop.run_in_executor(self._model_thread, self.engine.run, items)
         self.stats.batches += 1
         self.stats.requests += len(batch)
         self.stats.max_batch_requests = max(self.stats.max_batch_requests, len(batch))

@@ -159,25 +159,46 @@ class LLMEngine:
         for seq in sorted((s for s in self._sequences if s.status in (Status.PREFILL, Status.DECODE)), key=lambda s: s.arrival):
             if budget <= 0:
                 break
-            if seq.status == Status.PREFILL:
-                n = min(self.cfg.chunk_size, seq.prompt_len - seq.num_prefilled, budget)
-                self._prefill_chunk(seq, n)
-                budget -= n
-            else:
-                self._decode_one(seq)
-                budget -= 1
+            try:
+                if seq.status == Status.PREFILL:
+                    n = min(self.cfg.chunk_size, seq.prompt_len - seq.num_prefilled, budget)
+                    self._prefill_chunk(seq, n)
+                    budget -= n
+                else:
+                    self._decode_one(seq)
+                    budget -= 1
+            except Exception:
+                self._abort([seq], release=seq.status == Status.PREFILL)
+                raise
             if seq.status == Status.DONE:
                 finished.append(seq)
         self._sequences = [s for s in self._sequences if s.status != Status.DONE]
         return finished
 
     def _admit(self, seqs: list[Sequence]) -> None:
-        self.encode_calls += fetch_embeddings([s.media for s in seqs], self.encoder, self.cache)
+        try:
+            self.encode_calls += fetch_embeddings([s.media for s in seqs], self.encoder, self.cache)
+        except Exception:
+            self._abort(seqs, release=False)  # fetch_embeddings left no pins behind
+            raise
+        try:
+            for seq in seqs:
+                for ref in seq.media:
+                    check_frame_layout(ref.span, self.cache.get(ref.key).tokens_per_frame)
+        except Exception:
+            self._abort(seqs, release=True)
+            raise
         for seq in seqs:
-            for ref in seq.media:
-                check_frame_layout(ref.span, self.cache.get(ref.key).tokens_per_frame)
             seq.kv = DynamicCache(config=self.model.config)
             seq.status = Status.PREFILL
+
+    def _abort(self, seqs: list[Sequence], release: bool) -> None:
+        """A request that cannot go on leaves nothing behind: no pins, no KV cache, no queue entry."""
+        for seq in seqs:
+            if release:
+                self._release(seq)
+            seq.status, seq.kv = Status.DONE, None
+        self._sequences = [s for s in self._sequences if s not in seqs]
 
     # ------------------------------------------------------------------ model work
 

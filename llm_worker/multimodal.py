@@ -50,20 +50,27 @@ def fetch_embeddings(requests: list[list[MediaRef]], encoder: Encoder, cache: Em
     """
     missing: dict[str, MediaInput] = {}
     pins_needed: dict[str, int] = {}
+    pinned: list[str] = []
     for refs in requests:
         for key in dict.fromkeys(r.key for r in refs):  # distinct keys, in order
             if key in missing:
                 pins_needed[key] += 1
             elif cache.lookup(key) is not None:
                 cache.pin(key)  # pinned now, so this batch's inserts cannot evict it
+                pinned.append(key)
             else:
                 missing[key] = next(r.media for r in refs if r.key == key)
                 pins_needed[key] = 1
     if not missing:
         return 0
-    result = encoder.encode(list(missing.values()))
-    if len(result.items) != len(missing):
-        raise EmbeddingCountMismatch(f"sent {len(missing)} items, encoder answered {len(result.items)}")
+    try:
+        result = encoder.encode(list(missing.values()))
+        if len(result.items) != len(missing):
+            raise EmbeddingCountMismatch(f"sent {len(missing)} items, encoder answered {len(result.items)}")
+    except BaseException:
+        for key in pinned:  # leave the cache as it was: no pins for requests that will not run
+            cache.unpin(key)
+        raise
     for key, rows, meta in zip(missing, result.split(), result.items):
         # A copy per item: the cache's byte accounting must not keep the whole batch tensor alive.
         cache.put(key, rows.clone(), meta.tokens_per_frame, pins=pins_needed[key])

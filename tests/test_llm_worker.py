@@ -1,5 +1,6 @@
 """LLM worker against the tiny encoder served over real gRPC: chunked prefill, cache, merge."""
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -146,6 +147,22 @@ def test_count_mismatch_raises_a_clear_error(client, llm_dir):
     with pytest.raises(EmbeddingCountMismatch, match="placeholders but the encoder returned"):
         while engine.has_work():
             engine.step()
+    # The failed request leaves nothing behind, and the engine goes on serving.
+    assert not engine.has_work() and engine.cache.pinned_keys() == set()
+    engine.media_counter = ImageProcessor(ProcessorConfig(tiling=client.model_info().tiling))
+    assert len(engine.generate([GenerationRequest("<image>", [_image(300, 100)], 2)])[0].token_ids) == 2
+
+
+def test_unreachable_encoder_fails_the_batch_cleanly(client, llm_dir):
+    """Encoder errors surface to the caller; cached entries the batch pinned are released."""
+    engine = _engine(client, llm_dir)
+    cached = _image(64, 64)
+    engine.generate([GenerationRequest("<image>", [cached], 1)])  # now in the cache, unpinned
+    engine.encoder = EncoderClient("127.0.0.1:1", timeout=2)  # nothing listens there
+    engine.add_request(GenerationRequest("<image> <image>", [cached, _image(80, 64)], 1))
+    with pytest.raises(grpc.RpcError):
+        engine.step()
+    assert not engine.has_work() and engine.cache.pinned_keys() == set()
 
 
 def test_marker_count_must_match_media(client, llm_dir):
