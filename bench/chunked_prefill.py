@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from bench.common import jpeg_mix, preset_checkpoint
 from encoder_service.client import EncoderClient
 from encoder_service.config import EngineConfig
 from encoder_service.processor import MediaInput, Modality
 from encoder_service.server import BackgroundServer, ServerConfig
-from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig, Sequence, Status
+from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig, Sequence
 from llm_worker.multimodal import MediaRef
 
 
@@ -34,9 +33,7 @@ class ReencodeEveryChunk(LLMEngine):
     """Baseline without the cache: each chunk sends ONE Encode for the items it overlaps, then slices."""
 
     def _admit(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
-            seq.kv = DynamicCache(config=self.model.config)
-            seq.status = Status.PREFILL
+        self._start_prefill(seqs)  # no fetch: media are encoded chunk by chunk
 
     def _prefill_chunk(self, seq: Sequence, n: int) -> None:
         start, end = seq.num_prefilled, seq.num_prefilled + n

@@ -24,7 +24,6 @@ def demo_images() -> list[MediaInput]:
     return items
 
 
-
 def run_demo(args: argparse.Namespace) -> int:
     import ray
     from ray import serve

@@ -38,18 +38,10 @@ class _Pending:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-@dataclass
-class BatchStats:
-    batches: int = 0
-    requests: int = 0
-    max_batch_requests: int = 0
-
-
 class RequestBatcher:
     def __init__(self, engine: EncoderEngine, cfg: BatcherConfig | None = None):
         self.engine = engine
         self.cfg = cfg or BatcherConfig()
-        self.stats = BatchStats()
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder-model")
         self._prepare_threads = ThreadPoolExecutor(self.cfg.preprocess_threads, thread_name_prefix="encoder-prep")
         self._queue: asyncio.Queue[_Pending] | None = None
@@ -133,9 +125,6 @@ class RequestBatcher:
         started = time.perf_counter()
         items = [item for p in batch for item in p.processed]
         out = await loop.run_in_executor(self._model_thread, self.engine.run, items)
-        self.stats.batches += 1
-        self.stats.requests += len(batch)
-        self.stats.max_batch_requests = max(self.stats.max_batch_requests, len(batch))
         first = 0
         for p in batch:
             part = out.select(first, first + len(p.processed))

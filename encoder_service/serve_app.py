@@ -59,9 +59,6 @@ class EncoderDeployment:
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context) -> pb.ModelInfo:
         return wire.model_info_to_proto(self.engine.info())
 
-    def batch_stats(self) -> dict[str, Any]:
-        return {"replica": self.replica, **vars(self.batcher.stats)}
-
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder (`import_path: encoder_service.serve_app:build_app` in a Serve config).
@@ -135,9 +132,4 @@ def _wait_running(app: str, timeout_s: float) -> None:
 def running_replicas(app: str, deployment: str = "EncoderDeployment") -> int:
     status = serve.status().applications[app].deployments[deployment]
     return status.replica_states.get("RUNNING", 0)
-
-
-def response_replica(extras: dict) -> str | None:
-    """Which replica served a response (from its msgpack extras)."""
-    return extras.get("replica")
 

@@ -188,6 +188,9 @@ class LLMEngine:
         except Exception:
             self._abort(seqs, release=True)
             raise
+        self._start_prefill(seqs)
+
+    def _start_prefill(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             seq.kv = DynamicCache(config=self.model.config)
             seq.status = Status.PREFILL
