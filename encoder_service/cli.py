@@ -33,9 +33,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from encoder_service.server import ServerConfig, serve_forever
+    from encoder_service.serving.pipeline import PipelineConfig
+    from encoder_service.serving.server import ServerConfig, serve_forever
 
-    cfg = ServerConfig(host=args.host, port=args.port, engine=engine_config(args))
+    pipeline = PipelineConfig(preprocess_workers=args.preprocess_workers, arena_mb=args.arena_mb)
+    cfg = ServerConfig(host=args.host, port=args.port, engine=engine_config(args), pipeline=pipeline)
     try:
         asyncio.run(serve_forever(cfg))
     except KeyboardInterrupt:
@@ -44,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from encoder_service.client import EncoderClient, image_file
+    from encoder_service.serving.client import EncoderClient, image_file
 
     with EncoderClient(args.address, timeout=args.timeout) as client:
         client.wait_ready(timeout=args.timeout)
@@ -59,7 +61,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from encoder_service.demo import run_demo
-    from encoder_service.serve_app import DEFAULT_CONFIG
+    from encoder_service.serving.ray_app import DEFAULT_CONFIG
 
     args.config = args.config or DEFAULT_CONFIG
     return run_demo(args)
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("serve", help="run a standalone gRPC encoder server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--preprocess-workers", type=int, default=0, help="decode/tiling processes (0: half the CPUs, 1..8)")
+    p.add_argument("--arena-mb", type=int, default=512, help="shared memory for tiles waiting for the device")
     _add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -71,6 +71,19 @@ class ProcessorConfig:
     max_image_pixels: int = 8192 * 8192
     max_video_frames: int = 256
 
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any], tiling: TilingSpec | None = None) -> "ProcessorConfig":
+        d = dict(d)
+        spec = tiling or TilingSpec(**d.pop("tiling", {}))
+        d.pop("tiling", None)
+        for key in ("image_mean", "image_std"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return ProcessorConfig(tiling=spec, **d)
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -94,18 +107,15 @@ class EncoderConfig:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "EncoderConfig":
-        proc = dict(d.get("processor", {}))
-        tiling = TilingSpec(**proc.pop("tiling", {}))
-        for key in ("image_mean", "image_std"):
-            if key in proc:
-                proc[key] = tuple(proc[key])
+        proc = d.get("processor", {})
+        tiling = TilingSpec(**proc.get("tiling", {}))
         projector = ProjectorConfig(**d["projector"]) if d.get("projector") else None
         vision = VisionConfig(**d["vision"])
         return EncoderConfig(
             name=d.get("name", "encoder"),
             vision=vision,
             projector=projector,
-            processor=ProcessorConfig(tiling=with_derived_tokens(tiling, vision, projector), **proc),
+            processor=ProcessorConfig.from_dict(proc, tiling=with_derived_tokens(tiling, vision, projector)),
         )
 
 
@@ -181,4 +191,16 @@ def tiny_512_encoder_config() -> EncoderConfig:
     return EncoderConfig("tiny-512-random", vision, tiny.projector, ProcessorConfig(tiling=tiling))
 
 
-PRESETS = {"tiny": tiny_encoder_config, "tiny-512": tiny_512_encoder_config, "radio-h": radio_h_encoder_config}
+def tiny_5120_encoder_config() -> EncoderConfig:
+    """tiny-512 with radio-h's 5120-wide output: cheap compute, GPU-sized responses (transport benches)."""
+    tiny = tiny_512_encoder_config()
+    projector = dataclasses.replace(tiny.projector, output_size=5120)
+    return EncoderConfig("tiny-5120-random", tiny.vision, projector, tiny.processor)
+
+
+PRESETS = {
+    "tiny": tiny_encoder_config,
+    "tiny-512": tiny_512_encoder_config,
+    "tiny-5120": tiny_5120_encoder_config,
+    "radio-h": radio_h_encoder_config,
+}

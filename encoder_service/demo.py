@@ -28,8 +28,8 @@ def run_demo(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from encoder_service.client import EncoderClient
-    from encoder_service.serve_app import deploy, free_port, load_serve_config
+    from encoder_service.serving.client import EncoderClient
+    from encoder_service.serving.ray_app import deploy, free_port, load_serve_config
     from llm_worker.actor import LLMWorkerActor
     from llm_worker.codec import pack_requests, unpack_outputs
     from llm_worker.engine import GenerationRequest
@@ -51,12 +51,13 @@ def run_demo(args: argparse.Namespace) -> int:
                   f"[{item.offset}, {item.offset + item.token_count})")
         print(f"  served by replica {encoded.extras.get('replica')}, batch of {encoded.extras.get('batch_requests')}")
 
-        worker = LLMWorkerActor.options(num_cpus=1).remote({"addresses": [address], "application": app}, {"chunk_size": 64})
+        # Inside the cluster the LLM worker reaches the pool through a Serve handle (Ray-native path).
+        worker = LLMWorkerActor.options(num_cpus=1).remote({"transport": "handle", "application": app}, {"chunk_size": 64})
         request = GenerationRequest("Describe <image> and compare it with <image>.", images, max_new_tokens=16)
         [output] = unpack_outputs(ray.get(worker.generate.remote(pack_requests([request])), timeout=300))
         stats = ray.get(worker.stats.remote())
-        print(f"LLM worker: prompt of {output.prompt_tokens} tokens ({output.media_tokens} media), "
-              f"{output.prefill_chunks} prefill chunks, {stats['encode_calls']} Encode call(s)")
+        print(f"LLM worker (Serve handle, tensor via Ray's object store): prompt of {output.prompt_tokens} tokens "
+              f"({output.media_tokens} media), {output.prefill_chunks} prefill chunks, {stats['encode_calls']} Encode call(s)")
         print(f"generated (tiny random LLM, so noise): {output.text!r}")
         return 0
     finally:

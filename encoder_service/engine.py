@@ -1,7 +1,12 @@
 """The encoder engine: media items in, ONE embedding tensor [sum(n_i), hidden] + counts out.
 
-request items -> processor (decode, tile) -> batcher (token budget) -> model (ragged ViT +
+request items -> processor (decode, tile) -> batching (token budget) -> model (ragged ViT +
 projector, once per batch) -> one concatenated tensor. The consumer splits by counts.
+
+`launch` is the one place tiles meet the model: it packs groups of tiles into one ragged
+forward and writes each group's rows where the caller wants them, without waiting for the
+device. `run`/`encode` use it in-process (tests, benchmarks, the reference); the serving
+pipeline (`encoder_service.serving.pipeline`) uses it to keep batches in flight.
 """
 
 from __future__ import annotations
@@ -13,16 +18,16 @@ from dataclasses import dataclass, field
 import torch
 
 from encoder_service.attention import get_backend
-from encoder_service.batcher import plan_batches
+from encoder_service.batching import TileQueue
 from encoder_service.config import EngineConfig, TilingSpec
 from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput
 from encoder_service.models import load_checkpoint, patchify, tiny_checkpoint_dir
-from encoder_service.processor import ImageProcessor, MediaInput, ProcessedItem
+from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, ProcessedItem
 
 
 @dataclass
 class EncodeOutput:
-    embeddings: torch.Tensor  # [sum(token_counts), hidden], on CPU
+    embeddings: torch.Tensor  # [sum(token_counts), hidden], on the host (pinned on CUDA machines)
     token_counts: list[int]
     num_tiles: list[int]
     tokens_per_frame: list[list[int]]  # [] for images
@@ -40,17 +45,6 @@ class EncodeOutput:
         """Per-item views, for consumers and tests (the wire format stays one tensor)."""
         return list(torch.split(self.embeddings, self.token_counts))
 
-    def select(self, first: int, last: int) -> "EncodeOutput":
-        """Items [first, last) as their own output: a row view of the one tensor, no copy."""
-        rows = sum(self.token_counts[:first]), sum(self.token_counts[:last])
-        return EncodeOutput(
-            embeddings=self.embeddings[rows[0] : rows[1]],
-            token_counts=self.token_counts[first:last],
-            num_tiles=self.num_tiles[first:last],
-            tokens_per_frame=self.tokens_per_frame[first:last],
-            stats=dict(self.stats),
-        )
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -66,9 +60,13 @@ class ModelInfo:
 
 
 def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda if available, else cpu; a CUDA device always gets its index (threads set it)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -88,10 +86,14 @@ class EncoderEngine:
         self.model = load_checkpoint(cfg.checkpoint or tiny_checkpoint_dir(), self.device, self.dtype)
         self.processor = ImageProcessor(self.model.cfg.processor)
         self.attention = get_backend(cfg.attention_backend, self.device)
+        proc = self.model.cfg.processor
+        self._mean = torch.tensor(proc.image_mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(proc.image_std, device=self.device).view(1, 3, 1, 1)
         self._preprocess_pool = ThreadPoolExecutor(max(1, cfg.preprocess_threads), thread_name_prefix="preprocess")
         tile_grid = self.tiling.tile_size // self.model.cfg.vision.patch_size
         self.tile_grid = (tile_grid, tile_grid)
         self.vit_tokens_per_tile = self.model.vit_tokens(self.tile_grid)
+        self.rows_per_tile = self.model.tokens_out(self.tile_grid)
         if cfg.max_tokens_per_batch < self.vit_tokens_per_tile:
             raise ValueError(
                 f"max_tokens_per_batch={cfg.max_tokens_per_batch} is below one tile "
@@ -102,10 +104,14 @@ class EncoderEngine:
     def tiling(self) -> TilingSpec:
         return self.processor.tiling
 
+    @property
+    def hidden_size(self) -> int:
+        return self.model.cfg.output_size
+
     def info(self) -> ModelInfo:
         return ModelInfo(
             model_name=self.model.cfg.name,
-            hidden_size=self.model.cfg.output_size,
+            hidden_size=self.hidden_size,
             dtype=self.dtype,
             patch_size=self.model.cfg.vision.patch_size,
             tiling=self.tiling,
@@ -115,28 +121,74 @@ class EncoderEngine:
             attention_backend=self.attention.name,
         )
 
-    # ------------------------------------------------------------------ request path
+    # ------------------------------------------------------------------ request checks
 
-    def check(self, items: list[MediaInput]) -> list[int]:
-        """Cheap validation from headers/shapes only; returns each item's token count."""
+    def plan(self, items: list[MediaInput]) -> list[ItemPlan]:
+        """Cheap validation from headers/shapes only: what each item will produce."""
         if not items:
             raise InvalidInput("request has no items")
         if len(items) > self.cfg.max_items_per_request:
             raise InvalidInput(f"{len(items)} items exceed the limit of {self.cfg.max_items_per_request} per request")
-        counts = [self.processor.token_count(item)[0] for item in items]
-        if sum(counts) > self.cfg.max_tokens_per_request:
+        plans = [self.processor.plan(item) for item in items]
+        tokens = sum(p.tokens for p in plans)
+        if tokens > self.cfg.max_tokens_per_request:
             raise BudgetExceeded(
-                f"request needs {sum(counts)} tokens, over the budget of {self.cfg.max_tokens_per_request} per request"
+                f"request needs {tokens} tokens, over the budget of {self.cfg.max_tokens_per_request} per request"
             )
-        return counts
+        return plans
+
+    def new_output(self, rows: int) -> torch.Tensor:
+        """Host memory for `rows` embedding rows; pinned on CUDA so device-to-host copies run at DMA speed
+        (PyTorch's caching host allocator reuses these blocks across requests)."""
+        pin = self.device.type == "cuda"
+        return torch.empty(rows, self.hidden_size, dtype=self.dtype, pin_memory=pin)
+
+    # ------------------------------------------------------------------ model work
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 tiles [n, S, S, 3] on the device -> embeddings [n * rows_per_tile, hidden] on the device."""
+        x = pixels.permute(0, 3, 1, 2).float()
+        x = ((x / 255.0 - self._mean) / self._std).to(self.dtype)
+        return self.model(patchify(x, self.model.cfg.vision.patch_size), self.attention)
+
+    def launch(self, tiles: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        """Encode tile groups as ONE ragged forward; write group i's rows into `outputs[i]`.
+
+        tiles[i]: uint8 [n_i, S, S, 3] on the host or the device; outputs[i]: [n_i * rows_per_tile,
+        hidden]. On CUDA nothing waits for the device: host tiles must stay untouched, and outputs
+        unread, until the caller synchronises (or an event recorded after this call completes).
+        Host tiles that are not page-locked are staged through pinned memory first.
+        """
+        if self.device.type == "cuda":
+            pixels = torch.empty((sum(t.shape[0] for t in tiles), *self.processor.tile_shape), dtype=torch.uint8,
+                                 device=self.device)
+            pos = 0
+            for t in tiles:
+                src = t if t.is_cuda or t.is_pinned() else t.pin_memory()
+                pixels[pos : pos + t.shape[0]].copy_(src, non_blocking=True)
+                pos += t.shape[0]
+        else:
+            pixels = tiles[0] if len(tiles) == 1 else torch.cat(tiles)
+        embeddings = self.forward(pixels)
+        row = 0
+        for t, out in zip(tiles, outputs):
+            n = t.shape[0] * self.rows_per_tile
+            out.copy_(embeddings[row : row + n], non_blocking=True)
+            row += n
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    # ------------------------------------------------------------------ in-process path
 
     def prepare(self, items: list[MediaInput]) -> list[ProcessedItem]:
-        """Validate and preprocess (decode, tile) one request's items on the CPU; tiles stay uint8."""
-        self.check(items)
+        """Validate and preprocess (decode, tile) one request's items on this process's threads."""
+        self.plan(items)
         return list(self._preprocess_pool.map(self.processor.process, items))
 
     def encode(self, items: list[MediaInput], deadline: float | None = None) -> EncodeOutput:
-        """Validate, preprocess and encode; `deadline` is a time.monotonic() instant."""
+        """Validate, preprocess and encode in this process; `deadline` is a time.monotonic() instant."""
         t0 = time.perf_counter()
         processed = self.prepare(items)
         out = self.run(processed, deadline)
@@ -146,45 +198,36 @@ class EncoderEngine:
     def run(
         self, processed: list[ProcessedItem], deadline: float | None = None, output_device: str = "cpu"
     ) -> EncodeOutput:
-        """Encode already-prepared items (possibly from several requests) as one ragged stream."""
+        """Encode already-prepared items as one ragged stream of batches into one output tensor."""
         t0 = time.perf_counter()
-        embeddings, num_batches = self.encode_tiles([p.tiles for p in processed], deadline, output_device)
-        counts = [p.num_tiles * self.model.tokens_out(self.tile_grid) for p in processed]
-        if sum(counts) != embeddings.shape[0]:
-            raise RuntimeError(f"model returned {embeddings.shape[0]} rows for {sum(counts)} expected tokens")
+        counts = [p.num_tiles * self.rows_per_tile for p in processed]
+        if output_device == "cpu":
+            out = self.new_output(sum(counts))
+        else:
+            out = torch.empty(sum(counts), self.hidden_size, dtype=self.dtype, device=output_device)
+        first_row, row = [], 0
+        for n in counts:
+            first_row.append(row)
+            row += n
+        queue: TileQueue[int] = TileQueue(self.cfg.max_tokens_per_batch)
+        for i, p in enumerate(processed):
+            queue.push(i, p.num_tiles, self.vit_tokens_per_tile)
+        batches = 0
+        while spans := queue.take():
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded("deadline passed while encoding")
+            tiles = [torch.from_numpy(processed[s.item].tiles[s.start : s.stop]) for s in spans]
+            rows = [
+                out[first_row[s.item] + s.start * self.rows_per_tile : first_row[s.item] + s.stop * self.rows_per_tile]
+                for s in spans
+            ]
+            self.launch(tiles, rows)
+            batches += 1
+        self.synchronize()
         return EncodeOutput(
-            embeddings=embeddings,
+            embeddings=out,
             token_counts=counts,
             num_tiles=[p.num_tiles for p in processed],
             tokens_per_frame=[p.tokens_per_frame for p in processed],
-            stats={"forward_ms": 1e3 * (time.perf_counter() - t0), "batches": num_batches},
+            stats={"forward_ms": 1e3 * (time.perf_counter() - t0), "batches": batches},
         )
-
-    def encode_tiles(
-        self, tiles: list[torch.Tensor], deadline: float | None = None, output_device: str = "cpu"
-    ) -> tuple[torch.Tensor, int]:
-        """Per-item uint8 tiles [n_i, 3, S, S] -> ([sum(n_i) * tokens_per_tile, hidden], batches run).
-
-        Batches are gathered lazily (never one giant input copy) and written into one
-        preallocated output. On CUDA both staging buffers are pinned and come from
-        PyTorch's caching host allocator: reused across requests, so copies run at
-        DMA speed instead of faulting in fresh pageable memory every time.
-        """
-        views = [tile for item_tiles in tiles for tile in item_tiles]
-        batches = plan_batches([self.vit_tokens_per_tile] * len(views), self.cfg.max_tokens_per_batch)
-        rows_per_tile = self.model.tokens_out(self.tile_grid)
-        pin = self.device.type == "cuda" and output_device == "cpu"
-        out = torch.empty(
-            len(views) * rows_per_tile, self.model.cfg.output_size, dtype=self.dtype, device=output_device, pin_memory=pin
-        )
-        for rows in batches:
-            if deadline is not None and time.monotonic() > deadline:
-                raise DeadlineExceeded("deadline passed while encoding")
-            staged = torch.empty((len(rows), *views[0].shape), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-            torch.stack(views[rows.start : rows.stop], out=staged)
-            pixels = self.processor.normalize(staged.to(self.device, non_blocking=True), self.dtype)
-            result = self.model(patchify(pixels, self.model.cfg.vision.patch_size), self.attention)
-            out[rows.start * rows_per_tile : rows.stop * rows_per_tile].copy_(result, non_blocking=True)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        return out, len(batches)

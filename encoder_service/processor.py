@@ -6,6 +6,11 @@ Images use Nemotron Nano VL's dynamic tiling: the image is resized to the
 appended when there is more than one tile. A video frame is one tile.
 `count_image_tokens` depends on the image size alone, so placeholders can be
 laid out in the prompt before the encoder runs.
+
+Tiles are uint8 `[n, tile, tile, 3]` (HWC, as decoded): normalisation happens on the
+model's device. This module imports no torch on purpose: the out-of-process
+preprocessing workers run it, and a worker that starts in a fraction of a second is
+cheap to replace.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from enum import Enum
 from functools import lru_cache
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from encoder_service.config import ProcessorConfig, TilingSpec
@@ -42,9 +46,18 @@ class MediaInput:
     content_hash: str = ""
 
 
+@dataclass(frozen=True)
+class ItemPlan:
+    """What an item will produce, known from its header or shape before any decoding."""
+
+    num_tiles: int
+    tokens: int  # embedding rows
+    tokens_per_frame: tuple[int, ...] = ()  # video only
+
+
 @dataclass
 class ProcessedItem:
-    tiles: torch.Tensor  # [num_tiles, 3, tile, tile] uint8; normalised on the model's device
+    tiles: np.ndarray  # uint8 [num_tiles, tile, tile, 3]
     tokens_per_frame: list[int] = field(default_factory=list)  # video only
 
     @property
@@ -104,56 +117,70 @@ def count_video_tokens(num_frames: int, spec: TilingSpec) -> list[int]:
 # ---------------------------------------------------------------- decoding and tiling
 
 
-def _stack(tiles: list[Image.Image]) -> torch.Tensor:
-    """PIL tiles -> uint8 [n, 3, H, W]."""
-    return torch.from_numpy(np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])).permute(0, 3, 1, 2)
-
-
 class ImageProcessor:
     def __init__(self, cfg: ProcessorConfig):
         self.cfg = cfg
-        self.mean = torch.tensor(cfg.image_mean).view(3, 1, 1)
-        self.std = torch.tensor(cfg.image_std).view(3, 1, 1)
 
     @property
     def tiling(self) -> TilingSpec:
         return self.cfg.tiling
 
-    def process(self, item: MediaInput) -> ProcessedItem:
-        if item.modality == Modality.IMAGE:
-            image = self.load_image(item.data)
-            return ProcessedItem(_stack(self.tile_image(image)))
-        if item.modality == Modality.VIDEO:
-            frames = self.load_frames(item.data)
-            size = (self.tiling.tile_size, self.tiling.tile_size)
-            tiles = [f.resize(size, Image.Resampling.BICUBIC) for f in frames]
-            return ProcessedItem(_stack(tiles), count_video_tokens(len(frames), self.tiling))
-        raise InvalidInput(f"unknown modality {item.modality!r}")
+    @property
+    def tile_shape(self) -> tuple[int, int, int]:
+        return (self.tiling.tile_size, self.tiling.tile_size, 3)
 
-    def token_count(self, item: MediaInput) -> tuple[int, list[int]]:
-        """Tokens an item will produce, from its header/shape only (no tiling work)."""
+    @property
+    def tile_bytes(self) -> int:
+        return self.tiling.tile_size**2 * 3
+
+    def plan(self, item: MediaInput) -> ItemPlan:
+        """Tiles and tokens an item will produce, from its header/shape only (no decoding)."""
         if item.modality == Modality.IMAGE:
             w, h = self.image_size(item.data)
-            return count_image_tokens(w, h, self.tiling), []
-        frames = count_video_tokens(self._num_frames(item.data), self.tiling)
-        return sum(frames), frames
+            return ItemPlan(count_image_tiles(w, h, self.tiling), count_image_tokens(w, h, self.tiling))
+        if item.modality == Modality.VIDEO:
+            frames = count_video_tokens(self._num_frames(item.data), self.tiling)
+            return ItemPlan(len(frames), sum(frames), tuple(frames))
+        raise InvalidInput(f"unknown modality {item.modality!r}")
 
-    def tile_image(self, image: Image.Image) -> list[Image.Image]:
+    def process(self, item: MediaInput) -> ProcessedItem:
+        """Decode and tile into a new array (the in-process path)."""
+        plan = self.plan(item)
+        tiles = np.empty((plan.num_tiles, *self.tile_shape), dtype=np.uint8)
+        self.process_into(item, tiles)
+        return ProcessedItem(tiles, list(plan.tokens_per_frame))
+
+    def process_into(self, item: MediaInput, out: np.ndarray) -> None:
+        """Decode and tile `item` into `out` (uint8 [planned tiles, tile, tile, 3]), e.g. shared memory."""
+        if item.modality == Modality.IMAGE:
+            written = self.tile_image_into(self.load_image(item.data), out)
+        elif item.modality == Modality.VIDEO:
+            written = self.frames_into(item.data, out)
+        else:
+            raise InvalidInput(f"unknown modality {item.modality!r}")
+        if written != out.shape[0]:
+            raise RuntimeError(f"planned {out.shape[0]} tiles but produced {written}")
+
+    def tile_image_into(self, image: Image.Image, out: np.ndarray) -> int:
+        """Resize to the chosen grid, cut into tiles (row-major), add the thumbnail; returns tiles written."""
         t = self.tiling.tile_size
         cols, rows = choose_grid(image.width, image.height, self.tiling)
-        resized = image.resize((cols * t, rows * t), Image.Resampling.BICUBIC)
-        tiles = [resized.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)) for r in range(rows) for c in range(cols)]
-        if self.tiling.use_thumbnail and len(tiles) > 1:
-            tiles.append(image.resize((t, t), Image.Resampling.BICUBIC))
-        return tiles
+        resized = np.asarray(image.resize((cols * t, rows * t), Image.Resampling.BICUBIC))
+        n = cols * rows
+        # Tile (r, c) is resized[r*t:(r+1)*t, c*t:(c+1)*t]: one strided copy cuts them all.
+        np.copyto(out[:n].reshape(rows, cols, t, t, 3), resized.reshape(rows, t, cols, t, 3).swapaxes(1, 2))
+        if self.tiling.use_thumbnail and n > 1:
+            out[n] = np.asarray(image.resize((t, t), Image.Resampling.BICUBIC))
+            n += 1
+        return n
 
-    def normalize(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """uint8 [n, 3, H, W] -> normalised `dtype`, on whatever device the pixels are.
-
-        Tiles stay uint8 until they reach the GPU: 4x less host memory and H2D traffic.
-        """
-        mean, std = self.mean.to(pixels.device), self.std.to(pixels.device)
-        return ((pixels.float() / 255.0 - mean) / std).to(dtype)
+    def frames_into(self, data: np.ndarray | list[bytes], out: np.ndarray) -> int:
+        """One tile per frame, each resized to the tile size; returns frames written."""
+        t = self.tiling.tile_size
+        frames = self.load_frames(data)
+        for i, frame in enumerate(frames):
+            out[i] = np.asarray(frame.resize((t, t), Image.Resampling.BICUBIC))
+        return len(frames)
 
     # -- validation + decoding: every failure is the caller's, so InvalidInput
 
@@ -203,7 +230,9 @@ class ImageProcessor:
             img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:
             raise InvalidInput(f"image too large: {e}") from e
-        except (UnidentifiedImageError, OSError) as e:
+        except UnidentifiedImageError as e:
+            raise InvalidInput(f"undecodable image data ({len(data)} bytes): not a JPEG, PNG or WebP file") from e
+        except OSError as e:
             raise InvalidInput(f"undecodable image data ({len(data)} bytes): {e}") from e
         if img.format not in ("JPEG", "PNG", "WEBP"):
             img.close()

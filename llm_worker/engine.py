@@ -120,8 +120,8 @@ class LLMEngine:
             )
         runs = []
         for item in request.media:
-            total, frames = self.media_counter.token_count(item)
-            runs.append(frames or [total])
+            plan = self.media_counter.plan(item)
+            runs.append(list(plan.tokens_per_frame) or [plan.tokens])
         layout = layout_prompt(request.prompt, runs, self.tokenizer)
         refs = [MediaRef(content_hash(m), span, m) for m, span in zip(request.media, layout.spans)]
         seq = Sequence(request, layout, refs, next(self._arrivals))

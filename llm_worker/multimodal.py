@@ -17,7 +17,7 @@ import torch
 
 from encoder_service.engine import ModelInfo
 from encoder_service.processor import MediaInput
-from encoder_service.wire import EncodeResult
+from encoder_service.serving.wire import EncodeResult
 from llm_worker.mm_cache import EmbeddingCache
 from llm_worker.prompt import MediaSpan
 

@@ -34,8 +34,8 @@ def test_engine_bf16_cuda_matches_fp32_cpu(tiny_checkpoint):
 
 def test_grpc_server_on_cuda_serves_bf16_batches(tiny_checkpoint):
     """The production path: bf16 on the GPU, one tensor over real gRPC, split by counts."""
-    from encoder_service.client import EncoderClient
-    from encoder_service.server import BackgroundServer, ServerConfig
+    from encoder_service.serving.client import EncoderClient
+    from encoder_service.serving.server import BackgroundServer, ServerConfig
 
     items = [MediaInput(Modality.IMAGE, image_bytes(w, h)) for w, h in [(640, 480), (90, 300), (64, 64)]]
     reference = EncoderEngine(EngineConfig(checkpoint=str(tiny_checkpoint), device="cpu")).encode(items)
@@ -47,3 +47,20 @@ def test_grpc_server_on_cuda_serves_bf16_batches(tiny_checkpoint):
     assert result.token_counts == reference.token_counts
     for got, want in zip(result.split(), reference.split()):
         assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
+
+
+def test_pipeline_on_cuda_reads_tiles_from_the_pinned_arena_and_matches_the_engine(tiny_checkpoint):
+    from encoder_service.serving.pipeline import EncodePipeline, PipelineConfig
+
+    engine = EncoderEngine(EngineConfig(checkpoint=str(tiny_checkpoint), device="cuda"))
+    items = [MediaInput(Modality.IMAGE, image_bytes(w, h)) for w, h in [(640, 480), (90, 300), (64, 64)]]
+    pipeline = EncodePipeline(engine, PipelineConfig(preprocess_workers=2, arena_mb=64))
+    try:
+        assert pipeline.arena_pinned  # host-to-device copies straight from shared memory
+        out = pipeline.submit(items).result(timeout=120)
+        assert out.embeddings.is_pinned()
+    finally:
+        pipeline.close()
+    ref = engine.encode(items)
+    assert out.token_counts == ref.token_counts
+    assert ((out.embeddings.float() - ref.embeddings.float()).norm() / ref.embeddings.float().norm()).item() < 1e-2

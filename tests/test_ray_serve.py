@@ -15,10 +15,10 @@ import torch
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from encoder_service.client import EncoderClient  # noqa: E402
+from encoder_service.serving.client import EncoderClient  # noqa: E402
 from encoder_service.processor import MediaInput, Modality  # noqa: E402
 from encoder_service.proto import encoder_pb2 as pb  # noqa: E402
-from encoder_service.serve_app import deploy, free_port, load_serve_config, running_replicas  # noqa: E402
+from encoder_service.serving.ray_app import deploy, free_port, load_serve_config, running_replicas  # noqa: E402
 from llm_worker.actor import LLMWorkerActor  # noqa: E402
 from llm_worker.codec import pack_requests, unpack_outputs  # noqa: E402
 from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig  # noqa: E402
@@ -46,8 +46,8 @@ def _config(tiny_checkpoint, port: int, **autoscaling) -> dict:
     cfg["grpc_options"]["port"] = port
     cfg["http_options"]["port"] = port + 1 if port < 65535 else port - 1
     app = cfg["applications"][0]
-    app["args"]["engine"].update(checkpoint=str(tiny_checkpoint), preprocess_threads=1)
-    app["args"]["batching"].update(max_wait_ms=30.0, preprocess_threads=2)
+    app["args"]["engine"].update(checkpoint=str(tiny_checkpoint))
+    app["args"]["pipeline"].update(max_wait_ms=30.0, preprocess_workers=1, arena_mb=32)
     app["deployments"][0]["autoscaling_config"].update(
         {"metrics_interval_s": 0.2, "look_back_period_s": 1.0, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0, **autoscaling}
     )
@@ -94,6 +94,32 @@ def test_bad_input_through_the_proxy_keeps_serving(pool):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "undecodable" in err.value.details()
     assert client.encode([MediaInput(Modality.IMAGE, image_bytes(64, 64))], metadata=METADATA).token_counts == [16]
+
+
+def test_handle_path_equals_grpc_zero_copy_and_maps_errors(pool):
+    """Ray-native Encode: same rows as over gRPC, read in place from the object store, same statuses."""
+    address, client = pool
+    items = _items(np.random.default_rng(), 3)
+    over_grpc = client.encode(items, metadata=METADATA)
+    native = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle"))
+    over_handle = native.encode(items)
+    assert over_handle.token_counts == over_grpc.token_counts
+    assert torch.equal(over_handle.embeddings, over_grpc.embeddings)  # one request alone: the same batch
+    assert native.model_info() == client.model_info(metadata=METADATA)
+
+    # The tensor bytes arrive as a read-only array: a view of the object store, not a copy.
+    request = pb.EncodeRequest(items=[pb.MediaItem(modality=pb.MODALITY_IMAGE, encoded_image=image_bytes(64, 64))])
+    handle = native.transports[0].handle.options(method_name="encode_native")
+    header, payload = handle.remote(request.SerializeToString(), 30.0).result(timeout_s=60)
+    assert isinstance(payload, np.ndarray) and not payload.flags.writeable
+    assert pb.EncodeResponse.FromString(header).items[0].token_count == 16
+
+    bad = [MediaInput(Modality.IMAGE, b"\x89PNG broken")]
+    with pytest.raises(grpc.RpcError) as err:
+        native.encode(bad)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "undecodable" in err.value.details()
+    assert native.retries == 0  # the caller's fault: never retried
+    assert native.encode(items[:1]).token_counts == over_grpc.token_counts[:1]
 
 
 def _load(client, stop: threading.Event, results: list, errors: list):
@@ -143,10 +169,13 @@ def _replica_actor_names() -> list[str]:
     return [a["name"] for a in named if a["namespace"] == "serve" and "EncoderDeployment" in a["name"]]
 
 
-def test_killing_a_replica_mid_load_loses_no_request(ray_cluster, tiny_checkpoint):
+@pytest.mark.parametrize("transport", ["grpc", "handle"])
+def test_killing_a_replica_mid_load_loses_no_request(ray_cluster, tiny_checkpoint, transport):
     address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=2, max_replicas=2))
     assert _wait_for(lambda: running_replicas(APP) == 2, timeout_s=60)
-    client = PoolEncoderClient(PoolClientConfig([address], APP, attempt_timeout_s=20, backoff_s=0.2, max_attempts=8))
+    client = PoolEncoderClient(
+        PoolClientConfig([address], APP, transport=transport, attempt_timeout_s=20, backoff_s=0.2, max_attempts=8)
+    )
     stop, results, errors = threading.Event(), [], []
     threads = [threading.Thread(target=_load, args=(client, stop, results, errors)) for _ in range(4)]
     for t in threads:
@@ -166,7 +195,8 @@ def test_killing_a_replica_mid_load_loses_no_request(ray_cluster, tiny_checkpoin
     assert _wait_for(lambda: running_replicas(APP) == 2, timeout_s=60), "Serve did not replace the killed replica"
 
 
-def test_llm_worker_actor_generates_through_the_pool(ray_cluster, tiny_checkpoint, tmp_path_factory):
+@pytest.mark.parametrize("transport", ["grpc", "handle"])
+def test_llm_worker_actor_generates_through_the_pool(ray_cluster, tiny_checkpoint, tmp_path_factory, transport):
     address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=1, max_replicas=1))
     llm_dir = str(tiny_llm_dir(tmp_path_factory.mktemp("llm")))
     requests = [
@@ -177,7 +207,7 @@ def test_llm_worker_actor_generates_through_the_pool(ray_cluster, tiny_checkpoin
         GenerationRequest("Again <image>", [MediaInput(Modality.IMAGE, image_bytes(64, 64, seed=2))], max_new_tokens=5),
     ]
     worker = LLMWorkerActor.options(num_cpus=1).remote(
-        {"addresses": [address], "application": APP}, {"model_dir": llm_dir, "chunk_size": 16}
+        {"addresses": [address], "application": APP, "transport": transport}, {"model_dir": llm_dir, "chunk_size": 16}
     )
     outputs = unpack_outputs(ray.get(worker.generate.remote(pack_requests(requests)), timeout=120))
     stats = ray.get(worker.stats.remote())

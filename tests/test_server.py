@@ -6,14 +6,14 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from encoder_service.client import EncoderClient
+from encoder_service.serving.client import EncoderClient
 from encoder_service.config import EngineConfig, tiny_encoder_config
 from encoder_service.models import save_checkpoint
 from encoder_service.models.checkpoint import random_encoder
 from encoder_service.processor import MediaInput, Modality
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.proto import encoder_pb2_grpc as pb_grpc
-from encoder_service.server import BackgroundServer, ServerConfig
+from encoder_service.serving.server import BackgroundServer, ServerConfig
 from tests.conftest import image_bytes
 
 
@@ -157,12 +157,12 @@ def test_standalone_server_batches_concurrent_requests(engine_config):
     from concurrent.futures import ThreadPoolExecutor
 
     from encoder_service.engine import EncoderEngine
-    from encoder_service.request_batcher import BatcherConfig
+    from encoder_service.serving.pipeline import PipelineConfig
 
     import dataclasses
 
     engine_config = dataclasses.replace(engine_config, max_tokens_per_batch=16384)  # room for several requests
-    cfg = ServerConfig(port=0, engine=engine_config, batching=BatcherConfig(max_wait_ms=50))
+    cfg = ServerConfig(port=0, engine=engine_config, pipeline=PipelineConfig(max_wait_ms=50))
     rng = np.random.default_rng()
     requests = [
         [MediaInput(Modality.IMAGE, image_bytes(int(w), int(h))) for w, h in rng.integers(16, 200, size=(2, 2))]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from encoder_service import wire
+from encoder_service.serving import wire
 from encoder_service.errors import InvalidInput
 from encoder_service.proto import encoder_pb2 as pb
 
@@ -28,3 +28,65 @@ def test_byte_count_must_match_shape():
     msg.shape[:] = [4, 5]
     with pytest.raises(InvalidInput, match="needs 80 bytes"):
         wire.tensor_from_proto(msg)
+
+
+def _output(dtype, rows=23, hidden=17, counts=(5, 0, 18)):
+    from encoder_service.engine import EncodeOutput
+
+    emb = (torch.randn(rows, hidden) * 10).to(dtype)
+    return EncodeOutput(emb, list(counts), [1, 0, 2], [[], [], [9, 9]], stats={"forward_ms": 1.5})
+
+
+def _request(n=3):
+    return pb.EncodeRequest(
+        request_id="r-1", items=[pb.MediaItem(item_id=f"item{i}", content_hash=f"h{i}") for i in range(n)]
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_response_bytes_parse_to_the_reference_message(dtype):
+    """Any protobuf parser reads the hand-framed bytes as the generated code's own message."""
+    out = _output(dtype)
+    fast = wire.encode_response_bytes(_request(), out)
+    assert pb.EncodeResponse.FromString(fast) == wire.encode_response(_request(), out)
+
+
+@pytest.mark.parametrize("copy", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_client_parse_is_bit_exact_for_fast_and_standard_encodings(dtype, copy):
+    out = _output(dtype)
+    standard = wire.encode_response(_request(), out).SerializeToString()  # embeddings field first
+    for data in (wire.encode_response_bytes(_request(), out), standard):
+        result = wire.decode_response(data, copy=copy)
+        assert result.embeddings.dtype == dtype and result.embeddings.shape == out.embeddings.shape
+        assert torch.equal(result.embeddings.view(torch.uint8), out.embeddings.view(torch.uint8))
+        assert result.token_counts == [5, 0, 18] and [i.offset for i in result.items] == [0, 5, 5]
+        assert [i.item_id for i in result.items] == ["item0", "item1", "item2"]
+        assert result.items[2].tokens_per_frame == [9, 9] and result.extras == {"forward_ms": 1.5}
+        assert [t.shape[0] for t in result.split()] == [5, 0, 18]
+
+
+def test_copy_owns_its_memory_and_view_does_not():
+    data = wire.encode_response_bytes(_request(), _output(torch.float32))
+    owned = wire.decode_response(data, copy=True).embeddings
+    view = wire.decode_response(data, copy=False).embeddings
+    owned.zero_()  # writable, and independent of the received bytes
+    assert torch.equal(wire.decode_response(data).embeddings, view) and not torch.equal(owned, view)
+
+
+def test_empty_response_and_mismatched_bytes():
+    empty = _output(torch.float32, rows=0, counts=(0, 0, 0))
+    assert wire.decode_response(wire.encode_response_bytes(_request(), empty)).embeddings.shape == (0, 17)
+    bad = wire.encode_response(_request(), _output(torch.float32))
+    bad.embeddings.shape[:] = [24, 17]
+    with pytest.raises(InvalidInput, match="needs"):
+        wire.decode_response(bad.SerializeToString())
+
+
+def test_native_parts_round_trip():
+    out = _output(torch.bfloat16)
+    header = wire.response_header(_request(), out).SerializeToString()
+    payload = out.embeddings.view(torch.uint8).numpy()
+    result = wire.decode_parts(header, payload)
+    assert torch.equal(result.embeddings.view(torch.uint8), out.embeddings.view(torch.uint8))
+    assert result.token_counts == out.token_counts

@@ -1,69 +1,118 @@
 """The encoder pool on Ray Serve: one replica per vision GPU (or CPU slot), autoscaled.
 
-Clients reach it through Ray Serve's gRPC proxy with the same `EncoderService` API as
-the standalone server (`encoder_service.v1.EncoderService/Encode`). Each replica batches
-concurrent requests into one ragged batch with the same RequestBatcher.
+Two ways in, one pipeline per replica (`EncodePipeline`: concurrent requests share ragged batches):
+- gRPC through Serve's proxy, the same `EncoderService` API as the standalone server. The
+  replica serialises the response itself (`wire.encode_response_bytes`); Serve forwards the
+  bytes to the proxy unchanged.
+- Ray-native, for callers inside the cluster (LLM worker actors): `encode_native` on a
+  DeploymentHandle returns the serialised header and the embedding tensor's bytes as a uint8
+  array, which Ray moves through its object store (read zero-copy on the same node).
+  `llm_worker.pool_client.ServeHandleTransport` is the caller's side.
 
     serve run deploy/serve_config.yaml
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
+import torch
 import yaml
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from encoder_service import wire
 from encoder_service.config import EngineConfig
 from encoder_service.engine import EncoderEngine
+from encoder_service.errors import EncodeFailed
 from encoder_service.proto import encoder_pb2 as pb
-from encoder_service.request_batcher import BatcherConfig, RequestBatcher
-from encoder_service.server import status_for
+from encoder_service.serving import wire
+from encoder_service.serving.pipeline import EncodePipeline, PipelineConfig
 
 SERVICER_FUNCTION = "encoder_service.proto.encoder_pb2_grpc.add_EncoderServiceServicer_to_server"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
+DEPLOYMENT_NAME = "EncoderDeployment"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
 
 
-@serve.deployment(name="EncoderDeployment")
+class PreSerialized:
+    """A response already serialised: Serve's gRPC path calls `SerializeToString()` on what a
+    method returns and hands the bytes to the proxy as they are."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def SerializeToString(self) -> bytes:
+        return self.data
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
 class EncoderDeployment:
-    def __init__(self, engine: dict[str, Any], batching: dict[str, Any] | None = None):
+    def __init__(self, engine: dict[str, Any], pipeline: dict[str, Any] | None = None):
         cfg = EngineConfig(**engine)
         if cfg.device == "auto":
             cfg.device = "cuda" if ray.get_gpu_ids() else "cpu"
+        cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
         if cfg.device == "cpu":
-            import torch
-
             # One replica per CPU slot: don't let every replica's torch grab every core.
-            torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+            torch.set_num_threads(cpus)
+        pipeline_cfg = PipelineConfig(**(pipeline or {}))
+        if not pipeline_cfg.preprocess_workers:  # the replica's CPUs, one left for serving
+            pipeline_cfg.preprocess_workers = max(1, cpus - 1)
         self.engine = EncoderEngine(cfg)
-        self.batcher = RequestBatcher(self.engine, BatcherConfig(**(batching or {})))
+        self.pipeline = EncodePipeline(self.engine, pipeline_cfg)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self._model_info = wire.model_info_to_proto(self.engine.info())
 
-    async def Encode(self, request: pb.EncodeRequest, grpc_context) -> pb.EncodeResponse:
+    async def _encode(self, request: pb.EncodeRequest, timeout_s: float | None):
+        items = [wire.media_from_proto(m) for m in request.items]
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        out = await asyncio.wrap_future(self.pipeline.submit(items, deadline))
+        out.stats["replica"] = self.replica
+        return out
+
+    async def Encode(self, request: pb.EncodeRequest, grpc_context) -> PreSerialized | pb.EncodeResponse:
+        """gRPC through Serve's proxy (deadlines: the proxy's `request_timeout_s`; a cancelled call
+        cancels this coroutine, which drops the request's work)."""
         try:
-            items = [wire.media_from_proto(m) for m in request.items]
-            out = await self.batcher.submit(items)
+            out = await self._encode(request, None)
+            data = await asyncio.get_running_loop().run_in_executor(None, wire.encode_response_bytes, request, out)
         except Exception as e:  # the status travels back through the proxy; the replica keeps serving
-            grpc_context.set_code(status_for(e))
+            grpc_context.set_code(wire.status_for(e))
             grpc_context.set_details(str(e))
             return pb.EncodeResponse()
-        out.stats["replica"] = self.replica
-        return wire.encode_response(request, out)
+        return PreSerialized(data)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context) -> pb.ModelInfo:
-        return wire.model_info_to_proto(self.engine.info())
+        return self._model_info
+
+    async def encode_native(self, request: bytes, timeout_s: float | None = None) -> tuple[bytes, np.ndarray]:
+        """Ray-native Encode: a serialised EncodeRequest in; (serialised EncodeResponse header
+        without the tensor bytes, the tensor's bytes as uint8) out. Failures raise EncodeFailed
+        with the gRPC status the gRPC path would give."""
+        try:
+            msg = pb.EncodeRequest.FromString(request)
+            out = await self._encode(msg, timeout_s)
+        except Exception as e:
+            raise EncodeFailed(wire.status_for(e).name, str(e)) from None
+        header = wire.response_header(msg, out).SerializeToString()
+        return header, out.embeddings.view(torch.uint8).numpy()  # Ray copies it into the object store
+
+    async def model_info_native(self) -> bytes:
+        return self._model_info.SerializeToString()
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder (`import_path: encoder_service.serve_app:build_app` in a Serve config).
 
-    args: `engine` (EngineConfig fields), `batching` (BatcherConfig fields),
+    args: `engine` (EngineConfig fields), `pipeline` (PipelineConfig fields),
     `gpus_per_replica` ("auto": 1 when the cluster has GPUs, else 0), `cpus_per_replica`.
     """
     gpus = args.get("gpus_per_replica", "auto")
@@ -71,7 +120,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
     actor_options = {"num_cpus": args.get("cpus_per_replica", 1), "num_gpus": gpus}
     deployment = EncoderDeployment.options(ray_actor_options=actor_options, **args.get("deployment_options", {}))
-    return deployment.bind(args.get("engine", {}), args.get("batching", {}))
+    return deployment.bind(args.get("engine", {}), args.get("pipeline", {}))
 
 
 # --------------------------------------------------------------------- deploying from Python
@@ -118,8 +167,6 @@ def deploy(config: dict[str, Any], blocking_timeout_s: float = 180.0) -> str:
 
 
 def _wait_running(app: str, timeout_s: float) -> None:
-    import time
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = serve.status().applications.get(app)
@@ -129,7 +176,7 @@ def _wait_running(app: str, timeout_s: float) -> None:
     raise TimeoutError(f"Serve application {app!r} not RUNNING after {timeout_s}s")
 
 
-def running_replicas(app: str, deployment: str = "EncoderDeployment") -> int:
+def running_replicas(app: str, deployment: str = DEPLOYMENT_NAME) -> int:
     status = serve.status().applications[app].deployments[deployment]
     return status.replica_states.get("RUNNING", 0)
 

@@ -1,48 +1,43 @@
 """Standalone gRPC server (grpc.aio) for one encoder engine.
 
-Bad input is answered with INVALID_ARGUMENT / RESOURCE_EXHAUSTED and a clear
-message; the server keeps serving. Concurrent requests are batched into one
-ragged batch (RequestBatcher); model work runs off the event loop, which stays
-free for health checks, deadlines and cancellations.
+Bad input is answered with INVALID_ARGUMENT / RESOURCE_EXHAUSTED and a clear message; the
+server keeps serving. The event loop only parses requests and hands work to the
+`EncodePipeline`; responses are serialised on their own threads (`wire.encode_response_bytes`)
+and sent as ready-made bytes, so a 31 MB response never blocks the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from encoder_service import wire
 from encoder_service.config import EngineConfig
 from encoder_service.engine import EncoderEngine
-from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput
 from encoder_service.proto import encoder_pb2 as pb
-from encoder_service.proto import encoder_pb2_grpc as pb_grpc
-from encoder_service.request_batcher import BatcherConfig, RequestBatcher
+from encoder_service.serving import wire
+from encoder_service.serving.pipeline import EncodePipeline, PipelineConfig
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EncoderService"].full_name
-# A 13-tile image of a 4096-wide LLM in bf16 is ~27 MB: far past gRPC's 4 MB default.
-DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
-
-
-def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
 
 
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
+    serialize_threads: int = 4
     engine: EngineConfig = field(default_factory=EngineConfig)
-    batching: BatcherConfig = field(default_factory=BatcherConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 @dataclass
@@ -55,44 +50,57 @@ class ServiceCounters:
     errors: int = 0
 
 
-def status_for(error: Exception) -> grpc.StatusCode:
-    if isinstance(error, InvalidInput):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(error, BudgetExceeded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(error, DeadlineExceeded):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.INTERNAL
+class EncoderServicer:
+    """The EncoderService methods, on raw-bytes handlers (requests parsed by the generated code,
+    responses sent pre-serialised)."""
 
-
-class EncoderServicer(pb_grpc.EncoderServiceServicer):
-    def __init__(self, engine: EncoderEngine, batching: BatcherConfig | None = None):
+    def __init__(self, engine: EncoderEngine, pipeline: PipelineConfig | None = None, serialize_threads: int = 4):
         self.engine = engine
+        self.pipeline = EncodePipeline(engine, pipeline)
         self.counters = ServiceCounters()
-        self.batcher = RequestBatcher(engine, batching)
+        self._serialize = ThreadPoolExecutor(serialize_threads, thread_name_prefix="encoder-serialize")
+        self._model_info = wire.model_info_to_proto(engine.info()).SerializeToString()
 
-    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> bytes:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
+        loop = asyncio.get_running_loop()
         try:
             items = [wire.media_from_proto(m) for m in request.items]
-            out = await self.batcher.submit(items, deadline)
+            out = await asyncio.wrap_future(self.pipeline.submit(items, deadline))
+            response = await loop.run_in_executor(self._serialize, wire.encode_response_bytes, request, out)
+        except asyncio.CancelledError:  # the client went away; wrap_future cancelled the request's work
+            raise
         except Exception as e:  # every failure becomes a status; the server keeps serving
             self.counters.errors += 1
-            code = status_for(e)
+            code = wire.status_for(e)
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("Encode %s failed", request.request_id)
+                log.error("Encode %s failed", request.request_id, exc_info=e)
             await context.abort(code, f"{type(e).__name__}: {e}" if code == grpc.StatusCode.INTERNAL else str(e))
         self.counters.encode_calls += 1
         self.counters.items_encoded += len(items)
         self.counters.tokens_out += int(out.embeddings.shape[0])
-        return wire.encode_response(request, out)
+        return response
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
-        return wire.model_info_to_proto(self.engine.info())
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> bytes:
+        return self._model_info
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Encode": grpc.unary_unary_rpc_method_handler(
+                    self.Encode, request_deserializer=pb.EncodeRequest.FromString
+                ),
+                "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                    self.GetModelInfo, request_deserializer=pb.GetModelInfoRequest.FromString
+                ),
+            },
+        )
 
     def close(self) -> None:
-        self.batcher.close()
+        self.pipeline.close()
+        self._serialize.shutdown(wait=False, cancel_futures=True)
 
 
 class EncoderServer:
@@ -101,7 +109,7 @@ class EncoderServer:
     def __init__(self, cfg: ServerConfig, engine: EncoderEngine | None = None):
         self.cfg = cfg
         self.engine = engine or EncoderEngine(cfg.engine)
-        self.servicer = EncoderServicer(self.engine, cfg.batching)
+        self.servicer = EncoderServicer(self.engine, cfg.pipeline, cfg.serialize_threads)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
@@ -111,8 +119,8 @@ class EncoderServer:
         return f"{self.cfg.host}:{self.port}"
 
     async def start(self) -> str:
-        self.server = grpc.aio.server(options=message_size_options(self.cfg.max_message_bytes))
-        pb_grpc.add_EncoderServiceServicer_to_server(self.servicer, self.server)
+        self.server = grpc.aio.server(options=wire.channel_options(self.cfg.max_message_bytes))
+        self.server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -152,8 +160,6 @@ class BackgroundServer:
     """Runs an EncoderServer on its own event loop in a daemon thread (tests, demos, embedding)."""
 
     def __init__(self, cfg: ServerConfig, engine: EncoderEngine | None = None):
-        import threading
-
         self.server = EncoderServer(cfg, engine)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="encoder-grpc", daemon=True)

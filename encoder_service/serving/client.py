@@ -8,19 +8,22 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from encoder_service import wire
 from encoder_service.engine import ModelInfo
 from encoder_service.processor import MediaInput, Modality
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.proto import encoder_pb2_grpc as pb_grpc
-from encoder_service.server import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
+from encoder_service.serving import wire
+
+ENCODE_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EncoderService'].full_name}/Encode"
 
 
 class EncoderClient:
-    def __init__(self, address: str, timeout: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(self, address: str, timeout: float = 60.0, max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES):
         self.address, self.timeout = address, timeout
-        self.channel = grpc.insecure_channel(address, options=message_size_options(max_message_bytes))
+        self.channel = grpc.insecure_channel(address, options=wire.channel_options(max_message_bytes))
         self.stub = pb_grpc.EncoderServiceStub(self.channel)
+        # Responses arrive as bytes and are parsed in place (`wire.decode_response`).
+        self._encode = self.channel.unary_unary(ENCODE_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)
 
     def encode(
         self,
@@ -28,12 +31,15 @@ class EncoderClient:
         request_id: str | None = None,
         timeout: float | None = None,
         metadata: tuple[tuple[str, str], ...] | None = None,
+        copy: bool = True,
     ) -> wire.EncodeResult:
+        """Encode `items` in one call. copy=False returns a read-only view of the received message
+        (saves a copy for callers that copy rows out anyway, like the LLM worker's cache)."""
         request = pb.EncodeRequest(
             request_id=request_id or uuid.uuid4().hex, items=[wire.media_to_proto(i) for i in items]
         )
-        response = self.stub.Encode(request, timeout=timeout or self.timeout, metadata=metadata)
-        return wire.decode_response(response)
+        response = self._encode(request, timeout=timeout or self.timeout, metadata=metadata)
+        return wire.decode_response(response, copy=copy)
 
     def model_info(self, timeout: float | None = None, metadata=None) -> ModelInfo:
         msg = self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout, metadata=metadata)

@@ -1,0 +1,259 @@
+"""Out-of-process preprocessing: worker processes decode and tile media into the tile arena.
+
+Decoding JPEGs and resizing them is CPU work that, in threads of the serving process,
+fights the model thread and the gRPC event loop for the GIL (the profile of the served
+path: GPU 9 % busy). Here each worker is a separate Python process running
+`encoder_service.processor`; the serving process sends it one item at a time over a
+pipe (length-prefixed msgpack: no pickle) with an arena offset to write the tiles at,
+and gets back a small status message. A dispatcher thread per worker does the
+blocking I/O, with the GIL released.
+
+A job whose request is no longer live (cancelled, deadline passed) is never started,
+and a worker still busy with one after `stale_job_s` is killed and replaced, so dead
+requests never hold up the ones behind them. A worker that dies fails only its
+current item and is restarted.
+
+    python -m encoder_service.serving.preprocess --fd N --size BYTES --config JSON   (worker side)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import mmap
+import os
+import queue
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import msgpack
+import numpy as np
+
+from encoder_service.config import ProcessorConfig
+from encoder_service.errors import InvalidInput, Unavailable
+from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, Modality
+
+log = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct("<Q")
+
+
+# ---------------------------------------------------------------- framing (both sides)
+
+
+def _write_frame(fd: int, payload: bytes) -> None:
+    view = memoryview(_LENGTH.pack(len(payload)) + payload)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            return None  # the other side is gone
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame(fd: int) -> dict | None:
+    header = _read_exact(fd, _LENGTH.size)
+    if header is None:
+        return None
+    body = _read_exact(fd, _LENGTH.unpack(header)[0])
+    return None if body is None else msgpack.unpackb(body)
+
+
+def _job_message(item: MediaInput, offset: int, num_tiles: int) -> bytes:
+    msg = {"offset": offset, "tiles": num_tiles, "modality": item.modality.value}
+    if isinstance(item.data, np.ndarray):
+        data = np.ascontiguousarray(item.data)
+        msg.update(kind="pixels", shape=list(data.shape), data=memoryview(data).cast("B"))
+    elif isinstance(item.data, list):
+        msg.update(kind="frames", data=item.data)
+    else:
+        msg.update(kind="bytes", data=item.data)
+    return msgpack.packb(msg)
+
+
+def _job_item(msg: dict) -> MediaInput:
+    if msg["kind"] == "pixels":
+        data = np.frombuffer(msg["data"], dtype=np.uint8).reshape(msg["shape"])
+    else:
+        data = msg["data"]
+    return MediaInput(Modality(msg["modality"]), data)
+
+
+# ---------------------------------------------------------------- serving-process side
+
+
+class WorkerDied(Unavailable):
+    """A preprocessing worker process exited while it held an item."""
+
+
+@dataclass
+class _Job:
+    item: MediaInput
+    plan: ItemPlan
+    nbytes: int
+    is_live: Callable[[], bool]
+    done: Callable[[int | None, BaseException | None], None]
+
+
+class _Worker:
+    def __init__(self, args: list[str], fd: int):
+        self._args, self._fd = args, fd
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        self.proc = subprocess.Popen(
+            self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, pass_fds=(self._fd,)
+        )
+        ready, _, _ = select.select([self.proc.stdout.fileno()], [], [], timeout_s)
+        if not ready or _read_frame(self.proc.stdout.fileno()) != {"ready": True}:
+            self.kill()
+            raise RuntimeError("preprocessing worker did not start")
+
+    def call(self, message: bytes, is_live: Callable[[], bool], stale_job_s: float) -> dict | None:
+        """Send a job and wait for its reply. None: the job went stale and the worker was replaced."""
+        _write_frame(self.proc.stdin.fileno(), message)
+        out, started, dead_since = self.proc.stdout.fileno(), time.monotonic(), None
+        while True:
+            ready, _, _ = select.select([out], [], [], 0.05)
+            if ready:
+                reply = _read_frame(out)
+                if reply is None:
+                    raise WorkerDied(f"preprocessing worker exited with code {self.proc.wait()}")
+                return reply
+            if not is_live():
+                dead_since = dead_since or time.monotonic()
+                if time.monotonic() - max(dead_since, started) >= stale_job_s:
+                    self.kill()
+                    self.start()
+                    return None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            for stream in (self.proc.stdin, self.proc.stdout):
+                stream.close()
+
+
+class PreprocessPool:
+    """`workers` processes decoding/tiling into `arena`; `submit` never blocks the caller."""
+
+    def __init__(self, processor: ProcessorConfig, arena, workers: int, stale_job_s: float = 0.25):
+        self.arena = arena
+        self.processor = ImageProcessor(processor)
+        self.stale_job_s = stale_job_s
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        args = [sys.executable, "-m", "encoder_service.serving.preprocess", "--fd", str(arena.fd),
+                "--size", str(arena.size), "--config", json.dumps(processor.to_dict())]
+        self._workers = [_Worker(args, arena.fd) for _ in range(max(1, workers))]
+        starters = [threading.Thread(target=w.start) for w in self._workers]  # start in parallel
+        for t in starters:
+            t.start()
+        for t in starters:
+            t.join()
+        if any(w.proc is None or w.proc.poll() is not None for w in self._workers):
+            self.close()
+            raise RuntimeError("preprocessing workers failed to start")
+        self._threads = [
+            threading.Thread(target=self._dispatch, args=(w,), name=f"preprocess-dispatch-{i}", daemon=True)
+            for i, w in enumerate(self._workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._workers)
+
+    def submit(
+        self,
+        item: MediaInput,
+        plan: ItemPlan,
+        is_live: Callable[[], bool],
+        done: Callable[[int | None, BaseException | None], None],
+    ) -> None:
+        """Decode and tile `item` into the arena, then `done(offset, None)`; the caller frees the
+        offset once the tiles are consumed. Failure: `done(None, error)`; a job dropped because it
+        stopped being live: `done(None, None)`."""
+        self._jobs.put(_Job(item, plan, plan.num_tiles * self.processor.tile_bytes, is_live, done))
+
+    def _dispatch(self, worker: _Worker) -> None:
+        while (job := self._jobs.get()) is not None:
+            offset = None
+            try:
+                offset = self.arena.alloc(job.nbytes, keep_waiting=job.is_live) if job.is_live() else None
+                if offset is None:
+                    job.done(None, None)
+                    continue
+                reply = worker.call(_job_message(job.item, offset, job.plan.num_tiles), job.is_live, self.stale_job_s)
+                if reply is None:
+                    self.arena.free(offset)
+                    job.done(None, None)
+                elif reply["ok"]:
+                    job.done(offset, None)
+                else:
+                    self.arena.free(offset)
+                    job.done(None, InvalidInput(reply["error"]) if reply["invalid"] else RuntimeError(reply["error"]))
+            except Exception as e:  # a dead worker (or a broken pipe to it): fail this item, replace the worker
+                if offset is not None:
+                    self.arena.free(offset)
+                log.error("preprocessing worker failed: %s; restarting it", e)
+                job.done(None, e if isinstance(e, WorkerDied) else WorkerDied(str(e)))
+                worker.kill()
+                try:
+                    worker.start()
+                except Exception:
+                    log.exception("could not restart a preprocessing worker")
+
+    def close(self) -> None:
+        for _ in self._workers:
+            self._jobs.put(None)
+        for t in getattr(self, "_threads", []):
+            t.join(timeout=5)
+        for w in self._workers:
+            w.kill()
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--fd", type=int, required=True)
+    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--config", required=True)
+    args = p.parse_args(argv)
+    arena = mmap.mmap(args.fd, args.size)
+    processor = ImageProcessor(ProcessorConfig.from_dict(json.loads(args.config)))
+    inp, out = sys.stdin.fileno(), os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the protocol
+    _write_frame(out, msgpack.packb({"ready": True}))
+    while (job := _read_frame(inp)) is not None:
+        try:
+            tiles = np.ndarray((job["tiles"], *processor.tile_shape), np.uint8, buffer=arena, offset=job["offset"])
+            processor.process_into(_job_item(job), tiles)
+            reply = {"ok": True}
+        except InvalidInput as e:
+            reply = {"ok": False, "invalid": True, "error": str(e)}
+        except Exception as e:  # reported to the server as an internal error; the worker goes on
+            reply = {"ok": False, "invalid": False, "error": f"{type(e).__name__}: {e}"}
+        _write_frame(out, msgpack.packb(reply))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())

@@ -1,0 +1,390 @@
+"""Conversions between protobuf messages and Python objects; no pickle crosses the network.
+
+Tensors travel as raw bytes + dtype + shape; schema-less extras as msgpack.
+
+The embedding tensor is nearly all of an EncodeResponse (31 MB for two images at LLM width
+5120 in bf16), so its path is kept to the copies that cannot be avoided:
+- server: `encode_response_bytes` serialises everything else with the generated code and
+  frames the tensor field by hand around ONE copy of the tensor, made without the GIL;
+- client: `decode_response` reads the serialised bytes in place: the tensor is a view of
+  the received message (plus one GIL-free copy if the caller wants a tensor of its own).
+The bytes are ordinary protobuf (field order is free in the wire format): any client
+generated from `protos/encoder.proto` parses them, and `tests/test_wire.py` checks the
+result equals the generated code's own serialisation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+from dataclasses import dataclass
+
+import grpc
+import msgpack
+import numpy as np
+import torch
+
+from encoder_service.config import TilingSpec
+from encoder_service.engine import EncodeOutput, ModelInfo
+from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput, Unavailable
+from encoder_service.processor import MediaInput, Modality
+from encoder_service.proto import encoder_pb2 as pb
+
+# Views of received bytes are read-only by contract (see EncodeResult); torch warns on every one.
+warnings.filterwarnings("ignore", message="The given (buffer|NumPy array) is not writable", category=UserWarning)
+
+_TORCH_TO_PB = {
+    torch.float32: pb.DTYPE_FLOAT32,
+    torch.bfloat16: pb.DTYPE_BFLOAT16,
+    torch.float16: pb.DTYPE_FLOAT16,
+    torch.uint8: pb.DTYPE_UINT8,
+}
+_PB_TO_TORCH = {v: k for k, v in _TORCH_TO_PB.items()}
+_MODALITIES = {pb.MODALITY_IMAGE: Modality.IMAGE, pb.MODALITY_VIDEO: Modality.VIDEO}
+
+# A 13-tile image of a 4096-wide LLM in bf16 is ~27 MB: far past gRPC's 4 MB default.
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """gRPC settings for messages of tens of MB, on both server and client: raised size limits,
+    HTTP/2 frames up to 16 MB and a 64 MB read-ahead, so a response is not trickled through
+    the 16 KB frame / 64 KB window defaults."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.http2.max_frame_size", (1 << 24) - 1),
+        ("grpc.http2.lookahead_bytes", 64 << 20),
+    ]
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    """The gRPC status an Encode failure maps to (the same on every transport)."""
+    if isinstance(error, InvalidInput):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, BudgetExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(error, Unavailable):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def tensor_to_proto(t: torch.Tensor) -> pb.Tensor:
+    t = t.detach().contiguous().cpu()
+    # bf16 has no numpy dtype: ship the bytes as uint8 views, which is lossless for every dtype.
+    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return pb.Tensor(data=data, dtype=_TORCH_TO_PB[t.dtype], shape=list(t.shape))
+
+
+def _tensor_from_buffer(data, dtype_code: int, shape: tuple[int, ...], copy: bool) -> torch.Tensor:
+    """A tensor over `data` (bytes-like), checked against dtype and shape."""
+    if dtype_code not in _PB_TO_TORCH:
+        raise InvalidInput(f"unknown tensor dtype {dtype_code}")
+    dtype = _PB_TO_TORCH[dtype_code]
+    if any(s < 0 for s in shape):
+        raise InvalidInput(f"negative dimension in tensor shape {list(shape)}")
+    expected = int(np.prod(shape, dtype=np.int64)) * element_size(dtype)
+    if len(data) != expected:
+        raise InvalidInput(f"tensor of shape {list(shape)} {dtype} needs {expected} bytes, got {len(data)}")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype)
+    view = torch.frombuffer(data, dtype=torch.uint8)
+    return (view.clone() if copy else view).view(dtype).reshape(shape)
+
+
+def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
+    return _tensor_from_buffer(msg.data, msg.dtype, tuple(msg.shape), copy=True)
+
+
+# ------------------------------------------------------------------ media items
+
+
+def media_to_proto(item: MediaInput) -> pb.MediaItem:
+    msg = pb.MediaItem(item_id=item.item_id, content_hash=item.content_hash)
+    msg.modality = pb.MODALITY_VIDEO if item.modality == Modality.VIDEO else pb.MODALITY_IMAGE
+    if isinstance(item.data, np.ndarray):
+        msg.raw_pixels.CopyFrom(tensor_to_proto(torch.from_numpy(np.ascontiguousarray(item.data))))
+    elif isinstance(item.data, list):
+        msg.encoded_frames.frames.extend(item.data)
+    else:
+        msg.encoded_image = bytes(item.data)
+    return msg
+
+
+def media_from_proto(msg: pb.MediaItem) -> MediaInput:
+    name = msg.item_id or "<unnamed>"
+    if msg.modality not in _MODALITIES:
+        raise InvalidInput(f"item {name}: unknown modality {msg.modality}; expected IMAGE or VIDEO")
+    modality = _MODALITIES[msg.modality]
+    source = msg.WhichOneof("source")
+    if source is None:
+        raise InvalidInput(f"item {name}: no media data")
+    if source == "raw_pixels":
+        if msg.raw_pixels.dtype != pb.DTYPE_UINT8:
+            raise InvalidInput(f"item {name}: raw pixels must be uint8")
+        data = tensor_from_proto(msg.raw_pixels).numpy()
+    elif source == "encoded_frames":
+        if modality != Modality.VIDEO:
+            raise InvalidInput(f"item {name}: encoded_frames is only for VIDEO items")
+        data = list(msg.encoded_frames.frames)
+    else:
+        if modality != Modality.IMAGE:
+            raise InvalidInput(f"item {name}: encoded_image is only for IMAGE items")
+        data = msg.encoded_image
+    return MediaInput(modality, data, item_id=msg.item_id, content_hash=msg.content_hash)
+
+
+# ------------------------------------------------------------------ responses: server side
+
+
+def response_header(request: pb.EncodeRequest, out: EncodeOutput, extras: dict | None = None) -> pb.EncodeResponse:
+    """Everything of the response but the tensor's bytes (its dtype and shape included)."""
+    items = [
+        pb.ItemMetadata(
+            item_id=src.item_id,
+            content_hash=src.content_hash,
+            token_count=n,
+            offset=offset,
+            num_tiles=tiles,
+            tokens_per_frame=frames,
+        )
+        for src, n, offset, tiles, frames in zip(
+            request.items, out.token_counts, out.offsets, out.num_tiles, out.tokens_per_frame
+        )
+    ]
+    t = out.embeddings
+    return pb.EncodeResponse(
+        request_id=request.request_id,
+        embeddings=pb.Tensor(dtype=_TORCH_TO_PB[t.dtype], shape=list(t.shape)),
+        items=items,
+        extras=msgpack.packb(extras if extras is not None else out.stats),
+    )
+
+
+def encode_response(request: pb.EncodeRequest, out: EncodeOutput, extras: dict | None = None) -> pb.EncodeResponse:
+    """The response as a generated message (the reference the fast path is tested against)."""
+    msg = response_header(request, out, extras)
+    msg.embeddings.data = tensor_to_proto(out.embeddings).data
+    return msg
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_LEN = 2  # protobuf wire type of bytes and messages
+_EMBEDDINGS_TAG = _varint(2 << 3 | _LEN)  # EncodeResponse.embeddings
+_DATA_TAG = _varint(1 << 3 | _LEN)  # Tensor.data
+
+
+def encode_response_bytes(request: pb.EncodeRequest, out: EncodeOutput, extras: dict | None = None) -> bytes:
+    """The serialised EncodeResponse, built around one GIL-free copy of the embedding tensor."""
+    header = response_header(request, out, extras)
+    tensor_meta = header.embeddings.SerializeToString()
+    header.ClearField("embeddings")
+    data = out.embeddings.detach().contiguous().view(torch.uint8).reshape(-1)
+    data_field = _DATA_TAG + _varint(data.numel())
+    embeddings_len = len(tensor_meta) + len(data_field) + data.numel()
+    prefix = header.SerializeToString() + _EMBEDDINGS_TAG + _varint(embeddings_len) + tensor_meta + data_field
+    return _bytes_of(prefix, data)
+
+
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+
+
+def _bytes_of(prefix: bytes, data: torch.Tensor) -> bytes:
+    """`prefix + data` as one new `bytes` object, the tensor copied with the GIL released.
+
+    gRPC's Python layer sends only `bytes`, and every CPython way of building a large `bytes`
+    from a buffer (join, concatenation, bytes(memoryview)) copies while holding the GIL: 5-35 ms
+    per response during which the model thread cannot launch kernels. So the object is
+    allocated uninitialised (`PyBytes_FromStringAndSize(NULL, n)`, the C API's way to build a
+    bytes object in place; `bytes(n)` would zero it, also under the GIL) and filled by torch,
+    which releases the GIL. The object is new and unshared (and never hashed) until it is
+    filled, so nothing can observe it change.
+    """
+    if not data.numel():
+        return bytes(prefix)
+    buf = _new_bytes(None, len(prefix) + data.numel())
+    view = torch.frombuffer(buf, dtype=torch.uint8)
+    if prefix:
+        view[: len(prefix)].copy_(torch.frombuffer(prefix, dtype=torch.uint8))
+    view[len(prefix) :].copy_(data)
+    return buf
+
+
+# ------------------------------------------------------------------ responses: client side
+
+
+@dataclass
+class ItemEmbedding:
+    item_id: str
+    content_hash: str
+    offset: int
+    token_count: int
+    num_tiles: int
+    tokens_per_frame: list[int]
+
+
+@dataclass
+class EncodeResult:
+    """Client-side view of an EncodeResponse: one tensor, split by counts on demand.
+
+    With `copy=False` the tensor is a read-only view of the received bytes (or of Ray's object
+    store): clone what you keep and never write to it.
+    """
+
+    request_id: str
+    embeddings: torch.Tensor  # [sum(token_count), hidden]
+    items: list[ItemEmbedding]
+    extras: dict
+
+    @property
+    def token_counts(self) -> list[int]:
+        return [i.token_count for i in self.items]
+
+    def split(self) -> list[torch.Tensor]:
+        return [self.embeddings[i.offset : i.offset + i.token_count] for i in self.items]
+
+
+def _read_varint(buf, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint")
+
+
+def _split_field(buf, start: int, end: int, field_number: int) -> tuple[tuple[int, int] | None, bytes]:
+    """Find the one length-delimited field `field_number` of the message buf[start:end].
+
+    Returns (span of its value, or None; every other field's raw bytes, for the generated
+    parser). A message in which the field repeats (legal, merged by protobuf) is refused
+    here; the caller falls back to the generated parser.
+    """
+    found, rest, pos = None, [], start
+    while pos < end:
+        field_start = pos
+        key, pos = _read_varint(buf, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == _LEN:
+            length, value_start = _read_varint(buf, pos)
+            pos = value_start + length
+            if number == field_number:
+                if found is not None:
+                    raise ValueError("field repeats")
+                found = (value_start, pos)
+                continue
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        rest.append(bytes(buf[field_start:pos]))
+    if pos != end:
+        raise ValueError("truncated message")
+    return found, b"".join(rest)
+
+
+def decode_response(data: bytes, copy: bool = True) -> EncodeResult:
+    """Parse a serialised EncodeResponse without copying the tensor through protobuf.
+
+    copy=True gives the result a tensor of its own (one GIL-free copy); copy=False a
+    read-only view of `data`.
+    """
+    view = memoryview(data)
+    try:
+        span, rest = _split_field(view, 0, len(view), 2)
+        header = pb.EncodeResponse.FromString(rest)
+        if span is None:
+            raise ValueError("no embeddings")
+        data_span, tensor_rest = _split_field(view, span[0], span[1], 1)
+        tensor = pb.Tensor.FromString(tensor_rest)
+        payload = view[data_span[0] : data_span[1]] if data_span else b""
+    except (ValueError, IndexError):  # unusual but valid encodings: let the generated parser do it
+        msg = pb.EncodeResponse.FromString(data)
+        header, tensor, payload = msg, msg.embeddings, msg.embeddings.data
+    embeddings = _tensor_from_buffer(payload, tensor.dtype, tuple(tensor.shape), copy=copy)
+    return result_from_parts(header, embeddings)
+
+
+def result_from_parts(header: pb.EncodeResponse, embeddings: torch.Tensor) -> EncodeResult:
+    items = [
+        ItemEmbedding(m.item_id, m.content_hash, m.offset, m.token_count, m.num_tiles, list(m.tokens_per_frame))
+        for m in header.items
+    ]
+    if sum(i.token_count for i in items) != embeddings.shape[0]:
+        raise ValueError("response token counts do not add up to the embedding rows")
+    return EncodeResult(header.request_id, embeddings, items, msgpack.unpackb(header.extras) if header.extras else {})
+
+
+def decode_parts(header: bytes, payload: np.ndarray, copy: bool = False) -> EncodeResult:
+    """The Ray-native form: a serialised header (`response_header`) and the tensor's bytes as a
+    uint8 array (zero-copy from Ray's object store on the same node)."""
+    msg = pb.EncodeResponse.FromString(header)
+    embeddings = _tensor_from_buffer(payload.reshape(-1), msg.embeddings.dtype, tuple(msg.embeddings.shape), copy)
+    return result_from_parts(msg, embeddings)
+
+
+# ------------------------------------------------------------------ model info
+
+
+def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
+    t = info.tiling
+    return pb.ModelInfo(
+        model_name=info.model_name,
+        hidden_size=info.hidden_size,
+        dtype=_TORCH_TO_PB[info.dtype],
+        patch_size=info.patch_size,
+        tile_size=t.tile_size,
+        tokens_per_tile=t.tokens_per_tile,
+        max_tiles=t.max_tiles,
+        min_tiles=t.min_tiles,
+        use_thumbnail=t.use_thumbnail,
+        max_tokens_per_batch=info.max_tokens_per_batch,
+        max_tokens_per_request=info.max_tokens_per_request,
+        max_items_per_request=info.max_items_per_request,
+        attention_backend=info.attention_backend,
+    )
+
+
+def model_info_from_proto(msg: pb.ModelInfo) -> ModelInfo:
+    tiling = TilingSpec(
+        tile_size=msg.tile_size,
+        min_tiles=msg.min_tiles,
+        max_tiles=msg.max_tiles,
+        use_thumbnail=msg.use_thumbnail,
+        tokens_per_tile=msg.tokens_per_tile,
+    )
+    return ModelInfo(
+        model_name=msg.model_name,
+        hidden_size=msg.hidden_size,
+        dtype=_PB_TO_TORCH[msg.dtype],
+        patch_size=msg.patch_size,
+        tiling=tiling,
+        max_tokens_per_batch=msg.max_tokens_per_batch,
+        max_tokens_per_request=msg.max_tokens_per_request,
+        max_items_per_request=msg.max_items_per_request,
+        attention_backend=msg.attention_backend,
+    )
