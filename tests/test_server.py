@@ -12,7 +12,6 @@ from encoder_service.models import save_checkpoint
 from encoder_service.models.checkpoint import random_encoder
 from encoder_service.processor import MediaInput, Modality
 from encoder_service.proto import encoder_pb2 as pb
-from encoder_service.proto import encoder_pb2_grpc as pb_grpc
 from encoder_service.serving.server import BackgroundServer, ServerConfig
 from tests.conftest import image_bytes
 

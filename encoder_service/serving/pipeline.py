@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -120,7 +120,6 @@ class _Batch:
     started: float
     event: torch.cuda.Event | None = None
     error: BaseException | None = None
-    requests: list[_Request] = field(default_factory=list)
 
 
 class EncodePipeline:

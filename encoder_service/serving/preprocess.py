@@ -175,10 +175,6 @@ class PreprocessPool:
         for t in self._threads:
             t.start()
 
-    @property
-    def num_workers(self) -> int:
-        return len(self._workers)
-
     def submit(
         self,
         item: MediaInput,
