@@ -77,8 +77,8 @@ class ProcessorConfig:
     @staticmethod
     def from_dict(d: dict[str, Any], tiling: TilingSpec | None = None) -> "ProcessorConfig":
         d = dict(d)
-        spec = tiling or TilingSpec(**d.pop("tiling", {}))
-        d.pop("tiling", None)
+        raw_tiling = d.pop("tiling", {})
+        spec = tiling or TilingSpec(**raw_tiling)
         for key in ("image_mean", "image_std"):
             if key in d:
                 d[key] = tuple(d[key])
