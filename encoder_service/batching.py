@@ -1,10 +1,11 @@
-"""Packing tiles into ragged forward passes under a ViT-token budget.
+"""Packing pieces (tiles, frames, dynamic-resolution images) into ragged forward passes under a
+ViT-token budget.
 
-A batch is a list of spans, each a run of consecutive tiles of one item. Items are
+A batch is a list of spans, each a run of consecutive pieces of one item. Items are
 served oldest first; an item that does not fit what is left of the budget is split,
-and its remaining tiles are first in line for the next batch. Tiles are independent
+and its remaining pieces are first in line for the next batch. Pieces are independent
 sequences, so splitting an item never changes its embeddings, and order is kept, so
-each item's rows come out in tile order.
+each item's rows come out in piece order.
 
 Both the in-process engine (`EncoderEngine.run`) and the serving pipeline pack with
 this one queue.
@@ -14,14 +15,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Generic, TypeVar
+from itertools import accumulate
+from typing import Callable, Generic, Sequence, TypeVar
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Span(Generic[T]):
-    """Tiles [start, stop) of `item`."""
+    """Pieces [start, stop) of `item`."""
 
     item: T
     start: int
@@ -35,30 +37,33 @@ class Span(Generic[T]):
 @dataclass
 class _Entry(Generic[T]):
     item: T
-    next_tile: int
-    num_tiles: int
-    tokens_per_tile: int
+    next_piece: int
+    ends: list[int]  # running total of the pieces' tokens
+
+    def tokens(self, start: int, stop: int) -> int:
+        return self.ends[stop - 1] - (self.ends[start - 1] if start else 0) if stop > start else 0
 
 
 class TileQueue(Generic[T]):
-    """FIFO of items with tiles still to encode. Not thread-safe: the caller holds its lock."""
+    """FIFO of items with pieces still to encode. Not thread-safe: the caller holds its lock."""
 
     def __init__(self, max_tokens: int):
         self.max_tokens = max_tokens
         self._entries: deque[_Entry[T]] = deque()
 
-    def push(self, item: T, num_tiles: int, tokens_per_tile: int) -> None:
-        if tokens_per_tile > self.max_tokens:
-            raise ValueError(f"a tile of {tokens_per_tile} tokens exceeds the batch budget of {self.max_tokens}")
-        if num_tiles > 0:
-            self._entries.append(_Entry(item, 0, num_tiles, tokens_per_tile))
+    def push(self, item: T, piece_tokens: Sequence[int]) -> None:
+        """Queue `item`, whose pieces are sequences of `piece_tokens[i]` ViT tokens."""
+        if piece_tokens and max(piece_tokens) > self.max_tokens:
+            raise ValueError(f"a piece of {max(piece_tokens)} tokens exceeds the batch budget of {self.max_tokens}")
+        if piece_tokens:
+            self._entries.append(_Entry(item, 0, list(accumulate(piece_tokens))))
 
     def __len__(self) -> int:
         return len(self._entries)
 
     @property
     def queued_tokens(self) -> int:
-        return sum((e.num_tiles - e.next_tile) * e.tokens_per_tile for e in self._entries)
+        return sum(e.tokens(e.next_piece, len(e.ends)) for e in self._entries)
 
     def take(self) -> list[Span[T]]:
         """The next batch: whole or partial items, oldest first, within `max_tokens`."""
@@ -66,13 +71,15 @@ class TileQueue(Generic[T]):
         budget = self.max_tokens
         while self._entries:
             entry = self._entries[0]
-            fit = min(entry.num_tiles - entry.next_tile, budget // entry.tokens_per_tile)
-            if fit == 0:
+            start = stop = entry.next_piece
+            while stop < len(entry.ends) and entry.tokens(start, stop + 1) <= budget:
+                stop += 1
+            if stop == start:
                 break
-            spans.append(Span(entry.item, entry.next_tile, entry.next_tile + fit))
-            entry.next_tile += fit
-            budget -= fit * entry.tokens_per_tile
-            if entry.next_tile < entry.num_tiles:
+            spans.append(Span(entry.item, start, stop))
+            entry.next_piece = stop
+            budget -= entry.tokens(start, stop)
+            if stop < len(entry.ends):
                 break  # the rest of this item leads the next batch
             self._entries.popleft()
         return spans

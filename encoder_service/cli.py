@@ -1,9 +1,11 @@
-"""Command line: `serve` a checkpoint, `encode` files against a server, `demo` the whole pipeline."""
+"""Command line: `serve` a checkpoint, `encode` files against a server, `inspect` a checkpoint directory,
+`demo` the whole pipeline."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 
@@ -59,6 +61,37 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """What a checkpoint directory holds and how it would be served; exit 2 with the reason if it cannot be."""
+    from encoder_service.models.checkpoint import inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(args.checkpoint)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"cannot serve {args.checkpoint}: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    v, proj = info["vision"], info["projector"]
+    print(f"{info['path']}: {info['family']} (model_type {info['model_type']}), {info['name']}")
+    print(f"  vision: ViT {v['layers']} layers x {v['hidden']} wide, {v['heads']} heads of {v['head_dim']}, "
+          f"MLP {v['mlp']}, patch {v['patch']}, {v['prefix_tokens']} prefix tokens, "
+          f"position table {v['position_table']}, final norm {'yes' if v['final_norm'] else 'no'}")
+    if proj:
+        print(f"  projector: {proj['kind']}, pixel shuffle {proj['pixel_shuffle']}, hidden {proj['hidden']}")
+    print(f"  output: {info['output_size']}-wide embeddings")
+    t = info["tiling"]
+    print(f"  tiling (video frames{', images' if not info['dynamic_resolution'] else ''}): {t['tile_size']} px tiles, "
+          f"{t['tiles']} per image, thumbnail {'yes' if t['thumbnail'] else 'no'}, {t['tokens_per_tile']} tokens per tile")
+    if info["dynamic_resolution"]:
+        d = info["dynamic_resolution"]
+        print(f"  dynamic resolution (images): {d['patches']} patches per image, "
+              f"at most {d['max_tokens_per_image']} tokens")
+    print(f"  parameters: {info['parameters']:,} read from the checkpoint ({', '.join(info['checkpoint_dtypes'])})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from encoder_service.demo import run_demo
     from encoder_service.serving.ray_app import DEFAULT_CONFIG
@@ -85,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default="127.0.0.1:50051")
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("inspect", help="describe a checkpoint directory (headers only) or say why it cannot be served")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="local Ray + encoder pool + LLM worker on the embedded tiny models")
     p.add_argument("--config", default=None, help="Serve config (default: deploy/serve_config.yaml)")

@@ -27,6 +27,14 @@ class VisionConfig:
     hidden_act: str = "gelu"  # "gelu" (exact) or "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-6
     post_layernorm: bool = True
+    patch_bias: bool = True  # RADIO's patch embedder has none
+    # How the position table meets a grid other than its own: "resample" (bicubic to the grid:
+    # this project's layout, SigLIP) or "cpe" (RADIO: bilinear to a max(gh, gw) square, then crop).
+    pos_embed_mode: str = "resample"
+
+    def __post_init__(self):
+        if self.pos_embed_mode not in ("resample", "cpe"):
+            raise ValueError(f"unknown pos_embed_mode {self.pos_embed_mode!r}; choose resample or cpe")
 
     @property
     def head_dim(self) -> int:
@@ -37,14 +45,30 @@ class VisionConfig:
         return self.num_cls_tokens + self.num_registers
 
 
+PROJECTOR_KINDS = ("layernorm_gelu", "mlp1")
+
+
 @dataclass(frozen=True)
 class ProjectorConfig:
-    """VLM projector: `downsample`x`downsample` pixel shuffle, then LayerNorm -> MLP to the LLM width."""
+    """VLM projector: `downsample`x`downsample` pixel shuffle, then an MLP to the LLM width.
+
+    kind "layernorm_gelu": LayerNorm -> Linear -> GELU -> Linear (with biases), this project's layout;
+    kind "mlp1": Nemotron Nano VL's RMSNorm -> Linear -> squared ReLU -> Linear (no biases).
+    ps_version "v2" keeps the token grid row-major; "v1" (InternVL's original) leaves it transposed.
+    """
 
     downsample: int = 2
     hidden_size: int = 4096
     output_size: int = 4096
     layer_norm_eps: float = 1e-5
+    kind: str = "layernorm_gelu"
+    ps_version: str = "v2"
+
+    def __post_init__(self):
+        if self.kind not in PROJECTOR_KINDS:
+            raise ValueError(f"unknown projector kind {self.kind!r}; choose one of {PROJECTOR_KINDS}")
+        if self.ps_version not in ("v1", "v2"):
+            raise ValueError(f"unknown pixel shuffle version {self.ps_version!r}; choose v1 or v2")
 
 
 @dataclass(frozen=True)
@@ -63,8 +87,31 @@ class TilingSpec:
 
 
 @dataclass(frozen=True)
+class DynamicResolution:
+    """Nemotron Nano VL's dynamic resolution: an image becomes ONE sequence of about
+    `max_num_patches` patches (at least `min_num_patches`), its aspect ratio kept and both
+    sides an even number of patches (so the pixel shuffle divides them).
+
+    Like TilingSpec, it carries everything the token count needs (GetModelInfo sends it).
+    """
+
+    patch_size: int = 16
+    downsample: int = 2
+    min_num_patches: int = 1024
+    max_num_patches: int = 13312
+
+    def __post_init__(self):
+        if not 0 < self.min_num_patches <= self.max_num_patches:
+            raise ValueError(f"need 0 < min_num_patches <= max_num_patches, got "
+                             f"{self.min_num_patches}, {self.max_num_patches}")
+
+
+@dataclass(frozen=True)
 class ProcessorConfig:
     tiling: TilingSpec = field(default_factory=TilingSpec)
+    # Images only: when set, each image is one variable-size sequence instead of tiles
+    # (video frames stay one tile each).
+    dynamic: DynamicResolution | None = None
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     # Guards against decompression bombs and absurd inputs.
@@ -79,10 +126,12 @@ class ProcessorConfig:
         d = dict(d)
         raw_tiling = d.pop("tiling", {})
         spec = tiling or TilingSpec(**raw_tiling)
+        raw_dynamic = d.pop("dynamic", None)
         for key in ("image_mean", "image_std"):
             if key in d:
                 d[key] = tuple(d[key])
-        return ProcessorConfig(tiling=spec, **d)
+        dynamic = DynamicResolution(**raw_dynamic) if raw_dynamic else None
+        return ProcessorConfig(tiling=spec, dynamic=dynamic, **d)
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@
 request items -> processor (decode, tile) -> batching (token budget) -> model (ragged ViT +
 projector, once per batch) -> one concatenated tensor. The consumer splits by counts.
 
-`launch` is the one place tiles meet the model: it packs groups of tiles into one ragged
-forward and writes each group's rows where the caller wants them, without waiting for the
-device. `run`/`encode` use it in-process (tests, benchmarks, the reference); the serving
+`launch` is the one place pixels meet the model: it packs groups of pieces (tiles, frames,
+dynamic-resolution images: `processor.ItemPlan`) into one ragged forward and writes each
+group's rows where the caller wants them, without waiting for the device. `run`/`encode` use it in-process (tests, benchmarks, the reference); the serving
 pipeline (`encoder_service.serving.pipeline`) uses it to keep batches in flight.
 """
 
@@ -19,10 +19,11 @@ import torch
 
 from encoder_service.attention import get_backend
 from encoder_service.batching import TileQueue
-from encoder_service.config import EngineConfig, TilingSpec
+from encoder_service.config import DynamicResolution, EngineConfig, TilingSpec
 from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput
-from encoder_service.models import load_checkpoint, patchify, tiny_checkpoint_dir
-from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, ProcessedItem
+from encoder_service.models import load_checkpoint, tiny_checkpoint_dir
+from encoder_service.models.vit import patchify_hwc
+from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, ProcessedItem, Size, byte_range
 
 
 @dataclass
@@ -53,6 +54,7 @@ class ModelInfo:
     dtype: torch.dtype
     patch_size: int
     tiling: TilingSpec
+    dynamic: DynamicResolution | None  # images as one variable-size sequence each, when set
     max_tokens_per_batch: int
     max_tokens_per_request: int
     max_items_per_request: int
@@ -87,18 +89,27 @@ class EncoderEngine:
         self.processor = ImageProcessor(self.model.cfg.processor)
         self.attention = get_backend(cfg.attention_backend, self.device)
         proc = self.model.cfg.processor
-        self._mean = torch.tensor(proc.image_mean, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(proc.image_std, device=self.device).view(1, 3, 1, 1)
+        self.patch_size = p = self.model.cfg.vision.patch_size
+        # Per patch-row column (channel-major inside a patch, as patchify_hwc lays them out).
+        self._mean = torch.tensor(proc.image_mean, device=self.device).repeat_interleave(p * p)
+        self._std = torch.tensor(proc.image_std, device=self.device).repeat_interleave(p * p)
         self._preprocess_pool = ThreadPoolExecutor(max(1, cfg.preprocess_threads), thread_name_prefix="preprocess")
-        tile_grid = self.tiling.tile_size // self.model.cfg.vision.patch_size
-        self.tile_grid = (tile_grid, tile_grid)
-        self.vit_tokens_per_tile = self.model.vit_tokens(self.tile_grid)
-        self.rows_per_tile = self.model.tokens_out(self.tile_grid)
-        if cfg.max_tokens_per_batch < self.vit_tokens_per_tile:
+        largest = self.piece_tokens((self.tiling.tile_size,) * 2)
+        if proc.dynamic is not None:
+            largest = max(largest, proc.dynamic.max_num_patches + self.model.cfg.vision.num_prefix_tokens)
+        if cfg.max_tokens_per_batch < largest:
             raise ValueError(
-                f"max_tokens_per_batch={cfg.max_tokens_per_batch} is below one tile "
-                f"({self.vit_tokens_per_tile} ViT tokens)"
+                f"max_tokens_per_batch={cfg.max_tokens_per_batch} is below the longest sequence this model "
+                f"can get ({largest} ViT tokens); raise it to at least {largest}"
             )
+
+    def piece_tokens(self, size: Size) -> int:
+        """ViT tokens of one piece of `size` (h, w) pixels: its patches plus the prefix tokens."""
+        return self.model.vit_tokens((size[0] // self.patch_size, size[1] // self.patch_size))
+
+    def piece_rows(self, size: Size) -> int:
+        """Embedding rows one piece of `size` (h, w) pixels produces."""
+        return self.model.tokens_out((size[0] // self.patch_size, size[1] // self.patch_size))
 
     @property
     def tiling(self) -> TilingSpec:
@@ -115,6 +126,7 @@ class EncoderEngine:
             dtype=self.dtype,
             patch_size=self.model.cfg.vision.patch_size,
             tiling=self.tiling,
+            dynamic=self.processor.cfg.dynamic,
             max_tokens_per_batch=self.cfg.max_tokens_per_batch,
             max_tokens_per_request=self.cfg.max_tokens_per_request,
             max_items_per_request=self.cfg.max_items_per_request,
@@ -130,6 +142,11 @@ class EncoderEngine:
         if len(items) > self.cfg.max_items_per_request:
             raise InvalidInput(f"{len(items)} items exceed the limit of {self.cfg.max_items_per_request} per request")
         plans = [self.processor.plan(item) for item in items]
+        for i, plan in enumerate(plans):
+            longest = max(self.piece_tokens(size) for size in plan.sizes)
+            if longest > self.cfg.max_tokens_per_batch:  # only with a raised max_num_patches or a small budget
+                raise BudgetExceeded(f"item {i} needs a sequence of {longest} ViT tokens, over the batch budget "
+                                     f"of {self.cfg.max_tokens_per_batch}")
         tokens = sum(p.tokens for p in plans)
         if tokens > self.cfg.max_tokens_per_request:
             raise BudgetExceeded(
@@ -145,34 +162,34 @@ class EncoderEngine:
 
     # ------------------------------------------------------------------ model work
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 tiles [n, S, S, 3] on the device -> embeddings [n * rows_per_tile, hidden] on the device."""
-        x = pixels.permute(0, 3, 1, 2).float()
-        x = ((x / 255.0 - self._mean) / self._std).to(self.dtype)
-        return self.model(patchify(x, self.model.cfg.vision.patch_size), self.attention)
+    def forward(self, pixels: torch.Tensor, sizes: list[Size]) -> torch.Tensor:
+        """Flat uint8 pixels on the device (pieces [h, w, 3] back to back) -> embeddings [rows, hidden]."""
+        batch = patchify_hwc(pixels, sizes, self.patch_size)
+        x = ((batch.patches.float() / 255.0 - self._mean) / self._std).to(self.dtype)
+        return self.model(type(batch)(x, batch.grids), self.attention)
 
-    def launch(self, tiles: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
-        """Encode tile groups as ONE ragged forward; write group i's rows into `outputs[i]`.
+    def launch(self, pixels: list[torch.Tensor], sizes: list[list[Size]], outputs: list[torch.Tensor]) -> None:
+        """Encode groups of pieces as ONE ragged forward; write group i's rows into `outputs[i]`.
 
-        tiles[i]: uint8 [n_i, S, S, 3] on the host or the device; outputs[i]: [n_i * rows_per_tile,
-        hidden]. On CUDA nothing waits for the device: host tiles must stay untouched, and outputs
-        unread, until the caller synchronises (or an event recorded after this call completes).
-        Host tiles that are not page-locked are staged through pinned memory first.
+        pixels[i]: flat uint8, the pieces of `sizes[i]` back to back, on the host or the device;
+        outputs[i]: [sum(piece_rows), hidden]. On CUDA nothing waits for the device: host pixels
+        must stay untouched, and outputs unread, until the caller synchronises (or an event
+        recorded after this call completes). Host pixels that are not page-locked are staged
+        through pinned memory first.
         """
         if self.device.type == "cuda":
-            pixels = torch.empty((sum(t.shape[0] for t in tiles), *self.processor.tile_shape), dtype=torch.uint8,
-                                 device=self.device)
+            flat = torch.empty(sum(t.numel() for t in pixels), dtype=torch.uint8, device=self.device)
             pos = 0
-            for t in tiles:
+            for t in pixels:
                 src = t if t.is_cuda or t.is_pinned() else t.pin_memory()
-                pixels[pos : pos + t.shape[0]].copy_(src, non_blocking=True)
-                pos += t.shape[0]
+                flat[pos : pos + t.numel()].copy_(src.reshape(-1), non_blocking=True)
+                pos += t.numel()
         else:
-            pixels = tiles[0] if len(tiles) == 1 else torch.cat(tiles)
-        embeddings = self.forward(pixels)
+            flat = pixels[0].reshape(-1) if len(pixels) == 1 else torch.cat([t.reshape(-1) for t in pixels])
+        embeddings = self.forward(flat, [size for group in sizes for size in group])
         row = 0
-        for t, out in zip(tiles, outputs):
-            n = t.shape[0] * self.rows_per_tile
+        for group, out in zip(sizes, outputs):
+            n = sum(self.piece_rows(size) for size in group)
             out.copy_(embeddings[row : row + n], non_blocking=True)
             row += n
 
@@ -200,7 +217,8 @@ class EncoderEngine:
     ) -> EncodeOutput:
         """Encode already-prepared items as one ragged stream of batches into one output tensor."""
         t0 = time.perf_counter()
-        counts = [p.num_tiles * self.rows_per_tile for p in processed]
+        rows = [[self.piece_rows(size) for size in p.sizes] for p in processed]
+        counts = [sum(r) for r in rows]
         if output_device == "cpu":
             out = self.new_output(sum(counts))
         else:
@@ -211,17 +229,20 @@ class EncoderEngine:
             row += n
         queue: TileQueue[int] = TileQueue(self.cfg.max_tokens_per_batch)
         for i, p in enumerate(processed):
-            queue.push(i, p.num_tiles, self.vit_tokens_per_tile)
+            queue.push(i, [self.piece_tokens(size) for size in p.sizes])
         batches = 0
         while spans := queue.take():
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded("deadline passed while encoding")
-            tiles = [torch.from_numpy(processed[s.item].tiles[s.start : s.stop]) for s in spans]
-            rows = [
-                out[first_row[s.item] + s.start * self.rows_per_tile : first_row[s.item] + s.stop * self.rows_per_tile]
-                for s in spans
-            ]
-            self.launch(tiles, rows)
+            pixels, sizes, outputs = [], [], []
+            for s in spans:
+                item = processed[s.item]
+                begin, end = byte_range(item.sizes, s.start, s.stop)
+                pixels.append(torch.from_numpy(item.pixels[begin:end]))
+                sizes.append(list(item.sizes[s.start : s.stop]))
+                row_start = first_row[s.item] + sum(rows[s.item][: s.start])
+                outputs.append(out[row_start : row_start + sum(rows[s.item][s.start : s.stop])])
+            self.launch(pixels, sizes, outputs)
             batches += 1
         self.synchronize()
         return EncodeOutput(

@@ -1,14 +1,17 @@
 """Media -> normalised tiles, and the token arithmetic an LLM worker needs before encoding.
 
-Images use Nemotron Nano VL's dynamic tiling: the image is resized to the
-`cols x rows` grid of tiles whose aspect ratio is closest to its own (at most
-`max_tiles` tiles), cut into tiles, and a thumbnail of the whole image is
-appended when there is more than one tile. A video frame is one tile.
-`count_image_tokens` depends on the image size alone, so placeholders can be
-laid out in the prompt before the encoder runs.
+An item becomes one or more *pieces*, each one ViT sequence of its own pixel size:
+- images, tiled (Nemotron Nano VL's fixed tiling): resized to the `cols x rows` grid of
+  tiles whose aspect ratio is closest to its own (at most `max_tiles`), cut into tiles,
+  plus a thumbnail of the whole image when there is more than one tile;
+- images, dynamic resolution (when the checkpoint enables it): ONE piece, the image scaled
+  to a patch budget with its aspect ratio kept (`dynamic_image_size`);
+- video frames: one tile-sized piece each.
+Token counts depend on the image size alone, so placeholders can be laid out in the
+prompt before the encoder runs.
 
-Tiles are uint8 `[n, tile, tile, 3]` (HWC, as decoded): normalisation happens on the
-model's device. This module imports no torch on purpose: the out-of-process
+Pieces are uint8 HWC (as decoded), stored back to back in one flat buffer
+(`ItemPlan.nbytes`): normalisation happens on the model's device. This module imports no torch on purpose: the out-of-process
 preprocessing workers run it, and a worker that starts in a fraction of a second is
 cheap to replace.
 """
@@ -16,6 +19,7 @@ cheap to replace.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
@@ -23,7 +27,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from encoder_service.config import ProcessorConfig, TilingSpec
+from encoder_service.config import DynamicResolution, ProcessorConfig, TilingSpec
 from encoder_service.errors import InvalidInput
 
 
@@ -46,23 +50,53 @@ class MediaInput:
     content_hash: str = ""
 
 
+Size = tuple[int, int]  # (height, width) in pixels
+
+
 @dataclass(frozen=True)
 class ItemPlan:
     """What an item will produce, known from its header or shape before any decoding."""
 
-    num_tiles: int
+    sizes: tuple[Size, ...]  # pixel size of each piece (tile, frame or dynamic-resolution image)
     tokens: int  # embedding rows
     tokens_per_frame: tuple[int, ...] = ()  # video only
+
+    @property
+    def num_tiles(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h * w * 3 for h, w in self.sizes)
 
 
 @dataclass
 class ProcessedItem:
-    tiles: np.ndarray  # uint8 [num_tiles, tile, tile, 3]
+    pixels: np.ndarray  # uint8, flat: each piece [h, w, 3] in turn
+    sizes: tuple[Size, ...]
     tokens_per_frame: list[int] = field(default_factory=list)  # video only
 
     @property
     def num_tiles(self) -> int:
-        return self.tiles.shape[0]
+        return len(self.sizes)
+
+    def pieces(self) -> list[np.ndarray]:
+        """Views of each piece as [h, w, 3]."""
+        return split_pieces(self.pixels, self.sizes)
+
+
+def byte_range(sizes: tuple[Size, ...] | list[Size], start: int, stop: int) -> tuple[int, int]:
+    """Where pieces [start, stop) lie in an item's flat pixel buffer."""
+    begin = sum(h * w * 3 for h, w in sizes[:start])
+    return begin, begin + sum(h * w * 3 for h, w in sizes[start:stop])
+
+
+def split_pieces(flat: np.ndarray, sizes: tuple[Size, ...] | list[Size]) -> list[np.ndarray]:
+    out, pos = [], 0
+    for h, w in sizes:
+        out.append(flat[pos : pos + h * w * 3].reshape(h, w, 3))
+        pos += h * w * 3
+    return out
 
 
 # ---------------------------------------------------------------- token arithmetic (pure)
@@ -114,6 +148,51 @@ def count_video_tokens(num_frames: int, spec: TilingSpec) -> list[int]:
     return [spec.tokens_per_tile] * num_frames
 
 
+def _round_to_multiple(n: int, other: int, budget: int, step: int) -> int:
+    """Round n to a multiple of `step`: up while n*other stays within budget, else down (at least `step`)."""
+    rem = n % step
+    if not rem:
+        return n
+    if (n + step - rem) * other <= budget:
+        return n + step - rem
+    return max(step, n - rem)
+
+
+def dynamic_patch_grid(width: int, height: int, spec: DynamicResolution) -> tuple[int, int]:
+    """(rows, cols) of patches a width x height image is scaled to, as Nemotron Nano VL does it.
+
+    The published algorithm (vLLM `DynamicResolutionImageTiler.process_media`, for one image
+    whose budget is `max_num_patches`): the closest patch grid, scaled down (never up) by
+    sqrt(budget / patches), floored; raised to `min_num_patches` if below it; then each side
+    rounded to an even count, up while the budget allows, else down. Python's round() (half
+    to even) is part of the definition. One deviation: a side that floors to 0 patches (an
+    image thinner than 1/budget of its length, where the published code divides by zero)
+    is kept at 1 patch before rounding.
+    """
+    p, budget, step = spec.patch_size, spec.max_num_patches, spec.downsample
+    rows, cols = round(height / p + 0.5), round(width / p + 0.5)
+    factor = min(math.sqrt(budget / (rows * cols)), 1.0)
+    rows, cols = max(1, math.floor(factor * rows)), max(1, math.floor(factor * cols))
+    if budget > spec.min_num_patches and rows * cols < spec.min_num_patches:
+        up = math.sqrt(spec.min_num_patches / (rows * cols))
+        rows, cols = math.ceil(up * rows), math.ceil(up * cols)
+    if step > 1:
+        rows = _round_to_multiple(rows, cols, budget, step)
+        cols = _round_to_multiple(cols, rows, budget, step)
+    return rows, cols
+
+
+def dynamic_image_size(width: int, height: int, spec: DynamicResolution) -> Size:
+    """(height, width) in pixels of the one sequence a dynamic-resolution image becomes."""
+    rows, cols = dynamic_patch_grid(width, height, spec)
+    return rows * spec.patch_size, cols * spec.patch_size
+
+
+def count_dynamic_tokens(width: int, height: int, spec: DynamicResolution) -> int:
+    rows, cols = dynamic_patch_grid(width, height, spec)
+    return (rows // spec.downsample) * (cols // spec.downsample)
+
+
 # ---------------------------------------------------------------- decoding and tiling
 
 
@@ -129,37 +208,49 @@ class ImageProcessor:
     def tile_shape(self) -> tuple[int, int, int]:
         return (self.tiling.tile_size, self.tiling.tile_size, 3)
 
-    @property
-    def tile_bytes(self) -> int:
-        return self.tiling.tile_size**2 * 3
-
     def plan(self, item: MediaInput) -> ItemPlan:
-        """Tiles and tokens an item will produce, from its header/shape only (no decoding)."""
+        """Pieces and tokens an item will produce, from its header/shape only (no decoding)."""
         if item.modality == Modality.IMAGE:
             w, h = self.image_size(item.data)
-            return ItemPlan(count_image_tiles(w, h, self.tiling), count_image_tokens(w, h, self.tiling))
+            return self.plan_image(w, h)
         if item.modality == Modality.VIDEO:
             frames = count_video_tokens(self._num_frames(item.data), self.tiling)
-            return ItemPlan(len(frames), sum(frames), tuple(frames))
+            return ItemPlan(((self.tiling.tile_size,) * 2,) * len(frames), sum(frames), tuple(frames))
         raise InvalidInput(f"unknown modality {item.modality!r}")
+
+    def plan_image(self, width: int, height: int) -> ItemPlan:
+        if self.cfg.dynamic is not None:
+            return ItemPlan((dynamic_image_size(width, height, self.cfg.dynamic),),
+                            count_dynamic_tokens(width, height, self.cfg.dynamic))
+        n = count_image_tiles(width, height, self.tiling)
+        return ItemPlan(((self.tiling.tile_size,) * 2,) * n, count_image_tokens(width, height, self.tiling))
 
     def process(self, item: MediaInput) -> ProcessedItem:
         """Decode and tile into a new array (the in-process path)."""
         plan = self.plan(item)
-        tiles = np.empty((plan.num_tiles, *self.tile_shape), dtype=np.uint8)
-        self.process_into(item, tiles)
-        return ProcessedItem(tiles, list(plan.tokens_per_frame))
+        pixels = np.empty(plan.nbytes, dtype=np.uint8)
+        self.process_into(item, pixels, plan)
+        return ProcessedItem(pixels, plan.sizes, list(plan.tokens_per_frame))
 
-    def process_into(self, item: MediaInput, out: np.ndarray) -> None:
-        """Decode and tile `item` into `out` (uint8 [planned tiles, tile, tile, 3]), e.g. shared memory."""
+    def process_into(self, item: MediaInput, out: np.ndarray, plan: ItemPlan | None = None) -> None:
+        """Decode `item` into `out` (flat uint8 of the plan's `nbytes`, e.g. shared memory), piece by piece."""
+        plan = plan or self.plan(item)
+        if out.size != plan.nbytes:
+            raise RuntimeError(f"planned {plan.nbytes} bytes of pixels but got a buffer of {out.size}")
+        if item.modality == Modality.IMAGE and self.cfg.dynamic is not None:
+            (h, w), = plan.sizes
+            image = self.load_image(item.data)
+            np.copyto(out.reshape(h, w, 3), np.asarray(image.resize((w, h), Image.Resampling.BICUBIC)))
+            return
+        tiles = out.reshape(plan.num_tiles, *self.tile_shape)
         if item.modality == Modality.IMAGE:
-            written = self.tile_image_into(self.load_image(item.data), out)
+            written = self.tile_image_into(self.load_image(item.data), tiles)
         elif item.modality == Modality.VIDEO:
-            written = self.frames_into(item.data, out)
+            written = self.frames_into(item.data, tiles)
         else:
             raise InvalidInput(f"unknown modality {item.modality!r}")
-        if written != out.shape[0]:
-            raise RuntimeError(f"planned {out.shape[0]} tiles but produced {written}")
+        if written != plan.num_tiles:
+            raise RuntimeError(f"planned {plan.num_tiles} tiles but produced {written}")
 
     def tile_image_into(self, image: Image.Image, out: np.ndarray) -> int:
         """Resize to the chosen grid, cut into tiles (row-major), add the thumbnail; returns tiles written."""

@@ -103,7 +103,7 @@ class LLMEngine:
                 f"encoder emits {info.hidden_size}-wide embeddings, the LLM expects {self.model.config.hidden_size}"
             )
         # Token counts from sizes alone: the same pure function the encoder uses.
-        self.media_counter = ImageProcessor(ProcessorConfig(tiling=info.tiling))
+        self.media_counter = ImageProcessor(ProcessorConfig(tiling=info.tiling, dynamic=info.dynamic))
         self.cache = EmbeddingCache(cfg.cache_bytes)
         self.encode_calls = 0
         self._sequences: list[Sequence] = []

@@ -1,4 +1,5 @@
-"""Unit level: packing tiles under the token budget, and the shared-memory arena's allocator."""
+"""Unit level: packing pieces (tiles, frames, dynamic-resolution images) under the token budget, and the
+shared-memory arena's allocator."""
 
 import random
 import threading
@@ -11,20 +12,28 @@ from encoder_service.serving.arena import ALIGNMENT, TileArena
 
 def test_items_split_across_batches_keep_order_and_budget():
     queue = TileQueue(max_tokens=10)
-    queue.push("a", num_tiles=3, tokens_per_tile=3)  # 9 tokens
-    queue.push("b", num_tiles=5, tokens_per_tile=2)  # 10 tokens
-    queue.push("c", num_tiles=1, tokens_per_tile=10)
+    queue.push("a", [3] * 3)  # 9 tokens
+    queue.push("b", [2] * 5)  # 10 tokens
+    queue.push("c", [10])
     batches = []
     while spans := queue.take():
         batches.append([(s.item, s.start, s.stop) for s in spans])
     assert batches == [[("a", 0, 3)], [("b", 0, 5)], [("c", 0, 1)]]
 
-    queue.push("x", num_tiles=7, tokens_per_tile=3)  # 21 tokens: split 3 + 3 + 1 tiles
-    queue.push("y", num_tiles=2, tokens_per_tile=1)
+    queue.push("x", [3] * 7)  # 21 tokens: split 3 + 3 + 1 tiles
+    queue.push("y", [1] * 2)
     batches = []
     while spans := queue.take():
         batches.append([(s.item, s.start, s.stop) for s in spans])
     assert batches == [[("x", 0, 3)], [("x", 3, 6)], [("x", 6, 7), ("y", 0, 2)]]
+
+    # Pieces of different lengths (dynamic-resolution images next to tiles): packed in order.
+    queue.push("d", [6, 3, 5])
+    queue.push("e", [2])
+    batches = []
+    while spans := queue.take():
+        batches.append([(s.item, s.start, s.stop) for s in spans])
+    assert batches == [[("d", 0, 2)], [("d", 2, 3), ("e", 0, 1)]]
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -32,27 +41,28 @@ def test_random_packing_covers_every_tile_once_in_order(seed):
     rng = random.Random(seed)
     budget = rng.randint(10, 60)
     queue = TileQueue(max_tokens=budget)
-    items = {i: (rng.randint(1, 9), rng.randint(1, budget)) for i in range(rng.randint(1, 30))}
-    for i, (tiles, tokens) in items.items():
-        queue.push(i, tiles, tokens)
+    items = {i: [rng.randint(1, budget) for _ in range(rng.randint(1, 9))] for i in range(rng.randint(1, 30))}
+    for i, pieces in items.items():
+        queue.push(i, pieces)
     seen = {i: 0 for i in items}
     while spans := queue.take():
-        assert sum(s.num_tiles * items[s.item][1] for s in spans) <= budget
+        assert sum(sum(items[s.item][s.start : s.stop]) for s in spans) <= budget
         for s in spans:
-            assert s.start == seen[s.item]  # tiles of an item in order, none skipped
+            assert s.start == seen[s.item]  # pieces of an item in order, none skipped
             seen[s.item] = s.stop
-    assert seen == {i: tiles for i, (tiles, _) in items.items()}
+    assert queue.queued_tokens == 0
+    assert seen == {i: len(pieces) for i, pieces in items.items()}
 
 
 def test_drop_removes_items_and_oversized_tiles_are_refused():
     queue = TileQueue(max_tokens=8)
     for name in "abc":
-        queue.push(name, 2, 4)
+        queue.push(name, [4, 4])
     assert queue.drop(lambda item: item == "b") == ["b"]
     assert [s.item for s in queue.take()] == ["a"]
     assert [s.item for s in queue.take()] == ["c"]
     with pytest.raises(ValueError, match="exceeds the batch budget"):
-        queue.push("huge", 1, 9)
+        queue.push("huge", [1, 9])
 
 
 def test_arena_first_fit_coalesces_and_waits_for_space():

@@ -22,11 +22,11 @@ class FailsOnce(EncoderEngine):
 
     failed = False
 
-    def launch(self, tiles, outputs):
+    def launch(self, pixels, sizes, outputs):
         if not self.failed:
             self.failed = True
             raise RuntimeError("transient device failure")
-        return super().launch(tiles, outputs)
+        return super().launch(pixels, sizes, outputs)
 
 
 def _items(*sizes):
@@ -144,7 +144,7 @@ class Fatal(BaseException):
 
 
 class DiesOnLaunch(EncoderEngine):
-    def launch(self, tiles, outputs):
+    def launch(self, pixels, sizes, outputs):
         raise Fatal("model thread crash")
 
 

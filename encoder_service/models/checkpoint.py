@@ -1,60 +1,170 @@
-"""Checkpoints are local directories: config.json + *.safetensors (one or many shards).
+"""Checkpoints are local directories: config.json + *.safetensors (one file, or shards + an index).
 
-Two layouts load:
-- `model_type: "encoder_service"`: this project's own (ViT + projector + processor settings);
-- `model_type: "siglip_vision_model"`: a HF transformers SiglipVisionModel, converted on load.
-Nothing is downloaded; the embedded tiny default is generated locally from a fixed seed.
+A model family (one module each) says which config.json it reads (`matches`), which tensors
+it needs (`wanted`), the EncoderConfig they describe (`encoder_config`, from tensor shapes
+alone) and how its tensor names map onto ours (`convert_state`):
+- `model_type: "encoder_service"`: this project's own layout (ViT + projector + processor);
+- `model_type: "siglip_vision_model"`: a HF transformers SiglipVisionModel (`siglip.py`);
+- `model_type: "NemotronH_Nano_VL_V2"`: a whole Nemotron Nano VL checkpoint, of which the RADIO
+  vision tower and `mlp1` are read (`nemotron.py`).
+Tensors are read lazily, one at a time, and only those a family wants: with an index, a
+shard holding none of them is never opened. Nothing is downloaded; the embedded tiny default
+is generated locally from a fixed seed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from encoder_service.artifacts import build_once, cache_root
-from encoder_service.config import (
-    EncoderConfig,
-    ProcessorConfig,
-    TilingSpec,
-    VisionConfig,
-    tiny_encoder_config,
-    with_derived_tokens,
-)
+from encoder_service.config import EncoderConfig, tiny_encoder_config
+from encoder_service.models import nemotron, siglip
 from encoder_service.models.encoder import VisionEncoder
 
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    matches: Callable[[dict], bool]
+    wanted: Callable[[str], bool]
+    encoder_config: Callable[[dict, dict[str, tuple[int, ...]]], EncoderConfig]
+    convert_state: Callable[[dict[str, torch.Tensor], EncoderConfig], dict[str, torch.Tensor]]
+
+
+def _family(name: str, module: ModuleType) -> Family:
+    return Family(name, module.matches, module.wanted, module.encoder_config, module.convert_state)
+
+
+OWN = Family(
+    "encoder_service",
+    matches=lambda raw: raw.get("model_type") == "encoder_service",
+    wanted=lambda key: True,
+    encoder_config=lambda raw, shapes: EncoderConfig.from_dict(raw),
+    convert_state=lambda state, cfg: state,
+)
+FAMILIES = (OWN, _family("siglip", siglip), _family("nemotron-nano-vl", nemotron))
+
+
+def find_family(raw: dict, path: Path) -> Family:
+    for family in FAMILIES:
+        if family.matches(raw):
+            return family
+    raise ValueError(f"{path}: unsupported model_type {raw.get('model_type')!r} (supported: encoder_service, "
+                     f"siglip_vision_model, NemotronH_Nano_VL_V2)")
+
+
+def read_config(path: Path) -> dict:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (a checkpoint is a local directory with config.json "
+                                f"and *.safetensors)")
+    return json.loads((path / "config.json").read_text())
+
+
+def _shard_keys(path: Path, wanted: Callable[[str], bool]) -> dict[Path, list[str]]:
+    """Which wanted tensors live in which shard. With an index, from the index alone."""
+    index = path / INDEX_FILE
+    by_shard: dict[Path, list[str]] = {}
+    if index.is_file():
+        for key, shard in json.loads(index.read_text())["weight_map"].items():
+            if wanted(key):
+                by_shard.setdefault(path / shard, []).append(key)
+        return by_shard
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{path}: no *.safetensors")
+    for shard in shards:
+        with safe_open(shard, framework="pt") as f:  # reads the header only
+            by_shard[shard] = [k for k in f.keys() if wanted(k)]
+    return by_shard
+
+
+def read_tensors(path: Path, wanted: Callable[[str], bool], meta: bool = False) -> dict[str, torch.Tensor]:
+    """The wanted tensors, one by one (memory-mapped reads); `meta`: shapes and dtypes only, no data."""
+    state: dict[str, torch.Tensor] = {}
+    for shard, keys in _shard_keys(path, wanted).items():
+        with safe_open(shard, framework="pt") as f:
+            for key in keys:
+                if meta:
+                    s = f.get_slice(key)
+                    state[key] = torch.empty(s.get_shape(), dtype=_DTYPES[s.get_dtype()], device="meta")
+                else:
+                    state[key] = f.get_tensor(key)
+    return state
+
+
+def _build(path: Path, meta: bool) -> tuple[Family, VisionEncoder, dict[str, torch.Tensor]]:
+    raw = read_config(path)
+    family = find_family(raw, path)
+    source = read_tensors(path, family.wanted, meta=meta)
+    cfg = family.encoder_config(raw, {k: tuple(v.shape) for k, v in source.items()})
+    try:
+        state = family.convert_state(source, cfg)
+    except KeyError as e:
+        raise ValueError(f"{path}: checkpoint mismatch, missing tensor {e}") from None
+    with torch.device("meta"):
+        model = VisionEncoder(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: {list(state[k].shape)} vs {list(expected[k].shape)}" for k in set(state) & set(expected)
+             if state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: checkpoint mismatch, missing={missing[:8]} unexpected={unexpected[:8]} "
+                         f"wrong shapes={wrong[:8]}")
+    return family, model, state
 
 
 def load_checkpoint(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> VisionEncoder:
-    path = Path(path)
-    raw_config = json.loads((path / "config.json").read_text())
-    shards = sorted(path.glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"no *.safetensors in {path}")
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        state.update(load_file(shard))
-
-    model_type = raw_config.get("model_type")
-    if model_type == "encoder_service":
-        cfg = EncoderConfig.from_dict(raw_config)
-    elif model_type == "siglip_vision_model":
-        cfg = siglip_config(raw_config)
-        state = convert_siglip_state_dict(state, cfg.vision)
-    else:
-        raise ValueError(f"{path}: unsupported model_type {model_type!r}")
-
-    model = VisionEncoder(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint mismatch, missing={missing} unexpected={unexpected}")
+    _, model, state = _build(Path(path), meta=False)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict:
+    """What a checkpoint directory holds and how it would be served, from headers alone (no weights read)."""
+    path = Path(path)
+    family, model, state = _build(path, meta=True)
+    cfg, v = model.cfg, model.cfg.vision
+    proc = cfg.processor
+    info = {
+        "path": str(path),
+        "family": family.name,
+        "model_type": read_config(path).get("model_type"),
+        "name": cfg.name,
+        "vision": {"hidden": v.hidden_size, "layers": v.num_layers, "heads": v.num_heads, "head_dim": v.head_dim,
+                   "mlp": v.intermediate_size, "patch": v.patch_size, "prefix_tokens": v.num_prefix_tokens,
+                   "position_table": f"{v.pos_embed_grid}x{v.pos_embed_grid} ({v.pos_embed_mode})",
+                   "final_norm": v.post_layernorm},
+        "projector": None if cfg.projector is None else {
+            "kind": cfg.projector.kind, "pixel_shuffle": f"{cfg.projector.downsample}x{cfg.projector.downsample} "
+            f"{cfg.projector.ps_version}", "hidden": cfg.projector.hidden_size},
+        "output_size": cfg.output_size,
+        "tiling": {"tile_size": proc.tiling.tile_size, "tiles": f"{proc.tiling.min_tiles}..{proc.tiling.max_tiles}",
+                   "thumbnail": proc.tiling.use_thumbnail, "tokens_per_tile": proc.tiling.tokens_per_tile},
+        "dynamic_resolution": None if proc.dynamic is None else {
+            "patches": f"{proc.dynamic.min_num_patches}..{proc.dynamic.max_num_patches}",
+            "max_tokens_per_image": proc.dynamic.max_num_patches // proc.dynamic.downsample**2},
+        "parameters": sum(t.numel() for t in state.values()),
+        "checkpoint_dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in state.values()}),
+    }
+    return info
 
 
 def save_checkpoint(model: VisionEncoder, path: str | os.PathLike) -> Path:
@@ -85,50 +195,3 @@ def tiny_checkpoint_dir(root: str | os.PathLike | None = None) -> Path:
     """The embedded default encoder checkpoint (deterministic: every replica builds the same weights)."""
     cfg = tiny_encoder_config()
     return build_once(cache_root(root) / cfg.name, lambda tmp: save_checkpoint(random_encoder(cfg, seed=1234), tmp))
-
-
-def siglip_config(raw: dict) -> EncoderConfig:
-    """Map a HF SiglipVisionConfig onto ours: no prefix tokens, no projector, one tile = image_size."""
-    image_size, patch = int(raw.get("image_size", 224)), int(raw.get("patch_size", 16))
-    vision = VisionConfig(
-        hidden_size=raw.get("hidden_size", 768),
-        num_layers=raw.get("num_hidden_layers", 12),
-        num_heads=raw.get("num_attention_heads", 12),
-        intermediate_size=raw.get("intermediate_size", 3072),
-        patch_size=patch,
-        pos_embed_grid=image_size // patch,
-        num_channels=raw.get("num_channels", 3),
-        num_cls_tokens=0,
-        num_registers=0,
-        hidden_act=raw.get("hidden_act", "gelu_pytorch_tanh"),
-        layer_norm_eps=raw.get("layer_norm_eps", 1e-6),
-        post_layernorm=True,
-    )
-    tiling = with_derived_tokens(TilingSpec(tile_size=image_size, max_tiles=1, use_thumbnail=False), vision, None)
-    processor = ProcessorConfig(tiling=tiling, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
-    return EncoderConfig(raw.get("_name_or_path") or "siglip-vision", vision, None, processor)
-
-
-def convert_siglip_state_dict(state: dict[str, torch.Tensor], cfg: VisionConfig) -> dict[str, torch.Tensor]:
-    """HF SigLIP names -> ours (q/k/v fused into one qkv projection). The pooling head is dropped."""
-    state = {k.removeprefix("vision_model."): v for k, v in state.items() if not k.startswith(("head.", "vision_model.head."))}
-    out = {
-        "vit.patch_embed.weight": state["embeddings.patch_embedding.weight"],
-        "vit.patch_embed.bias": state["embeddings.patch_embedding.bias"],
-        "vit.pos_embed": state["embeddings.position_embedding.weight"],
-        "vit.prefix_tokens": torch.zeros(0, cfg.hidden_size),
-        "vit.post_norm.weight": state["post_layernorm.weight"],
-        "vit.post_norm.bias": state["post_layernorm.bias"],
-    }
-    for i in range(cfg.num_layers):
-        src, dst = f"encoder.layers.{i}.", f"vit.blocks.{i}."
-        for kind in ("weight", "bias"):
-            out[dst + f"attn.qkv.{kind}"] = torch.cat(
-                [state[src + f"self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")]
-            )
-            out[dst + f"attn.proj.{kind}"] = state[src + f"self_attn.out_proj.{kind}"]
-            out[dst + f"norm1.{kind}"] = state[src + f"layer_norm1.{kind}"]
-            out[dst + f"norm2.{kind}"] = state[src + f"layer_norm2.{kind}"]
-            out[dst + f"mlp.fc1.{kind}"] = state[src + f"mlp.fc1.{kind}"]
-            out[dst + f"mlp.fc2.{kind}"] = state[src + f"mlp.fc2.{kind}"]
-    return out

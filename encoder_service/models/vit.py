@@ -30,6 +30,39 @@ class PackedTiles:
         return len(self.grids)
 
 
+def patchify_hwc(
+    pixels: torch.Tensor, sizes: Sequence[tuple[int, int]], patch_size: int, channels: int = 3
+) -> PackedTiles:
+    """Flat pixels (pieces [h, w, C] back to back, any dtype) -> PackedTiles, patch rows in (C, p, p) order.
+
+    Patchifying first and normalising after (per column) keeps the work on uint8 and lets
+    runs of equal-size pieces (the tiles of an image, the frames of a video) go in one op.
+    """
+    p, c = patch_size, channels
+    parts, grids, pos = [], [], 0
+    for (h, w), count in equal_runs(list(sizes)):
+        if h % p or w % p:
+            raise ValueError(f"piece {h}x{w} is not a multiple of the patch size {p}")
+        gh, gw = h // p, w // p
+        n = count * h * w * c
+        x = pixels[pos : pos + n].view(count, gh, p, gw, p, c).permute(0, 1, 3, 5, 2, 4)
+        parts.append(x.reshape(count * gh * gw, c * p * p))
+        grids += [(gh, gw)] * count
+        pos += n
+    return PackedTiles(parts[0] if len(parts) == 1 else torch.cat(parts), grids)
+
+
+def equal_runs(sizes: list[tuple[int, int]]) -> list[tuple[tuple[int, int], int]]:
+    """Run-length encode consecutive equal sizes/grids, so equal pieces share one op."""
+    runs: list[tuple[tuple[int, int], int]] = []
+    for g in sizes:
+        if runs and runs[-1][0] == g:
+            runs[-1] = (g, runs[-1][1] + 1)
+        else:
+            runs.append((g, 1))
+    return runs
+
+
 def patchify(tiles: torch.Tensor | Sequence[torch.Tensor], patch_size: int) -> PackedTiles:
     """[n, C, H, W] (or a list of [C, H, W] of any sizes, multiples of patch_size) -> PackedTiles."""
     if isinstance(tiles, torch.Tensor) and tiles.dim() == 4:
@@ -91,19 +124,29 @@ class VisionTransformer(nn.Module):
         self.cfg = cfg
         d, p = cfg.hidden_size, cfg.patch_size
         # Stored in Conv2d layout [D, C, p, p] (checkpoint compatible), applied as a matmul.
-        self.patch_embed = nn.Conv2d(cfg.num_channels, d, kernel_size=p, stride=p)
+        self.patch_embed = nn.Conv2d(cfg.num_channels, d, kernel_size=p, stride=p, bias=cfg.patch_bias)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.pos_embed_grid**2, d))
         self.prefix_tokens = nn.Parameter(torch.zeros(cfg.num_prefix_tokens, d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.post_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.post_layernorm else nn.Identity()
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
-        """The trained square table, resampled (bicubic) to any grid: [gh*gw, D]."""
+        """The trained square table fitted to a (gh, gw) patch grid: [gh*gw, D].
+
+        "resample": bicubic to the grid. "cpe" (RADIO's cropped position embedding): bilinear to
+        a max(gh, gw) square, then the top-left gh x gw window, so a wide and a tall image see
+        the same positions along their long side.
+        """
         n = self.cfg.pos_embed_grid
         if grid == (n, n):
             return self.pos_embed
-        table = self.pos_embed.reshape(1, n, n, -1).permute(0, 3, 1, 2)
-        table = F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False)
+        table = self.pos_embed.reshape(1, n, n, -1).permute(0, 3, 1, 2).float()
+        if self.cfg.pos_embed_mode == "cpe":
+            side = max(grid)
+            table = F.interpolate(table, size=(side, side), mode="bilinear", align_corners=False)
+            table = table[:, :, : grid[0], : grid[1]]
+        else:
+            table = F.interpolate(table, size=grid, mode="bicubic", align_corners=False)
         return table.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
 
     def forward(self, batch: PackedTiles, backend: RaggedAttention | None = None) -> torch.Tensor:

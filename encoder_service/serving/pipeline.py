@@ -33,7 +33,7 @@ import torch
 from encoder_service.batching import Span, TileQueue
 from encoder_service.engine import EncodeOutput, EncoderEngine
 from encoder_service.errors import BudgetExceeded, DeadlineExceeded, Unavailable
-from encoder_service.processor import ItemPlan, MediaInput
+from encoder_service.processor import ItemPlan, MediaInput, byte_range
 from encoder_service.serving.arena import TileArena
 from encoder_service.serving.preprocess import PreprocessPool
 
@@ -108,6 +108,7 @@ class _Item:
     request: _Request
     plan: ItemPlan
     first_row: int
+    rows: list[int]  # embedding rows of each piece
     offset: int | None = None  # in the arena, while its tiles are there
     ready_at: float = 0.0  # perf_counter() when its tiles were in the arena
     tiles_launched: int = 0
@@ -134,7 +135,6 @@ class EncodePipeline:
         self.pool = PreprocessPool(
             engine.processor.cfg, self.arena, cfg.preprocess_workers or default_workers(), cfg.stale_job_s
         )
-        self._tile_bytes = engine.processor.tile_bytes
         self._lock = threading.Condition()
         self._queue: TileQueue[_Item] = TileQueue(engine.cfg.max_tokens_per_batch)
         self._inflight = 0
@@ -157,15 +157,15 @@ class EncodePipeline:
         """
         plans = self.engine.plan(items)
         for i, plan in enumerate(plans):
-            if not self.arena.fits(plan.num_tiles * self._tile_bytes):
-                raise BudgetExceeded(f"item {i}: {plan.num_tiles} tiles exceed the preprocessing arena "
+            if not self.arena.fits(plan.nbytes):
+                raise BudgetExceeded(f"item {i}: {plan.nbytes >> 20} MB of pixels exceed the preprocessing arena "
                                      f"({self.cfg.arena_mb} MB)")
         if self._closed:
             raise Unavailable("the encoder is shutting down")
         request = _Request(plans, self.engine.new_output(sum(p.tokens for p in plans)), deadline)
         row = 0
         for item, plan in zip(items, plans):
-            entry = _Item(request, plan, row)
+            entry = _Item(request, plan, row, [self.engine.piece_rows(size) for size in plan.sizes])
             row += plan.tokens
             self.pool.submit(item, plan, request.is_live, lambda offset, error, e=entry: self._preprocessed(e, offset, error))
         return request.future
@@ -185,7 +185,7 @@ class EncodePipeline:
             if self._closed:
                 request.fail(Unavailable("the encoder is shutting down"))
             elif request.is_live():
-                self._queue.push(item, item.plan.num_tiles, self.engine.vit_tokens_per_tile)
+                self._queue.push(item, [self.engine.piece_tokens(size) for size in item.plan.sizes])
                 self._lock.notify_all()
                 return
         self._free([self._claim(item)])  # never queued: no other thread knows this item
@@ -265,16 +265,16 @@ class EncodePipeline:
 
     def _launch(self, spans: list[Span[_Item]]) -> _Batch:
         batch = _Batch(spans, time.perf_counter())
-        tile_shape, rows_per_tile = self.engine.processor.tile_shape, self.engine.rows_per_tile
         try:
-            tiles, outputs = [], []
+            pixels, sizes, outputs = [], [], []
             for span in spans:
                 item = span.item
-                start = item.offset + span.start * self._tile_bytes
-                tiles.append(self._arena_bytes[start : start + span.num_tiles * self._tile_bytes].view(-1, *tile_shape))
-                first = item.first_row + span.start * rows_per_tile
-                outputs.append(item.request.out[first : first + span.num_tiles * rows_per_tile])
-            self.engine.launch(tiles, outputs)
+                begin, end = byte_range(item.plan.sizes, span.start, span.stop)
+                pixels.append(self._arena_bytes[item.offset + begin : item.offset + end])
+                sizes.append(list(item.plan.sizes[span.start : span.stop]))
+                first = item.first_row + sum(item.rows[: span.start])
+                outputs.append(item.request.out[first : first + sum(item.rows[span.start : span.stop])])
+            self.engine.launch(pixels, sizes, outputs)
             if self.engine.device.type == "cuda":
                 batch.event = torch.cuda.Event(blocking=True)
                 batch.event.record()

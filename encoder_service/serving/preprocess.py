@@ -73,8 +73,8 @@ def _read_frame(fd: int) -> dict | None:
     return None if body is None else msgpack.unpackb(body)
 
 
-def _job_message(item: MediaInput, offset: int, num_tiles: int) -> bytes:
-    msg = {"offset": offset, "tiles": num_tiles, "modality": item.modality.value}
+def _job_message(item: MediaInput, offset: int, nbytes: int) -> bytes:
+    msg = {"offset": offset, "nbytes": nbytes, "modality": item.modality.value}
     if isinstance(item.data, np.ndarray):
         data = np.ascontiguousarray(item.data)
         msg.update(kind="pixels", shape=list(data.shape), data=memoryview(data).cast("B"))
@@ -182,10 +182,10 @@ class PreprocessPool:
         is_live: Callable[[], bool],
         done: Callable[[int | None, BaseException | None], None],
     ) -> None:
-        """Decode and tile `item` into the arena, then `done(offset, None)`; the caller frees the
-        offset once the tiles are consumed. Failure: `done(None, error)`; a job dropped because it
+        """Decode and tile `item` into the arena (`plan.nbytes` at some offset), then `done(offset, None)`;
+        the caller frees the offset once the pixels are consumed. Failure: `done(None, error)`; a job dropped because it
         stopped being live: `done(None, None)`."""
-        self._jobs.put(_Job(item, plan, plan.num_tiles * self.processor.tile_bytes, is_live, done))
+        self._jobs.put(_Job(item, plan, plan.nbytes, is_live, done))
 
     def _dispatch(self, worker: _Worker) -> None:
         while (job := self._jobs.get()) is not None:
@@ -195,7 +195,7 @@ class PreprocessPool:
                 if offset is None:
                     job.done(None, None)
                     continue
-                reply = worker.call(_job_message(job.item, offset, job.plan.num_tiles), job.is_live, self.stale_job_s)
+                reply = worker.call(_job_message(job.item, offset, job.nbytes), job.is_live, self.stale_job_s)
                 if reply is None:
                     self.arena.free(offset)
                     job.done(None, None)
@@ -240,8 +240,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     _write_frame(out, msgpack.packb({"ready": True}))
     while (job := _read_frame(inp)) is not None:
         try:
-            tiles = np.ndarray((job["tiles"], *processor.tile_shape), np.uint8, buffer=arena, offset=job["offset"])
-            processor.process_into(_job_item(job), tiles)
+            pixels = np.ndarray((job["nbytes"],), np.uint8, buffer=arena, offset=job["offset"])
+            processor.process_into(_job_item(job), pixels)
             reply = {"ok": True}
         except InvalidInput as e:
             reply = {"ok": False, "invalid": True, "error": str(e)}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import warnings
+import dataclasses
 from dataclasses import dataclass
 
 import grpc
@@ -24,7 +25,7 @@ import msgpack
 import numpy as np
 import torch
 
-from encoder_service.config import TilingSpec
+from encoder_service.config import DynamicResolution, TilingSpec
 from encoder_service.engine import EncodeOutput, ModelInfo
 from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput, Unavailable
 from encoder_service.processor import MediaInput, Modality
@@ -366,6 +367,7 @@ def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
         max_tokens_per_request=info.max_tokens_per_request,
         max_items_per_request=info.max_items_per_request,
         attention_backend=info.attention_backend,
+        dynamic_resolution=None if info.dynamic is None else pb.DynamicResolution(**dataclasses.asdict(info.dynamic)),
     )
 
 
@@ -383,6 +385,12 @@ def model_info_from_proto(msg: pb.ModelInfo) -> ModelInfo:
         dtype=_PB_TO_TORCH[msg.dtype],
         patch_size=msg.patch_size,
         tiling=tiling,
+        dynamic=DynamicResolution(
+            patch_size=msg.dynamic_resolution.patch_size,
+            downsample=msg.dynamic_resolution.downsample,
+            min_num_patches=msg.dynamic_resolution.min_num_patches,
+            max_num_patches=msg.dynamic_resolution.max_num_patches,
+        ) if msg.HasField("dynamic_resolution") else None,
         max_tokens_per_batch=msg.max_tokens_per_batch,
         max_tokens_per_request=msg.max_tokens_per_request,
         max_items_per_request=msg.max_items_per_request,
