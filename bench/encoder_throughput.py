@@ -66,8 +66,8 @@ def main() -> None:
     processed = engine.prepare(items)
     preprocess_s = time.perf_counter() - t0
     tiles = sum(p.num_tiles for p in processed)
-    tokens = tiles * engine.tiling.tokens_per_tile
-    vit_tokens = tiles * engine.vit_tokens_per_tile
+    tokens = sum(engine.piece_rows(size) for p in processed for size in p.sizes)
+    vit_tokens = sum(engine.piece_tokens(size) for p in processed for size in p.sizes)
 
     medians = interleaved_medians(
         {

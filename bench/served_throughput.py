@@ -202,7 +202,8 @@ def engine_baseline(cfg: EngineConfig, requests, repeats: int) -> tuple[dict, di
     items = [item for jpegs in requests for item in as_items(jpegs)]
     processed = engine.prepare(items)
     tiles = sum(p.num_tiles for p in processed)
-    nbytes = tiles * engine.rows_per_tile * engine.hidden_size * torch.empty(0, dtype=engine.dtype).element_size()
+    rows = sum(engine.piece_rows(size) for p in processed for size in p.sizes)
+    nbytes = rows * engine.hidden_size * torch.empty(0, dtype=engine.dtype).element_size()
 
     def timed(fn, repeats: int = repeats) -> float:
         fn()  # warm-up

@@ -64,3 +64,56 @@ def test_pipeline_on_cuda_reads_tiles_from_the_pinned_arena_and_matches_the_engi
     ref = engine.encode(items)
     assert out.token_counts == ref.token_counts
     assert ((out.embeddings.float() - ref.embeddings.float()).norm() / ref.embeddings.float().norm()).item() < 1e-2
+
+
+def _timm():
+    try:  # timm needs a torchvision built for this torch: present on the GPU machine, not on CPU CI
+        import timm
+    except Exception as e:  # noqa: BLE001 - an import-time RuntimeError from torchvision is common
+        pytest.skip(f"timm unavailable: {e}")
+    return timm
+
+
+def test_radio_blocks_match_timm_vision_transformer_blocks(tmp_path):
+    """RADIO's blocks are timm's: the loaded Nemotron tower's blocks agree with timm's
+    `vit_tiny_patch16_224` blocks carrying the checkpoint's block tensors under their own names."""
+    from safetensors.torch import load_file
+
+    from encoder_service.attention import TorchRaggedAttention
+    from encoder_service.models import load_checkpoint
+    from tests.nemotron_fixture import write_nemotron_checkpoint
+
+    timm = _timm()
+    path = write_nemotron_checkpoint(tmp_path / "vlm", seed=2)
+    ours = load_checkpoint(path, device="cuda")
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False).cuda().eval()
+    tensors = {}
+    for shard in sorted(path.glob("model-*.safetensors")):
+        tensors |= load_file(shard)
+    prefix = "vision_model.radio_model.model."
+    blocks = {k.removeprefix(prefix + "blocks."): v for k, v in tensors.items() if k.startswith(prefix + "blocks.")}
+    reference.blocks.load_state_dict(blocks)  # strict: timm's names are RADIO's
+
+    lengths = [1032, 264, 1032]
+    x = torch.randn(sum(lengths), 192, device="cuda")
+    backend = TorchRaggedAttention()
+    plan = backend.plan(F.pad(torch.tensor(lengths).cumsum(0), (1, 0)), 3, 64)
+    with torch.inference_mode():
+        got = x
+        for block in ours.vit.blocks:
+            got = block(got, backend, plan)
+        want = torch.cat([reference.blocks(seq[None])[0] for seq in x.split(lengths)])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_nemotron_dynamic_resolution_bf16_cuda_matches_fp32_cpu(tmp_path):
+    from tests.nemotron_fixture import write_nemotron_checkpoint
+
+    path = write_nemotron_checkpoint(tmp_path / "vlm", seed=4, dynamic=(64, 1024))
+    items = [MediaInput(Modality.IMAGE, image_bytes(w, h, seed=i)) for i, (w, h) in enumerate([(640, 480), (90, 300)])]
+    items.append(MediaInput(Modality.VIDEO, [image_bytes(64, 64, seed=9)] * 3))
+    cpu = EncoderEngine(EngineConfig(checkpoint=str(path), device="cpu")).encode(items)
+    gpu = EncoderEngine(EngineConfig(checkpoint=str(path), device="cuda")).encode(items)
+    assert gpu.token_counts == cpu.token_counts and len(set(gpu.token_counts[:2])) == 2
+    for got, want in zip(gpu.split(), cpu.split()):
+        assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
