@@ -20,6 +20,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens-per-batch", type=int, default=EngineConfig.max_tokens_per_batch)
     p.add_argument("--max-tokens-per-request", type=int, default=EngineConfig.max_tokens_per_request)
     p.add_argument("--max-items-per-request", type=int, default=EngineConfig.max_items_per_request)
+    p.add_argument("--video-pruning-rate", type=float, default=None,
+                   help="EVS rate q in [0, 1) for videos whose request sets none (default: 0, keep every token)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -31,6 +33,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_tokens_per_batch=args.max_tokens_per_batch,
         max_tokens_per_request=args.max_tokens_per_request,
         max_items_per_request=args.max_items_per_request,
+        video_pruning_rate=args.video_pruning_rate,
     )
 
 

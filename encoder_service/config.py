@@ -117,6 +117,8 @@ class ProcessorConfig:
     # Guards against decompression bombs and absurd inputs.
     max_image_pixels: int = 8192 * 8192
     max_video_frames: int = 256
+    default_video_frames: int = 16  # frames sampled from a video container when the request does not say
+    video_pruning_rate: float = 0.0  # EVS rate q for videos whose request does not say (0: keep every token)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,6 +195,7 @@ class EngineConfig:
     max_tokens_per_batch: int = 16384  # ViT tokens in one ragged forward
     max_tokens_per_request: int = 65536  # output tokens one Encode may produce
     max_items_per_request: int = 64
+    video_pruning_rate: float | None = None  # EVS default of this deployment (None: the checkpoint's, 0)
     preprocess_threads: int = 4  # decode/resize in parallel (PIL releases the GIL)
 
 

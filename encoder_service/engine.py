@@ -11,6 +11,7 @@ pipeline (`encoder_service.serving.pipeline`) uses it to keep batches in flight.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from encoder_service.config import DynamicResolution, EngineConfig, TilingSpec
 from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput
 from encoder_service.models import load_checkpoint, tiny_checkpoint_dir
 from encoder_service.models.vit import patchify_hwc
+from encoder_service.video.evs import check_rate, prune
 from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, ProcessedItem, Size, byte_range
 
 
@@ -31,8 +33,9 @@ class EncodeOutput:
     embeddings: torch.Tensor  # [sum(token_counts), hidden], on the host (pinned on CUDA machines)
     token_counts: list[int]
     num_tiles: list[int]
-    tokens_per_frame: list[list[int]]  # [] for images
+    tokens_per_frame: list[list[int]]  # [] for images; of a pruned video, tokens each frame kept
     stats: dict[str, float] = field(default_factory=dict)
+    frame_timestamps: list[list[float]] = field(default_factory=list)  # a video container's frames (s)
 
     @property
     def offsets(self) -> list[int]:
@@ -59,6 +62,8 @@ class ModelInfo:
     max_tokens_per_request: int
     max_items_per_request: int
     attention_backend: str
+    video_pruning_rate: float = 0.0  # EVS rate for videos whose request does not set one
+    default_video_frames: int = 16  # frames sampled from a video container when the request does not say
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,9 +91,12 @@ class EncoderEngine:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.model = load_checkpoint(cfg.checkpoint or tiny_checkpoint_dir(), self.device, self.dtype)
-        self.processor = ImageProcessor(self.model.cfg.processor)
-        self.attention = get_backend(cfg.attention_backend, self.device)
         proc = self.model.cfg.processor
+        if cfg.video_pruning_rate is not None:
+            check_rate(cfg.video_pruning_rate)
+            proc = dataclasses.replace(proc, video_pruning_rate=cfg.video_pruning_rate)
+        self.processor = ImageProcessor(proc)
+        self.attention = get_backend(cfg.attention_backend, self.device)
         self.patch_size = p = self.model.cfg.vision.patch_size
         # Per patch-row column (channel-major inside a patch, as patchify_hwc lays them out).
         self._mean = torch.tensor(proc.image_mean, device=self.device).repeat_interleave(p * p)
@@ -131,6 +139,8 @@ class EncoderEngine:
             max_tokens_per_request=self.cfg.max_tokens_per_request,
             max_items_per_request=self.cfg.max_items_per_request,
             attention_backend=self.attention.name,
+            video_pruning_rate=self.processor.cfg.video_pruning_rate,
+            default_video_frames=self.processor.cfg.default_video_frames,
         )
 
     # ------------------------------------------------------------------ request checks
@@ -218,7 +228,7 @@ class EncoderEngine:
         """Encode already-prepared items as one ragged stream of batches into one output tensor."""
         t0 = time.perf_counter()
         rows = [[self.piece_rows(size) for size in p.sizes] for p in processed]
-        counts = [sum(r) for r in rows]
+        counts = [p.plan.tokens if p.plan else sum(r) for p, r in zip(processed, rows)]
         if output_device == "cpu":
             out = self.new_output(sum(counts))
         else:
@@ -227,6 +237,12 @@ class EncoderEngine:
         for n in counts:
             first_row.append(row)
             row += n
+        # A video to prune is encoded whole into its own rows first; EVS then picks what `out` keeps.
+        targets = [
+            torch.empty(sum(r), self.hidden_size, dtype=self.dtype, device=out.device) if p.plan and p.plan.pruned
+            else out[first_row[i] : first_row[i] + counts[i]]
+            for i, (p, r) in enumerate(zip(processed, rows))
+        ]
         queue: TileQueue[int] = TileQueue(self.cfg.max_tokens_per_batch)
         for i, p in enumerate(processed):
             queue.push(i, [self.piece_tokens(size) for size in p.sizes])
@@ -240,15 +256,29 @@ class EncoderEngine:
                 begin, end = byte_range(item.sizes, s.start, s.stop)
                 pixels.append(torch.from_numpy(item.pixels[begin:end]))
                 sizes.append(list(item.sizes[s.start : s.stop]))
-                row_start = first_row[s.item] + sum(rows[s.item][: s.start])
-                outputs.append(out[row_start : row_start + sum(rows[s.item][s.start : s.stop])])
+                row_start = sum(rows[s.item][: s.start])
+                outputs.append(targets[s.item][row_start : row_start + sum(rows[s.item][s.start : s.stop])])
             self.launch(pixels, sizes, outputs)
             batches += 1
         self.synchronize()
+        frames = [list(p.tokens_per_frame) for p in processed]
+        for i, p in enumerate(processed):
+            if p.plan and p.plan.pruned:
+                frames[i] = self.prune_into(targets[i], p.plan, out[first_row[i] : first_row[i] + counts[i]])
         return EncodeOutput(
             embeddings=out,
             token_counts=counts,
             num_tiles=[p.num_tiles for p in processed],
-            tokens_per_frame=[p.tokens_per_frame for p in processed],
+            tokens_per_frame=frames,
             stats={"forward_ms": 1e3 * (time.perf_counter() - t0), "batches": batches},
+            frame_timestamps=[p.frame_times for p in processed],
         )
+
+    @staticmethod
+    def prune_into(rows: torch.Tensor, plan: ItemPlan, out: torch.Tensor) -> list[int]:
+        """EVS on a whole video's rows; the kept rows go to `out` (sized by the plan). Returns tokens per frame."""
+        kept, per_frame = prune(rows, plan.num_tiles, plan.pruning_rate)
+        if kept.shape[0] != out.shape[0]:
+            raise RuntimeError(f"EVS kept {kept.shape[0]} rows, the plan said {out.shape[0]}")
+        out.copy_(kept)
+        return per_frame

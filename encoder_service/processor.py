@@ -29,6 +29,9 @@ from PIL import Image, UnidentifiedImageError
 
 from encoder_service.config import DynamicResolution, ProcessorConfig, TilingSpec
 from encoder_service.errors import InvalidInput
+from encoder_service.video import decode as video_decode
+from encoder_service.video.decode import VideoSampling
+from encoder_service.video.evs import retained_token_count
 
 
 class Modality(str, Enum):
@@ -41,13 +44,17 @@ class MediaInput:
     """One item of an Encode request, before decoding.
 
     data: encoded image bytes (image), a uint8 array [H, W, 3] (image) or
-    [F, H, W, 3] (video), or a list of encoded frames (video).
+    [F, H, W, 3] (video), a list of encoded frames (video) or a video container's bytes (video).
+    sampling: which frames of a video container to encode. pruning_rate: EVS rate q for a
+    video (None: the deployment's default).
     """
 
     modality: Modality
     data: bytes | np.ndarray | list[bytes]
     item_id: str = ""
     content_hash: str = ""
+    sampling: VideoSampling | None = None
+    pruning_rate: float | None = None
 
 
 Size = tuple[int, int]  # (height, width) in pixels
@@ -58,8 +65,14 @@ class ItemPlan:
     """What an item will produce, known from its header or shape before any decoding."""
 
     sizes: tuple[Size, ...]  # pixel size of each piece (tile, frame or dynamic-resolution image)
-    tokens: int  # embedding rows
-    tokens_per_frame: tuple[int, ...] = ()  # video only
+    tokens: int  # embedding rows (of a pruned video: after pruning)
+    tokens_per_frame: tuple[int, ...] = ()  # video only; of a pruned video: before pruning
+    pruning_rate: float = 0.0  # EVS rate q of a video (0: every token kept)
+    frame_times: tuple[float, ...] = ()  # a video container's sampled times (s), before decoding
+
+    @property
+    def pruned(self) -> bool:
+        return self.pruning_rate > 0 and len(self.tokens_per_frame) > 1
 
     @property
     def num_tiles(self) -> int:
@@ -75,6 +88,8 @@ class ProcessedItem:
     pixels: np.ndarray  # uint8, flat: each piece [h, w, 3] in turn
     sizes: tuple[Size, ...]
     tokens_per_frame: list[int] = field(default_factory=list)  # video only
+    plan: ItemPlan | None = None
+    frame_times: list[float] = field(default_factory=list)  # a video container's frames (s)
 
     @property
     def num_tiles(self) -> int:
@@ -214,8 +229,21 @@ class ImageProcessor:
             w, h = self.image_size(item.data)
             return self.plan_image(w, h)
         if item.modality == Modality.VIDEO:
-            frames = count_video_tokens(self._num_frames(item.data), self.tiling)
-            return ItemPlan(((self.tiling.tile_size,) * 2,) * len(frames), sum(frames), tuple(frames))
+            times = ()
+            if isinstance(item.data, (bytes, bytearray)):
+                probe = video_decode.probe(item.data, item.sampling or VideoSampling(),
+                                           self.cfg.default_video_frames, self.cfg.max_video_frames)
+                self._check_size(probe.width, probe.height)
+                times, num_frames = probe.targets, len(probe.targets)
+            else:
+                num_frames = self._num_frames(item.data)
+            frames = count_video_tokens(num_frames, self.tiling)
+            q = self.cfg.video_pruning_rate if item.pruning_rate is None else item.pruning_rate
+            try:
+                tokens = retained_token_count(frames[0], num_frames, q)
+            except ValueError as e:
+                raise InvalidInput(str(e)) from None
+            return ItemPlan(((self.tiling.tile_size,) * 2,) * num_frames, tokens, tuple(frames), q, times)
         raise InvalidInput(f"unknown modality {item.modality!r}")
 
     def plan_image(self, width: int, height: int) -> ItemPlan:
@@ -229,11 +257,12 @@ class ImageProcessor:
         """Decode and tile into a new array (the in-process path)."""
         plan = self.plan(item)
         pixels = np.empty(plan.nbytes, dtype=np.uint8)
-        self.process_into(item, pixels, plan)
-        return ProcessedItem(pixels, plan.sizes, list(plan.tokens_per_frame))
+        times = self.process_into(item, pixels, plan)
+        return ProcessedItem(pixels, plan.sizes, list(plan.tokens_per_frame), plan, times)
 
-    def process_into(self, item: MediaInput, out: np.ndarray, plan: ItemPlan | None = None) -> None:
-        """Decode `item` into `out` (flat uint8 of the plan's `nbytes`, e.g. shared memory), piece by piece."""
+    def process_into(self, item: MediaInput, out: np.ndarray, plan: ItemPlan | None = None) -> list[float]:
+        """Decode `item` into `out` (flat uint8 of the plan's `nbytes`, e.g. shared memory), piece by piece.
+        Returns the sampled frames' times (s) of a video container, else []."""
         plan = plan or self.plan(item)
         if out.size != plan.nbytes:
             raise RuntimeError(f"planned {plan.nbytes} bytes of pixels but got a buffer of {out.size}")
@@ -241,16 +270,21 @@ class ImageProcessor:
             (h, w), = plan.sizes
             image = self.load_image(item.data)
             np.copyto(out.reshape(h, w, 3), np.asarray(image.resize((w, h), Image.Resampling.BICUBIC)))
-            return
+            return []
         tiles = out.reshape(plan.num_tiles, *self.tile_shape)
+        times: list[float] = []
         if item.modality == Modality.IMAGE:
             written = self.tile_image_into(self.load_image(item.data), tiles)
+        elif item.modality == Modality.VIDEO and isinstance(item.data, (bytes, bytearray)):
+            times = self.container_into(item.data, plan.frame_times, tiles)
+            written = len(times)
         elif item.modality == Modality.VIDEO:
             written = self.frames_into(item.data, tiles)
         else:
             raise InvalidInput(f"unknown modality {item.modality!r}")
         if written != plan.num_tiles:
             raise RuntimeError(f"planned {plan.num_tiles} tiles but produced {written}")
+        return times
 
     def tile_image_into(self, image: Image.Image, out: np.ndarray) -> int:
         """Resize to the chosen grid, cut into tiles (row-major), add the thumbnail; returns tiles written."""
@@ -264,6 +298,19 @@ class ImageProcessor:
             out[n] = np.asarray(image.resize((t, t), Image.Resampling.BICUBIC))
             n += 1
         return n
+
+    def container_into(self, data: bytes, times: tuple[float, ...], out: np.ndarray) -> list[float]:
+        """Decode the sampled frames of a video container, each resized to a tile as it is decoded;
+        returns the frames' actual times (s)."""
+        t = self.tiling.tile_size
+        actual = [0.0] * len(times)
+
+        def consume(i: int, rgb: np.ndarray, seconds: float) -> None:
+            out[i] = np.asarray(Image.fromarray(rgb, "RGB").resize((t, t), Image.Resampling.BICUBIC))
+            actual[i] = seconds
+
+        video_decode.decode_sampled(data, times, consume)
+        return actual
 
     def frames_into(self, data: np.ndarray | list[bytes], out: np.ndarray) -> int:
         """One tile per frame, each resized to the tile size; returns frames written."""

@@ -103,7 +103,9 @@ class LLMEngine:
                 f"encoder emits {info.hidden_size}-wide embeddings, the LLM expects {self.model.config.hidden_size}"
             )
         # Token counts from sizes alone: the same pure function the encoder uses.
-        self.media_counter = ImageProcessor(ProcessorConfig(tiling=info.tiling, dynamic=info.dynamic))
+        self.media_counter = ImageProcessor(ProcessorConfig(
+            tiling=info.tiling, dynamic=info.dynamic, video_pruning_rate=info.video_pruning_rate,
+            default_video_frames=info.default_video_frames or ProcessorConfig.default_video_frames))
         self.cache = EmbeddingCache(cfg.cache_bytes)
         self.encode_calls = 0
         self._sequences: list[Sequence] = []

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,7 @@ def default_workers() -> int:
 class _Request:
     def __init__(self, plans: list[ItemPlan], out: torch.Tensor, deadline: float | None):
         self.plans = plans
+        self.items: list[_Item] = []
         self.out = out
         self.deadline = deadline
         self.future: Future[EncodeOutput] = Future()
@@ -94,8 +96,9 @@ class _Request:
             embeddings=self.out,
             token_counts=[p.tokens for p in self.plans],
             num_tiles=[p.num_tiles for p in self.plans],
-            tokens_per_frame=[list(p.tokens_per_frame) for p in self.plans],
+            tokens_per_frame=[item.tokens_per_frame for item in self.items],
             stats=stats,
+            frame_timestamps=[item.frame_times for item in self.items],
         )
         try:
             self.future.set_result(output)
@@ -109,6 +112,9 @@ class _Item:
     plan: ItemPlan
     first_row: int
     rows: list[int]  # embedding rows of each piece
+    tokens_per_frame: list[int]  # of a pruned video: set once EVS ran
+    scratch: torch.Tensor | None = None  # a video to prune: all its rows, before EVS picks what it keeps
+    frame_times: list[float] = dataclasses.field(default_factory=list)
     offset: int | None = None  # in the arena, while its tiles are there
     ready_at: float = 0.0  # perf_counter() when its tiles were in the arena
     tiles_launched: int = 0
@@ -165,14 +171,19 @@ class EncodePipeline:
         request = _Request(plans, self.engine.new_output(sum(p.tokens for p in plans)), deadline)
         row = 0
         for item, plan in zip(items, plans):
-            entry = _Item(request, plan, row, [self.engine.piece_rows(size) for size in plan.sizes])
+            rows = [self.engine.piece_rows(size) for size in plan.sizes]
+            entry = _Item(request, plan, row, rows, list(plan.tokens_per_frame),
+                          self.engine.new_output(sum(rows)) if plan.pruned else None)
+            request.items.append(entry)
             row += plan.tokens
-            self.pool.submit(item, plan, request.is_live, lambda offset, error, e=entry: self._preprocessed(e, offset, error))
+            self.pool.submit(item, plan, request.is_live,
+                             lambda offset, error, times, e=entry: self._preprocessed(e, offset, error, times))
         return request.future
 
-    def _preprocessed(self, item: _Item, offset: int | None, error: BaseException | None) -> None:
+    def _preprocessed(self, item: _Item, offset: int | None, error: BaseException | None, times: list[float]) -> None:
         """A worker finished (or dropped) an item: queue its tiles for the device."""
         request = item.request
+        item.frame_times = times
         if error is not None:
             request.fail(error)
             return
@@ -272,8 +283,9 @@ class EncodePipeline:
                 begin, end = byte_range(item.plan.sizes, span.start, span.stop)
                 pixels.append(self._arena_bytes[item.offset + begin : item.offset + end])
                 sizes.append(list(item.plan.sizes[span.start : span.stop]))
-                first = item.first_row + sum(item.rows[: span.start])
-                outputs.append(item.request.out[first : first + sum(item.rows[span.start : span.stop])])
+                first = sum(item.rows[: span.start])
+                target = item.scratch if item.scratch is not None else item.request.out[item.first_row :]
+                outputs.append(target[first : first + sum(item.rows[span.start : span.stop])])
             self.engine.launch(pixels, sizes, outputs)
             if self.engine.device.type == "cuda":
                 batch.event = torch.cuda.Event(blocking=True)
@@ -297,13 +309,15 @@ class EncodePipeline:
                     log.exception("encoder batch failed on the device")
                     batch.error = e
             requests = list({id(s.item.request): s.item.request for s in batch.spans}.values())
-            finished, offsets = [], []
+            finished, offsets, to_prune = [], [], []
             with self._lock:
                 self._inflight -= 1
                 for span in batch.spans:
                     item, request = span.item, span.item.request
                     item.tiles_done += span.num_tiles
                     request.tiles_left -= span.num_tiles
+                    if item.scratch is not None and item.tiles_done == item.plan.num_tiles and batch.error is None:
+                        to_prune.append(item)
                     if item.tiles_done == item.tiles_launched and (
                         item.tiles_done == item.plan.num_tiles or not request.is_live() or batch.error
                     ):
@@ -316,6 +330,14 @@ class EncodePipeline:
                         finished.append(request)
                 self._lock.notify_all()
             self._free(offsets)
+            for item in to_prune:  # the video's last frames are in: EVS picks the rows it keeps
+                out = item.request.out[item.first_row : item.first_row + item.plan.tokens]
+                try:
+                    item.tokens_per_frame = self.engine.prune_into(item.scratch, item.plan, out)
+                except Exception as e:  # noqa: BLE001 - fails this request only
+                    log.exception("video pruning failed")
+                    item.request.fail(e)
+                item.scratch = None
             for request in requests:
                 if batch.error is not None:
                     request.fail(batch.error)

@@ -73,8 +73,10 @@ def _read_frame(fd: int) -> dict | None:
     return None if body is None else msgpack.unpackb(body)
 
 
-def _job_message(item: MediaInput, offset: int, nbytes: int) -> bytes:
+def _job_message(item: MediaInput, offset: int, nbytes: int, plan: ItemPlan) -> bytes:
     msg = {"offset": offset, "nbytes": nbytes, "modality": item.modality.value}
+    if plan.frame_times:  # the sampled times the plan (and the token count) was made for
+        msg["times"] = list(plan.frame_times)
     if isinstance(item.data, np.ndarray):
         data = np.ascontiguousarray(item.data)
         msg.update(kind="pixels", shape=list(data.shape), data=memoryview(data).cast("B"))
@@ -106,7 +108,7 @@ class _Job:
     plan: ItemPlan
     nbytes: int
     is_live: Callable[[], bool]
-    done: Callable[[int | None, BaseException | None], None]
+    done: Callable[[int | None, BaseException | None, list[float]], None]
 
 
 class _Worker:
@@ -180,11 +182,11 @@ class PreprocessPool:
         item: MediaInput,
         plan: ItemPlan,
         is_live: Callable[[], bool],
-        done: Callable[[int | None, BaseException | None], None],
+        done: Callable[[int | None, BaseException | None, list[float]], None],
     ) -> None:
-        """Decode and tile `item` into the arena (`plan.nbytes` at some offset), then `done(offset, None)`;
-        the caller frees the offset once the pixels are consumed. Failure: `done(None, error)`; a job dropped because it
-        stopped being live: `done(None, None)`."""
+        """Decode and tile `item` into the arena (`plan.nbytes` at some offset), then `done(offset, None,
+        frame_times)`; the caller frees the offset once the pixels are consumed. Failure: `done(None, error,
+        [])`; a job dropped because it stopped being live: `done(None, None, [])`."""
         self._jobs.put(_Job(item, plan, plan.nbytes, is_live, done))
 
     def _dispatch(self, worker: _Worker) -> None:
@@ -193,22 +195,23 @@ class PreprocessPool:
             try:
                 offset = self.arena.alloc(job.nbytes, keep_waiting=job.is_live) if job.is_live() else None
                 if offset is None:
-                    job.done(None, None)
+                    job.done(None, None, [])
                     continue
-                reply = worker.call(_job_message(job.item, offset, job.nbytes), job.is_live, self.stale_job_s)
+                reply = worker.call(_job_message(job.item, offset, job.nbytes, job.plan), job.is_live, self.stale_job_s)
                 if reply is None:
                     self.arena.free(offset)
-                    job.done(None, None)
+                    job.done(None, None, [])
                 elif reply["ok"]:
-                    job.done(offset, None)
+                    job.done(offset, None, reply.get("times", []))
                 else:
                     self.arena.free(offset)
-                    job.done(None, InvalidInput(reply["error"]) if reply["invalid"] else RuntimeError(reply["error"]))
+                    error = InvalidInput(reply["error"]) if reply["invalid"] else RuntimeError(reply["error"])
+                    job.done(None, error, [])
             except Exception as e:  # a dead worker (or a broken pipe to it): fail this item, replace the worker
                 if offset is not None:
                     self.arena.free(offset)
                 log.error("preprocessing worker failed: %s; restarting it", e)
-                job.done(None, e if isinstance(e, WorkerDied) else WorkerDied(str(e)))
+                job.done(None, e if isinstance(e, WorkerDied) else WorkerDied(str(e)), [])
                 worker.kill()
                 try:
                     worker.start()
@@ -241,8 +244,11 @@ def worker_main(argv: list[str] | None = None) -> int:
     while (job := _read_frame(inp)) is not None:
         try:
             pixels = np.ndarray((job["nbytes"],), np.uint8, buffer=arena, offset=job["offset"])
-            processor.process_into(_job_item(job), pixels)
-            reply = {"ok": True}
+            plan = None
+            if "times" in job:  # a video container: decode the frames the server planned for
+                tile = (processor.tiling.tile_size,) * 2
+                plan = ItemPlan((tile,) * len(job["times"]), 0, frame_times=tuple(job["times"]))
+            reply = {"ok": True, "times": processor.process_into(_job_item(job), pixels, plan)}
         except InvalidInput as e:
             reply = {"ok": False, "invalid": True, "error": str(e)}
         except Exception as e:  # reported to the server as an internal error; the worker goes on

@@ -29,6 +29,7 @@ from encoder_service.config import DynamicResolution, TilingSpec
 from encoder_service.engine import EncodeOutput, ModelInfo
 from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput, Unavailable
 from encoder_service.processor import MediaInput, Modality
+from encoder_service.video.decode import VideoSampling
 from encoder_service.proto import encoder_pb2 as pb
 
 # Views of received bytes are read-only by contract (see EncodeResult); torch warns on every one.
@@ -113,8 +114,14 @@ def media_to_proto(item: MediaInput) -> pb.MediaItem:
         msg.raw_pixels.CopyFrom(tensor_to_proto(torch.from_numpy(np.ascontiguousarray(item.data))))
     elif isinstance(item.data, list):
         msg.encoded_frames.frames.extend(item.data)
+    elif item.modality == Modality.VIDEO:
+        msg.encoded_video = bytes(item.data)
     else:
         msg.encoded_image = bytes(item.data)
+    if item.sampling is not None:
+        msg.sampling.CopyFrom(pb.VideoSampling(**dataclasses.asdict(item.sampling)))
+    if item.pruning_rate is not None:
+        msg.pruning_rate = item.pruning_rate
     return msg
 
 
@@ -134,11 +141,24 @@ def media_from_proto(msg: pb.MediaItem) -> MediaInput:
         if modality != Modality.VIDEO:
             raise InvalidInput(f"item {name}: encoded_frames is only for VIDEO items")
         data = list(msg.encoded_frames.frames)
+    elif source == "encoded_video":
+        if modality != Modality.VIDEO:
+            raise InvalidInput(f"item {name}: encoded_video is only for VIDEO items")
+        data = msg.encoded_video
     else:
         if modality != Modality.IMAGE:
             raise InvalidInput(f"item {name}: encoded_image is only for IMAGE items")
         data = msg.encoded_image
-    return MediaInput(modality, data, item_id=msg.item_id, content_hash=msg.content_hash)
+    sampling = None
+    if msg.HasField("sampling"):
+        if source != "encoded_video":
+            raise InvalidInput(f"item {name}: sampling applies to encoded_video only")
+        sampling = VideoSampling(msg.sampling.num_frames, msg.sampling.fps, msg.sampling.max_frames)
+    rate = msg.pruning_rate if msg.HasField("pruning_rate") else None
+    if rate is not None and modality != Modality.VIDEO:
+        raise InvalidInput(f"item {name}: pruning_rate applies to VIDEO items only")
+    return MediaInput(modality, data, item_id=msg.item_id, content_hash=msg.content_hash,
+                      sampling=sampling, pruning_rate=rate)
 
 
 # ------------------------------------------------------------------ responses: server side
@@ -154,9 +174,11 @@ def response_header(request: pb.EncodeRequest, out: EncodeOutput, extras: dict |
             offset=offset,
             num_tiles=tiles,
             tokens_per_frame=frames,
+            frame_timestamps=times,
         )
-        for src, n, offset, tiles, frames in zip(
-            request.items, out.token_counts, out.offsets, out.num_tiles, out.tokens_per_frame
+        for src, n, offset, tiles, frames, times in zip(
+            request.items, out.token_counts, out.offsets, out.num_tiles, out.tokens_per_frame,
+            out.frame_timestamps or [[]] * len(out.token_counts)
         )
     ]
     t = out.embeddings
@@ -238,6 +260,7 @@ class ItemEmbedding:
     token_count: int
     num_tiles: int
     tokens_per_frame: list[int]
+    frame_timestamps: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclass
@@ -332,7 +355,8 @@ def decode_response(data: bytes, copy: bool = True) -> EncodeResult:
 
 def result_from_parts(header: pb.EncodeResponse, embeddings: torch.Tensor) -> EncodeResult:
     items = [
-        ItemEmbedding(m.item_id, m.content_hash, m.offset, m.token_count, m.num_tiles, list(m.tokens_per_frame))
+        ItemEmbedding(m.item_id, m.content_hash, m.offset, m.token_count, m.num_tiles, list(m.tokens_per_frame),
+                      list(m.frame_timestamps))
         for m in header.items
     ]
     if sum(i.token_count for i in items) != embeddings.shape[0]:
@@ -368,6 +392,8 @@ def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
         max_items_per_request=info.max_items_per_request,
         attention_backend=info.attention_backend,
         dynamic_resolution=None if info.dynamic is None else pb.DynamicResolution(**dataclasses.asdict(info.dynamic)),
+        video_pruning_rate=info.video_pruning_rate,
+        default_video_frames=info.default_video_frames,
     )
 
 
@@ -395,4 +421,6 @@ def model_info_from_proto(msg: pb.ModelInfo) -> ModelInfo:
         max_tokens_per_request=msg.max_tokens_per_request,
         max_items_per_request=msg.max_items_per_request,
         attention_backend=msg.attention_backend,
+        video_pruning_rate=msg.video_pruning_rate,
+        default_video_frames=msg.default_video_frames,
     )

@@ -1,0 +1,1 @@
+"""Video: container decoding and frame sampling (`decode`), EVS token pruning (`evs`)."""
