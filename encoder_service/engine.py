@@ -5,8 +5,10 @@ projector, once per batch) -> one concatenated tensor. The consumer splits by co
 
 `launch` is the one place pixels meet the model: it packs groups of pieces (tiles, frames,
 dynamic-resolution images: `processor.ItemPlan`) into one ragged forward and writes each
-group's rows where the caller wants them, without waiting for the device. `run`/`encode` use it in-process (tests, benchmarks, the reference); the serving
-pipeline (`encoder_service.serving.pipeline`) uses it to keep batches in flight.
+group's rows where the caller wants them, without waiting for the device. `run`/`encode` use
+it in-process (tests, benchmarks, the reference); the serving pipeline
+(`encoder_service.serving.pipeline`) uses it to keep batches in flight. A video to prune (EVS)
+is encoded whole first; `prune_into` then keeps its rows that change most between frames.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from encoder_service.batching import TileQueue
 from encoder_service.config import DynamicResolution, EngineConfig, TilingSpec
 from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput
 from encoder_service.models import load_checkpoint, tiny_checkpoint_dir
-from encoder_service.models.vit import patchify_hwc
-from encoder_service.video.evs import check_rate, prune
+from encoder_service.models.vit import PackedTiles, patchify_hwc
 from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, ProcessedItem, Size, byte_range
+from encoder_service.video.evs import check_rate, prune
 
 
 @dataclass
@@ -176,7 +178,7 @@ class EncoderEngine:
         """Flat uint8 pixels on the device (pieces [h, w, 3] back to back) -> embeddings [rows, hidden]."""
         batch = patchify_hwc(pixels, sizes, self.patch_size)
         x = ((batch.patches.float() / 255.0 - self._mean) / self._std).to(self.dtype)
-        return self.model(type(batch)(x, batch.grids), self.attention)
+        return self.model(PackedTiles(x, batch.grids), self.attention)
 
     def launch(self, pixels: list[torch.Tensor], sizes: list[list[Size]], outputs: list[torch.Tensor]) -> None:
         """Encode groups of pieces as ONE ragged forward; write group i's rows into `outputs[i]`.

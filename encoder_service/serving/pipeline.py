@@ -19,6 +19,7 @@ the device.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -26,7 +27,6 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
-import dataclasses
 from dataclasses import dataclass
 
 import torch
