@@ -331,7 +331,7 @@ def main() -> None:
             for n in clients:
                 report("grpc", n, run_grpc_clients(address, n, requests, args.duration))
             with EncoderClient(address) as c:
-                latency["grpc"] = idle_latency(c.encode, args.repeats)
+                latency["grpc"] = idle_latency(lambda items: c.encode(items, copy=False), args.repeats)
     if "serve-grpc" in paths or "serve-handle" in paths:
         from encoder_service.serving.client import EncoderClient
         from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient
@@ -342,7 +342,8 @@ def main() -> None:
                 for n in clients:
                     report("serve-grpc", n, run_grpc_clients(address, n, requests, args.duration, metadata))
                 with EncoderClient(address) as c:
-                    latency["serve-grpc"] = idle_latency(lambda items: c.encode(items, metadata=metadata), args.repeats)
+                    latency["serve-grpc"] = idle_latency(lambda items: c.encode(items, metadata=metadata, copy=False),
+                                                         args.repeats)
             if "serve-handle" in paths:
                 for n in clients:
                     report("serve-handle", n, run_handle_clients(n, requests, args.duration))

@@ -41,7 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from encoder_service.serving.pipeline import PipelineConfig
     from encoder_service.serving.server import ServerConfig, serve_forever
 
-    pipeline = PipelineConfig(preprocess_workers=args.preprocess_workers, arena_mb=args.arena_mb)
+    pipeline = PipelineConfig(preprocess_workers=args.preprocess_workers, arena_mb=args.arena_mb,
+                              output_arena_mb=args.output_arena_mb)
     cfg = ServerConfig(host=args.host, port=args.port, engine=engine_config(args), pipeline=pipeline)
     try:
         asyncio.run(serve_forever(cfg))
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--preprocess-workers", type=int, default=0, help="decode/tiling processes (0: half the CPUs, 1..8)")
     p.add_argument("--arena-mb", type=int, default=512, help="shared memory for tiles waiting for the device")
+    p.add_argument("--output-arena-mb", type=int, default=1024,
+                   help="shared memory for responses until they are sent (bounds response bytes in flight)")
     _add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -8,6 +8,7 @@ import msgpack
 import numpy as np
 
 from encoder_service.processor import MediaInput, Modality
+from encoder_service.video.decode import VideoSampling
 from llm_worker.engine import GenerationOutput, GenerationRequest
 
 
@@ -19,6 +20,10 @@ def _pack_media(m: MediaInput) -> dict:
         out["frames"] = list(m.data)
     else:
         out["bytes"] = bytes(m.data)
+    if m.pruning_rate is not None:
+        out["pruning_rate"] = float(m.pruning_rate)
+    if m.sampling is not None:
+        out["sampling"] = dataclasses.asdict(m.sampling)
     return out
 
 
@@ -29,7 +34,9 @@ def _unpack_media(d: dict) -> MediaInput:
         data = list(d["frames"])
     else:
         data = d["bytes"]
-    return MediaInput(Modality(d["modality"]), data, item_id=d.get("item_id", ""), content_hash=d.get("content_hash", ""))
+    sampling = VideoSampling(**d["sampling"]) if "sampling" in d else None
+    return MediaInput(Modality(d["modality"]), data, item_id=d.get("item_id", ""), content_hash=d.get("content_hash", ""),
+                      sampling=sampling, pruning_rate=d.get("pruning_rate"))
 
 
 def pack_requests(requests: list[GenerationRequest]) -> bytes:

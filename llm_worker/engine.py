@@ -22,14 +22,15 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from encoder_service.config import ProcessorConfig
 from encoder_service.processor import ImageProcessor, MediaInput
 from llm_worker.mm_cache import EmbeddingCache, content_hash
-from llm_worker.multimodal import Encoder, MediaRef, check_frame_layout, fetch_embeddings, merge_chunk
+from llm_worker.multimodal import Encoder, MediaRef, fetch_embeddings, media_region, merge_chunk, relayout_frames
 from llm_worker.prompt import PromptLayout, count_markers, layout_prompt
-from llm_worker.tokenizer import ByteTokenizer, Tokenizer
+from llm_worker.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 
 @dataclass
 class LLMWorkerConfig:
     model_dir: str | None = None  # None: the embedded tiny random Llama
+    tokenizer_dir: str | None = None  # a Hugging Face tokenizer.json directory; None: the byte tokenizer
     chunk_size: int = 256  # prompt tokens per prefill chunk
     step_token_budget: int = 512  # tokens (prefill + decode) one scheduler step may process
     cache_bytes: int = 1 << 30  # media embedding cache budget
@@ -90,13 +91,16 @@ class LLMEngine:
 
         self.cfg = cfg
         self.encoder = encoder
-        self.tokenizer = tokenizer or ByteTokenizer()
+        self.tokenizer = tokenizer or (HFTokenizer(cfg.tokenizer_dir) if cfg.tokenizer_dir else ByteTokenizer())
         self.device = torch.device(cfg.device)
         model_dir = cfg.model_dir or tiny_llm_dir()
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"LLM checkpoint dir {model_dir} does not exist (no hub downloads)")
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
         self.embed_tokens = self.model.get_input_embeddings()
+        vocab = getattr(self.tokenizer, "vocab_size", None)
+        if vocab is not None and vocab > self.embed_tokens.num_embeddings:
+            raise ValueError(f"the tokenizer has {vocab} ids, the LLM's embedding table {self.embed_tokens.num_embeddings}")
         info = encoder.model_info()
         if info.hidden_size != self.model.config.hidden_size:
             raise ValueError(
@@ -120,12 +124,11 @@ class LLMEngine:
                 f"request {request.request_id}: {len(count_markers(request.prompt))} markers, "
                 f"{len(request.media)} media items"
             )
-        runs = []
-        for item in request.media:
-            plan = self.media_counter.plan(item)
-            runs.append(list(plan.tokens_per_frame) or [plan.tokens])
-        layout = layout_prompt(request.prompt, runs, self.tokenizer)
-        refs = [MediaRef(content_hash(m), span, m) for m, span in zip(request.media, layout.spans)]
+        plans = [self.media_counter.plan(item) for item in request.media]
+        layout = layout_prompt(request.prompt, [media_region(m, p) for m, p in zip(request.media, plans)],
+                               self.tokenizer)
+        refs = [MediaRef(content_hash(m, p.pruning_rate), span, m, p.pruned)
+                for m, p, span in zip(request.media, plans, layout.spans)]
         seq = Sequence(request, layout, refs, next(self._arrivals))
         self._sequences.append(seq)
         return seq
@@ -184,9 +187,10 @@ class LLMEngine:
             self._abort(seqs, release=False)  # fetch_embeddings left no pins behind
             raise
         try:
-            for seq in seqs:
-                for ref in seq.media:
-                    check_frame_layout(ref.span, self.cache.get(ref.key).tokens_per_frame)
+            for seq in seqs:  # pruned videos get their real per-frame layout before any chunk is prefilled
+                for i, ref in enumerate(seq.media):
+                    seq.layout = relayout_frames(seq.layout, i, self.cache.get(ref.key).tokens_per_frame, ref.pruned)
+                    ref.span = seq.layout.spans[i]
         except Exception:
             self._abort(seqs, release=True)
             raise

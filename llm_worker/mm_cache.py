@@ -17,10 +17,13 @@ import torch
 from encoder_service.processor import MediaInput
 
 
-def content_hash(item: MediaInput) -> str:
-    """Stable key of an item's content (modality + bytes, or dtype/shape + pixels)."""
+def content_hash(item: MediaInput, pruning_rate: float = 0.0) -> str:
+    """Stable key of what an item encodes to: its content (modality + bytes, or dtype/shape + pixels),
+    the video sampling options and the EVS rate actually applied (other frames or another rate are
+    other rows). Computed here from the bytes: a client-supplied hash is never trusted."""
     h = hashlib.blake2b(digest_size=20)
     h.update(item.modality.value.encode())
+    h.update(f"q={float(pruning_rate).hex()};sampling={item.sampling!r};".encode())
     data = item.data
     if isinstance(data, np.ndarray):
         h.update(f"{data.dtype}{data.shape}".encode())

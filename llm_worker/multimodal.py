@@ -3,7 +3,10 @@
 1. `fetch_embeddings`: for a batch of requests, ONE Encode call for every item
    not already cached (identical items deduplicated), the single returned tensor
    split by the returned counts, the cache filled and the entries pinned.
-2. `merge_chunk`: for a chunk covering prompt positions [start, end), write
+2. `relayout_frames`: a pruned video's region, laid out before encoding with its final length,
+   gets the per-frame counts the encoder reported (kept with the cached rows, so every later
+   request and chunk rebuilds the same layout) before any chunk touching it is prefilled.
+3. `merge_chunk`: for a chunk covering prompt positions [start, end), write
    exactly the embedding rows whose placeholders fall inside it; an item that
    straddles chunks is sliced, never re-encoded.
 """
@@ -16,10 +19,10 @@ from typing import Protocol
 import torch
 
 from encoder_service.engine import ModelInfo
-from encoder_service.processor import MediaInput
+from encoder_service.processor import ItemPlan, MediaInput, Modality
 from encoder_service.serving.wire import EncodeResult
 from llm_worker.mm_cache import EmbeddingCache
-from llm_worker.prompt import MediaSpan
+from llm_worker.prompt import MediaRegion, MediaSpan, PromptLayout
 
 
 class Encoder(Protocol):
@@ -41,6 +44,7 @@ class MediaRef:
     key: str
     span: MediaSpan
     media: MediaInput
+    pruned: bool = False  # an EVS-pruned video: its per-frame counts arrive with its rows
 
 
 def fetch_embeddings(requests: list[list[MediaRef]], encoder: Encoder, cache: EmbeddingCache) -> int:
@@ -77,15 +81,35 @@ def fetch_embeddings(requests: list[list[MediaRef]], encoder: Encoder, cache: Em
     return 1
 
 
-def check_frame_layout(span: MediaSpan, tokens_per_frame: list[int]) -> None:
-    """A video's placeholder runs must match the per-frame counts the encoder reported
-    (EVS-pruned frames differ in length: equal totals are not enough)."""
-    runs = [r.length for r in span.runs]
-    if tokens_per_frame and runs != list(tokens_per_frame):
-        raise EmbeddingCountMismatch(
-            f"video at prompt position {span.offset}: placeholders per frame {runs} "
-            f"but the encoder returned {list(tokens_per_frame)}"
-        )
+def media_region(item: MediaInput, plan: ItemPlan) -> MediaRegion:
+    """An item's prompt region before encoding, from its plan (sizes and counts only).
+
+    A pruned video's frames keep counts only EVS knows: its K rows are laid out as [K, 0, ..., 0],
+    which has the final region's length; `relayout_frames` puts the real counts in."""
+    if item.modality != Modality.VIDEO:
+        return MediaRegion([plan.tokens])
+    counts = [plan.tokens] + [0] * (plan.num_tiles - 1) if plan.pruned else list(plan.tokens_per_frame)
+    return MediaRegion(counts, list(plan.frame_times) or None, video=True)
+
+
+def relayout_frames(layout: PromptLayout, index: int, tokens_per_frame: list[int], pruned: bool) -> PromptLayout:
+    """The layout with video `index` laid out as the encoder's per-frame counts say.
+
+    A pruned video's region is rebuilt with them (same total length, nothing else moves); any
+    other item's runs must already match them (equal totals are not enough: frames differ)."""
+    span = layout.spans[index]
+    counts = list(tokens_per_frame)
+    if not counts or counts == span.frame_counts:
+        return layout
+    if pruned:
+        try:
+            return layout.with_frame_counts(index, counts)
+        except ValueError as e:
+            raise EmbeddingCountMismatch(f"video at prompt position {span.offset}: {e}") from None
+    raise EmbeddingCountMismatch(
+        f"video at prompt position {span.offset}: placeholders per frame {span.frame_counts} "
+        f"but the encoder returned {counts}"
+    )
 
 
 def merge_chunk(

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from encoder_service.batching import TileQueue
-from encoder_service.serving.arena import ALIGNMENT, TileArena
+from encoder_service.serving.arena import ALIGNMENT, SharedArena
 
 
 def test_items_split_across_batches_keep_order_and_budget():
@@ -66,7 +66,7 @@ def test_drop_removes_items_and_oversized_tiles_are_refused():
 
 
 def test_arena_first_fit_coalesces_and_waits_for_space():
-    arena = TileArena(8 * ALIGNMENT)
+    arena = SharedArena(8 * ALIGNMENT)
     a = arena.alloc(3 * ALIGNMENT)
     b = arena.alloc(1)  # rounded up to one page
     c = arena.alloc(4 * ALIGNMENT)
@@ -93,7 +93,7 @@ def test_arena_first_fit_coalesces_and_waits_for_space():
 
 def test_arena_random_alloc_free_never_overlaps():
     rng = random.Random(0)
-    arena = TileArena(64 * ALIGNMENT)
+    arena = SharedArena(64 * ALIGNMENT)
     live: dict[int, int] = {}
     for _ in range(500):
         if live and (rng.random() < 0.5 or len(live) > 20):

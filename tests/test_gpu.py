@@ -41,6 +41,7 @@ def test_grpc_server_on_cuda_serves_bf16_batches(tiny_checkpoint):
     reference = EncoderEngine(EngineConfig(checkpoint=str(tiny_checkpoint), device="cpu")).encode(items)
     cfg = ServerConfig(port=0, engine=EngineConfig(checkpoint=str(tiny_checkpoint), device="cuda"))
     with BackgroundServer(cfg) as server, EncoderClient(server.address) as client:
+        assert server.server.model.outputs_pinned  # device-to-host copies land in the shared output arena
         assert client.model_info().dtype == torch.bfloat16
         result = client.encode(items)
     assert result.embeddings.dtype == torch.bfloat16

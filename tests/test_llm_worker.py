@@ -10,8 +10,11 @@ from encoder_service.config import TilingSpec
 from encoder_service.processor import ImageProcessor, MediaInput, Modality, ProcessorConfig
 from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig, Status
 from llm_worker.multimodal import EmbeddingCountMismatch
-from llm_worker.tiny import tiny_llm_dir
+from llm_worker.tiny import tiny_llm_dir, tiny_tokenizer_dir
+from llm_worker.tokenizer import HFTokenizer
+from encoder_service.video.decode import VideoSampling
 from tests.conftest import image_bytes
+from tests.video_fixture import mp4_bytes
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +172,103 @@ def test_marker_count_must_match_media(client, llm_dir):
     engine = _engine(client, llm_dir)
     with pytest.raises(ValueError, match="markers"):
         engine.add_request(GenerationRequest("<image> <image>", [_image(64, 64)]))
+
+
+# ---------------------------------------------------------------- EVS-pruned videos
+
+
+def _pruned_videos():
+    """Two pruned videos whose EVS cut falls between moving and static frames (robust to float noise):
+    frames [A, A, B, B] at q = 0.5 keep 32 of 64 rows, [16, 0, 16, 0]; an MP4 of [C, C, C, D, D, D]
+    at q = 0.66 keeps 32 of 96, [16, 0, 0, 16, 0, 0], with timestamps."""
+    rng = np.random.default_rng()
+    a, b, c, d = rng.integers(0, 256, (4, 48, 64, 3), dtype=np.uint8)
+    frames = MediaInput(Modality.VIDEO, np.stack([a, a, b, b]), pruning_rate=0.5)
+    clip = MediaInput(Modality.VIDEO, mp4_bytes(np.stack([c, c, c, d, d, d])), pruning_rate=0.66,
+                      sampling=VideoSampling(num_frames=6))
+    return frames, clip
+
+
+def _pruned_requests(frames, clip):
+    unpruned = MediaInput(Modality.VIDEO, np.random.default_rng().integers(0, 256, (3, 48, 64, 3), dtype=np.uint8),
+                          pruning_rate=0.0)
+    shared = _image(128, 64)
+    return [
+        GenerationRequest("Watch <video> beside <image>, then <video>; and <video>.",
+                          [frames, shared, clip, unpruned], max_new_tokens=4),
+        GenerationRequest("Again <video> with <image>", [clip, shared], max_new_tokens=4),
+    ]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 100_000])
+def test_chunked_prefill_with_pruned_videos_equals_one_shot(client, llm_dir, encoder_server, chunk_size):
+    """Pruned videos are laid out as [K, 0, ...] before encoding and re-laid out with the encoder's
+    per-frame counts before their first chunk; chunked logits equal one shot over the final layout,
+    and each distinct item is encoded once however many chunks it spans."""
+    engine = _engine(client, llm_dir, chunk_size=chunk_size, step_token_budget=2 * chunk_size)
+    frames, clip = _pruned_videos()
+    requests = _pruned_requests(frames, clip)
+    seqs = [engine.add_request(r) for r in requests]
+    before_layout = [list(s.layout.token_ids) for s in seqs]
+    assert seqs[0].media[0].span.frame_counts == [32, 0, 0, 0]  # the dummy layout, final length
+    calls, items = encoder_server.counters.encode_calls, encoder_server.counters.items_encoded
+    while engine.has_work():
+        engine.step()
+    assert encoder_server.counters.encode_calls - calls == 1
+    assert encoder_server.counters.items_encoded - items == 4  # frames, shared image, clip, unpruned
+    assert seqs[0].media[0].span.frame_counts == [16, 0, 16, 0]
+    assert seqs[0].media[2].span.frame_counts == [16, 0, 0, 16, 0, 0]
+    assert seqs[1].media[0].span.frame_counts == [16, 0, 0, 16, 0, 0]  # same counts, same layout
+    assert seqs[0].media[3].span.frame_counts == [16, 16, 16]
+    for seq, ids in zip(seqs, before_layout):
+        assert len(seq.layout.token_ids) == len(ids)  # re-layout never moves the rest of the prompt
+        chunked = torch.cat(seq.prompt_logits)
+        assert chunked.shape[0] == seq.prompt_len
+        torch.testing.assert_close(chunked, _one_shot_logits(engine, client, seq), rtol=1e-4, atol=1e-4)
+    text = engine.tokenizer.decode(seqs[1].layout.token_ids)  # placeholders decode to nothing
+    assert "".join(f"Frame {f + 1} sampled at {f / 10:.2f} seconds: <img></img>" for f in range(6)) in text
+    if chunk_size in (7, 64):  # a pruned video really straddles a chunk boundary
+        spans = [r.span for s in seqs for r in s.media if r.pruned]
+        assert any(sp.offset // chunk_size != (sp.end - 1) // chunk_size for sp in spans)
+
+
+def test_pruned_video_from_the_cache_gets_the_same_layout_without_encoding(client, llm_dir, encoder_server):
+    engine = _engine(client, llm_dir, chunk_size=16)
+    frames, clip = _pruned_videos()
+    first = engine.generate(_pruned_requests(frames, clip)[1:])
+    calls = encoder_server.counters.encode_calls
+    seq = engine.add_request(GenerationRequest("Again <video> with <image>", [clip, _image(128, 64)], 4))
+    while engine.has_work():
+        engine.step()
+    assert encoder_server.counters.encode_calls == calls + 1  # only the new image: the clip came from the cache
+    assert seq.media[0].span.frame_counts == [16, 0, 0, 16, 0, 0]
+    assert engine.cache.stats.hits >= 1 and first[0].media_tokens[0] == 32
+    # Another rate is another entry (other rows): encoded, not served from the cache.
+    other = MediaInput(Modality.VIDEO, clip.data, pruning_rate=0.0, sampling=clip.sampling)
+    engine.generate([GenerationRequest("<video>", [other], 1)])
+    assert encoder_server.counters.encode_calls == calls + 2
+
+
+def test_real_hf_tokenizer_lays_out_pruned_videos_from_its_own_ids(client, llm_dir, tmp_path):
+    """A Hugging Face tokenizer.json loaded from a local directory: the media tokens are its own ids
+    (the context id from config.json), separators are its BPE tokens, and chunked prefill over the
+    re-laid-out prompt still equals one shot."""
+    tokenizer_dir = tiny_tokenizer_dir(tmp_path)
+    engine = _engine(client, llm_dir, chunk_size=7, step_token_budget=14, tokenizer_dir=str(tokenizer_dir))
+    tok = engine.tokenizer
+    assert isinstance(tok, HFTokenizer)
+    assert (tok.media.start, tok.media.end, tok.media.context) == (tok.encode("<img>")[0], tok.encode("</img>")[0],
+                                                                   tok.encode("<image>")[0])
+    frames, clip = _pruned_videos()
+    seqs = [engine.add_request(r) for r in _pruned_requests(frames, clip)]
+    while engine.has_work():
+        engine.step()
+    seq = seqs[0]
+    assert seq.layout.token_ids[0] == tok.bos_id
+    assert seq.media[2].span.frame_counts == [16, 0, 0, 16, 0, 0]
+    separator = tok.encode("Frame 4 sampled at 0.30 seconds: ")
+    start = seq.media[2].span.runs[3].offset - 1 - len(separator)
+    assert seq.layout.token_ids[start : start + len(separator)] == separator
+    for s in seqs:
+        torch.testing.assert_close(torch.cat(s.prompt_logits), _one_shot_logits(engine, client, s), rtol=1e-4, atol=1e-4)
+    assert "Frame 6 sampled at 0.50 seconds: <img></img>" in tok.decode(seq.layout.token_ids)

@@ -16,6 +16,7 @@ from encoder_service.serving.client import EncoderClient
 from encoder_service.video.decode import VideoSampling
 from encoder_service.video.evs import retained_token_count, retention_mask
 from tests.conftest import image_bytes
+from tests.video_fixture import mp4_bytes
 
 
 def reference_mask(emb: torch.Tensor, q: float) -> list[list[bool]]:
@@ -71,20 +72,6 @@ def test_edge_cases_one_frame_identical_frames_and_empty_frames():
 
 
 # ---------------------------------------------------------------- real video files through gRPC
-
-
-def mp4_bytes(frames: np.ndarray, fps: int = 10) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"qp": "0"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
 
 
 def decoded_frames(data: bytes) -> list[np.ndarray]:

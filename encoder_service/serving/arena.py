@@ -1,13 +1,16 @@
-"""A shared-memory arena that preprocessing workers write tiles into and the model reads from.
+"""Shared memory between the serving processes, with a first-fit allocator.
 
-Tiles are the bulk of what crosses from decoding to the GPU (~0.8 MB per 512 px tile), so
-they never travel through a pipe: a worker process writes them at an offset the serving
-process allocated, and the model copies them to the device straight from there. The
-region is an anonymous memfd (no /dev/shm file to leak, no /dev/shm size limit in a
-container), shared with workers by passing its file descriptor.
+Two arenas carry the bulk of the data, so it never travels through a pipe:
+- tiles (~0.8 MB per 512 px tile): preprocessing workers write them at an offset the model
+  process allocated, and the device copies them straight from there;
+- embeddings (31 MB for two images at LLM width 5120 in bf16): the device writes each
+  request's rows into the output arena, and the transport process reads them in place.
+A region is an anonymous memfd (no /dev/shm file to leak, no /dev/shm size limit in a
+container), shared by passing its file descriptor; the process that owns the allocator
+allocates and frees, the others only map it (`SharedArena(size, fd=...)`).
 
-The allocator is also the pipeline's backpressure: bytes of preprocessed-but-not-yet-
-encoded tiles are bounded by the arena's size, and an allocation waits for space.
+The allocator is also backpressure: bytes waiting in an arena are bounded by its size, and an
+allocation waits for space.
 """
 
 from __future__ import annotations
@@ -27,16 +30,20 @@ def _align(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
-class TileArena:
-    def __init__(self, nbytes: int):
+class SharedArena:
+    def __init__(self, nbytes: int, name: str = "encoder-arena", fd: int | None = None):
+        """A new region of `nbytes`, or (`fd` given) the region another process created."""
         self.size = _align(max(nbytes, ALIGNMENT))
-        if hasattr(os, "memfd_create"):
-            self.fd = os.memfd_create("encoder-tiles")
+        if fd is not None:
+            self.fd = fd
+        elif hasattr(os, "memfd_create"):
+            self.fd = os.memfd_create(name)
+            os.ftruncate(self.fd, self.size)
         else:  # not Linux: an unlinked temporary file serves the same purpose
-            handle, path = tempfile.mkstemp(prefix="encoder-tiles-")
+            handle, path = tempfile.mkstemp(prefix=f"{name}-")
             os.unlink(path)
             self.fd = handle
-        os.ftruncate(self.fd, self.size)
+            os.ftruncate(self.fd, self.size)
         self.buf = mmap.mmap(self.fd, self.size)
         self._free: list[tuple[int, int]] = [(0, self.size)]  # (offset, size), sorted by offset
         self._used: dict[int, int] = {}

@@ -10,7 +10,9 @@ Stages run concurrently, so the device never waits for the CPU:
      batches are in flight on the device while new ones form;
   4. the completion thread: waits for each batch's CUDA event (GIL released), frees its arena
      space and resolves the requests whose last tiles it carried.
-Serialising for the wire is the transport's job (gRPC server, Ray replica), on their threads.
+Serialising for the wire is the transport's job (gRPC server, Ray replica), in another process
+(`model_process.py`): with `outputs`, each request's rows are written into that shared arena,
+and whoever consumes a finished request gives them back with `release`.
 
 A request that is cancelled or misses its deadline is dropped at every stage boundary: its
 queued jobs never start, a worker busy with it is replaced, its queued tiles never reach
@@ -35,7 +37,7 @@ from encoder_service.batching import Span, TileQueue
 from encoder_service.engine import EncodeOutput, EncoderEngine
 from encoder_service.errors import BudgetExceeded, DeadlineExceeded, Unavailable
 from encoder_service.processor import ItemPlan, MediaInput, byte_range
-from encoder_service.serving.arena import TileArena
+from encoder_service.serving.arena import SharedArena
 from encoder_service.serving.preprocess import PreprocessPool
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 class PipelineConfig:
     preprocess_workers: int = 0  # worker processes decoding/tiling; 0: half the CPUs, between 1 and 8
     arena_mb: int = 512  # shared memory for preprocessed tiles waiting for the device (backpressure)
+    # Shared memory for embeddings until the transport has sent them (model process only): bounds the
+    # bytes of responses in flight; a request waits for room (within its deadline), one larger than
+    # all of it is refused.
+    output_arena_mb: int = 1024
     max_wait_ms: float = 0.0  # an idle device waits this long for more work before running a partial batch
     depth: int = 2  # batches in flight on the device (one running, one queued behind it)
     stale_job_s: float = 0.25  # a worker busy this long with a dead request's item is replaced
@@ -60,10 +66,11 @@ def default_workers() -> int:
 
 
 class _Request:
-    def __init__(self, plans: list[ItemPlan], out: torch.Tensor, deadline: float | None):
+    def __init__(self, plans: list[ItemPlan], out: torch.Tensor, deadline: float | None, output_offset: int | None):
         self.plans = plans
         self.items: list[_Item] = []
         self.out = out
+        self.output_offset = output_offset  # of `out` in the output arena, until it is given back
         self.deadline = deadline
         self.future: Future[EncodeOutput] = Future()
         self.tiles_left = sum(p.num_tiles for p in plans)
@@ -75,6 +82,12 @@ class _Request:
 
     def is_live(self) -> bool:
         return not self.future.done() and (self.deadline is None or time.monotonic() < self.deadline)
+
+    def succeeded(self) -> bool:
+        return self.future.done() and not self.future.cancelled() and self.future.exception() is None
+
+    def tiles_in_flight(self) -> bool:
+        return any(item.tiles_launched != item.tiles_done for item in self.items)
 
     def fail(self, error: BaseException) -> None:
         try:
@@ -130,14 +143,19 @@ class _Batch:
 
 
 class EncodePipeline:
-    def __init__(self, engine: EncoderEngine, cfg: PipelineConfig | None = None):
+    def __init__(self, engine: EncoderEngine, cfg: PipelineConfig | None = None, outputs: SharedArena | None = None):
+        """`outputs`: the shared arena that requests' embedding rows are written into (the model process's
+        output arena); None: ordinary host memory (pinned on CUDA), owned by the returned tensors."""
         self.engine = engine
         self.cfg = cfg = cfg or PipelineConfig()
         if cfg.gil_switch_interval_ms > 0:
             sys.setswitchinterval(cfg.gil_switch_interval_ms / 1e3)
-        self.arena = TileArena(cfg.arena_mb << 20)
+        self.arena = SharedArena(cfg.arena_mb << 20, "encoder-tiles")
         self._arena_bytes = torch.frombuffer(self.arena.buf, dtype=torch.uint8)
-        self.arena_pinned = self._pin_arena()
+        self.arena_pinned = self._pin(self._arena_bytes)
+        self.outputs = outputs
+        self._output_bytes = torch.frombuffer(outputs.buf, dtype=torch.uint8) if outputs is not None else None
+        self.outputs_pinned = outputs is not None and self._pin(self._output_bytes)
         self.pool = PreprocessPool(
             engine.processor.cfg, self.arena, cfg.preprocess_workers or default_workers(), cfg.stale_job_s
         )
@@ -168,7 +186,10 @@ class EncodePipeline:
                                      f"({self.cfg.arena_mb} MB)")
         if self._closed:
             raise Unavailable("the encoder is shutting down")
-        request = _Request(plans, self.engine.new_output(sum(p.tokens for p in plans)), deadline)
+        out, output_offset = self._new_output(sum(p.tokens for p in plans), deadline)
+        request = _Request(plans, out, deadline, output_offset)
+        if output_offset is not None:
+            request.future.add_done_callback(lambda _: self._return_output(request))
         row = 0
         for item, plan in zip(items, plans):
             rows = [self.engine.piece_rows(size) for size in plan.sizes]
@@ -179,6 +200,42 @@ class EncodePipeline:
             self.pool.submit(item, plan, request.is_live,
                              lambda offset, error, times, e=entry: self._preprocessed(e, offset, error, times))
         return request.future
+
+    def _new_output(self, rows: int, deadline: float | None) -> tuple[torch.Tensor, int | None]:
+        """The request's output rows, from the output arena when there is one (waiting for room until
+        the deadline: responses in flight are bounded by the arena, not by how many callers there are)."""
+        if self.outputs is None:
+            return self.engine.new_output(rows), None
+        dtype, hidden = self.engine.dtype, self.engine.hidden_size
+        nbytes = rows * hidden * dtype.itemsize
+        if not self.outputs.fits(nbytes):
+            raise BudgetExceeded(f"the response ({nbytes >> 20} MB) exceeds the output arena "
+                                 f"({self.outputs.size >> 20} MB)")
+        offset = self.outputs.alloc(nbytes, keep_waiting=lambda: deadline is None or time.monotonic() < deadline)
+        if offset is None:
+            raise DeadlineExceeded("deadline passed while waiting for room for the response")
+        return self._output_bytes[offset : offset + nbytes].view(dtype).view(rows, hidden), offset
+
+    def release(self, out: EncodeOutput) -> None:
+        """Give a finished request's rows back to the output arena (with `outputs` only)."""
+        if self.outputs is not None:
+            self.release_offset(self.output_offset(out))
+
+    def release_offset(self, offset: int) -> None:
+        self.outputs.free(offset)
+
+    def output_offset(self, out: EncodeOutput) -> int:
+        """Where a finished request's rows start in the output arena."""
+        return out.embeddings.data_ptr() - self._output_bytes.data_ptr()
+
+    def _return_output(self, request: _Request) -> None:
+        """A failed or cancelled request's rows go back to the arena once no batch in flight writes them
+        (the device may still be copying into them); a successful one's belong to the consumer."""
+        with self._lock:
+            if request.output_offset is None or request.succeeded() or request.tiles_in_flight():
+                return
+            offset, request.output_offset = request.output_offset, None
+        self.outputs.free(offset)
 
     def _preprocessed(self, item: _Item, offset: int | None, error: BaseException | None, times: list[float]) -> None:
         """A worker finished (or dropped) an item: queue its tiles for the device."""
@@ -343,6 +400,9 @@ class EncodePipeline:
                     request.fail(batch.error)
             for request in finished:
                 request.complete()
+            for request in requests:
+                if request.output_offset is not None and request.future.done():
+                    self._return_output(request)
 
     @staticmethod
     def _claim(item: _Item) -> int | None:
@@ -357,17 +417,17 @@ class EncodePipeline:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _pin_arena(self) -> bool:
-        """Page-lock the arena so the device copies tiles straight from it (no staging copy)."""
+    def _pin(self, region: torch.Tensor) -> bool:
+        """Page-lock a shared arena so the device copies straight from/to it (no staging copy)."""
         if self.engine.device.type != "cuda":
             return False
         try:
-            err = torch.cuda.cudart().cudaHostRegister(self._arena_bytes.data_ptr(), self.arena.size, 0)
+            err = torch.cuda.cudart().cudaHostRegister(region.data_ptr(), region.numel(), 0)
             ok = int(getattr(err, "value", err)) == 0
         except Exception as e:  # staging through pinned buffers still works
-            log.warning("could not page-lock the tile arena (%s); tiles are staged", e)
+            log.warning("could not page-lock a shared arena (%s); copies are staged", e)
             return False
-        return ok and self._arena_bytes.is_pinned()
+        return ok and region.is_pinned()
 
     def close(self) -> None:
         with self._lock:
@@ -382,5 +442,6 @@ class EncodePipeline:
         self._free([self._claim(it) for it in stranded])
         for item in stranded:
             item.request.fail(Unavailable("the encoder shut down before this request was encoded"))
-        if self.arena_pinned:
-            torch.cuda.cudart().cudaHostUnregister(self._arena_bytes.data_ptr())
+        for region, pinned in ((self._arena_bytes, self.arena_pinned), (self._output_bytes, self.outputs_pinned)):
+            if pinned:
+                torch.cuda.cudart().cudaHostUnregister(region.data_ptr())

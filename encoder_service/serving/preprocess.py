@@ -25,7 +25,6 @@ import mmap
 import os
 import queue
 import select
-import struct
 import subprocess
 import sys
 import threading
@@ -33,47 +32,20 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import msgpack
 import numpy as np
 
 from encoder_service.config import ProcessorConfig
 from encoder_service.errors import InvalidInput, Unavailable
 from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, Modality
+from encoder_service.serving.framing import read_frame, write_frame
 
 log = logging.getLogger(__name__)
 
-_LENGTH = struct.Struct("<Q")
+
+# ---------------------------------------------------------------- jobs (both sides)
 
 
-# ---------------------------------------------------------------- framing (both sides)
-
-
-def _write_frame(fd: int, payload: bytes) -> None:
-    view = memoryview(_LENGTH.pack(len(payload)) + payload)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _read_exact(fd: int, n: int) -> bytes | None:
-    chunks, left = [], n
-    while left:
-        chunk = os.read(fd, min(left, 1 << 20))
-        if not chunk:
-            return None  # the other side is gone
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def _read_frame(fd: int) -> dict | None:
-    header = _read_exact(fd, _LENGTH.size)
-    if header is None:
-        return None
-    body = _read_exact(fd, _LENGTH.unpack(header)[0])
-    return None if body is None else msgpack.unpackb(body)
-
-
-def _job_message(item: MediaInput, offset: int, nbytes: int, plan: ItemPlan) -> bytes:
+def _job_message(item: MediaInput, offset: int, nbytes: int, plan: ItemPlan) -> dict:
     msg = {"offset": offset, "nbytes": nbytes, "modality": item.modality.value}
     if plan.frame_times:  # the sampled times the plan (and the token count) was made for
         msg["times"] = list(plan.frame_times)
@@ -84,7 +56,7 @@ def _job_message(item: MediaInput, offset: int, nbytes: int, plan: ItemPlan) -> 
         msg.update(kind="frames", data=item.data)
     else:
         msg.update(kind="bytes", data=item.data)
-    return msgpack.packb(msg)
+    return msg
 
 
 def _job_item(msg: dict) -> MediaInput:
@@ -121,18 +93,18 @@ class _Worker:
             self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, pass_fds=(self._fd,)
         )
         ready, _, _ = select.select([self.proc.stdout.fileno()], [], [], timeout_s)
-        if not ready or _read_frame(self.proc.stdout.fileno()) != {"ready": True}:
+        if not ready or read_frame(self.proc.stdout.fileno()) != {"ready": True}:
             self.kill()
             raise RuntimeError("preprocessing worker did not start")
 
-    def call(self, message: bytes, is_live: Callable[[], bool], stale_job_s: float) -> dict | None:
+    def call(self, message: dict, is_live: Callable[[], bool], stale_job_s: float) -> dict | None:
         """Send a job and wait for its reply. None: the job went stale and the worker was replaced."""
-        _write_frame(self.proc.stdin.fileno(), message)
+        write_frame(self.proc.stdin.fileno(), message)
         out, started, dead_since = self.proc.stdout.fileno(), time.monotonic(), None
         while True:
             ready, _, _ = select.select([out], [], [], 0.05)
             if ready:
-                reply = _read_frame(out)
+                reply = read_frame(out)
                 if reply is None:
                     raise WorkerDied(f"preprocessing worker exited with code {self.proc.wait()}")
                 return reply
@@ -240,8 +212,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     processor = ImageProcessor(ProcessorConfig.from_dict(json.loads(args.config)))
     inp, out = sys.stdin.fileno(), os.dup(sys.stdout.fileno())
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the protocol
-    _write_frame(out, msgpack.packb({"ready": True}))
-    while (job := _read_frame(inp)) is not None:
+    write_frame(out, {"ready": True})
+    while (job := read_frame(inp)) is not None:
         try:
             pixels = np.ndarray((job["nbytes"],), np.uint8, buffer=arena, offset=job["offset"])
             plan = None
@@ -253,7 +225,7 @@ def worker_main(argv: list[str] | None = None) -> int:
             reply = {"ok": False, "invalid": True, "error": str(e)}
         except Exception as e:  # reported to the server as an internal error; the worker goes on
             reply = {"ok": False, "invalid": False, "error": f"{type(e).__name__}: {e}"}
-        _write_frame(out, msgpack.packb(reply))
+        write_frame(out, reply)
     return 0
 
 

@@ -1,9 +1,10 @@
 """The encoder pool on Ray Serve: one replica per vision GPU (or CPU slot), autoscaled.
 
-Two ways in, one pipeline per replica (`EncodePipeline`: concurrent requests share ragged batches):
+Two ways in, one model process per replica (`ModelProcess`: the pipeline batches concurrent
+requests; the replica process only transports):
 - gRPC through Serve's proxy, the same `EncoderService` API as the standalone server. The
-  replica serialises the response itself (`wire.encode_response_bytes`); Serve forwards the
-  bytes to the proxy unchanged.
+  replica frames the response itself (`Encoded.response_bytes`); Serve forwards the bytes to
+  the proxy unchanged.
 - Ray-native, for callers inside the cluster (LLM worker actors): `encode_native` on a
   DeploymentHandle returns the serialised header and the embedding tensor's bytes as a uint8
   array, which Ray moves through its object store (read zero-copy on the same node).
@@ -23,17 +24,16 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 import yaml
 from ray import serve
 from ray.serve.config import gRPCOptions
 
 from encoder_service.config import EngineConfig
-from encoder_service.engine import EncoderEngine
 from encoder_service.errors import EncodeFailed
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
-from encoder_service.serving.pipeline import EncodePipeline, PipelineConfig
+from encoder_service.serving.model_process import Encoded, ModelProcess
+from encoder_service.serving.pipeline import PipelineConfig
 
 SERVICER_FUNCTION = "encoder_service.proto.encoder_pb2_grpc.add_EncoderServiceServicer_to_server"
 DEPLOYMENT_NAME = "EncoderDeployment"
@@ -60,33 +60,34 @@ class EncoderDeployment:
         if cfg.device == "auto":
             cfg.device = "cuda" if ray.get_gpu_ids() else "cpu"
         cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-        if cfg.device == "cpu":
-            # One replica per CPU slot: don't let every replica's torch grab every core.
-            torch.set_num_threads(cpus)
         pipeline_cfg = PipelineConfig(**(pipeline or {}))
         if not pipeline_cfg.preprocess_workers:  # the replica's CPUs, one left for serving
             pipeline_cfg.preprocess_workers = max(1, cpus - 1)
-        self.engine = EncoderEngine(cfg)
-        self.pipeline = EncodePipeline(self.engine, pipeline_cfg)
+        # One replica per CPU slot: don't let every replica's torch grab every core.
+        self.model = ModelProcess(cfg, pipeline_cfg, torch_threads=cpus if cfg.device == "cpu" else 0)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self._model_info = wire.model_info_to_proto(self.engine.info())
+        self._model_info = pb.ModelInfo.FromString(self.model.info_bytes)
 
-    async def _encode(self, request: pb.EncodeRequest, timeout_s: float | None):
-        items = [wire.media_from_proto(m) for m in request.items]
+    async def _encode(self, request: bytes, timeout_s: float | None) -> Encoded:
         deadline = time.monotonic() + timeout_s if timeout_s else None
-        out = await asyncio.wrap_future(self.pipeline.submit(items, deadline))
-        out.stats["replica"] = self.replica
-        return out
+        return await asyncio.wrap_future(self.model.submit(request, deadline, {"replica": self.replica}))
+
+    async def _consume(self, encoded: Encoded, read):
+        """`read(encoded)` on a thread, then the rows go back to the model process."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, read, encoded)
+        finally:
+            self.model.release(encoded)
 
     async def Encode(self, request: pb.EncodeRequest, grpc_context) -> PreSerialized | pb.EncodeResponse:
         """gRPC through Serve's proxy (deadlines: the proxy's `request_timeout_s`; a cancelled call
         cancels this coroutine, which drops the request's work)."""
         try:
-            out = await self._encode(request, None)
-            data = await asyncio.get_running_loop().run_in_executor(None, wire.encode_response_bytes, request, out)
+            encoded = await self._encode(request.SerializeToString(), None)
+            data = await self._consume(encoded, Encoded.response_bytes)
         except Exception as e:  # the status travels back through the proxy; the replica keeps serving
             grpc_context.set_code(wire.status_for(e))
-            grpc_context.set_details(str(e))
+            grpc_context.set_details(wire.status_message(e))
             return pb.EncodeResponse()
         return PreSerialized(data)
 
@@ -98,15 +99,25 @@ class EncoderDeployment:
         without the tensor bytes, the tensor's bytes as uint8) out. Failures raise EncodeFailed
         with the gRPC status the gRPC path would give."""
         try:
-            msg = pb.EncodeRequest.FromString(request)
-            out = await self._encode(msg, timeout_s)
+            encoded = await self._encode(request, timeout_s)
+            # A copy of its own (GIL-free): the arena's rows go back before Ray serialises the reply.
+            payload = await self._consume(encoded, lambda e: e.data.clone().numpy())
         except Exception as e:
-            raise EncodeFailed(wire.status_for(e).name, str(e)) from None
-        header = wire.response_header(msg, out).SerializeToString()
-        return header, out.embeddings.view(torch.uint8).numpy()  # Ray copies it into the object store
+            raise EncodeFailed(wire.status_for(e).name, wire.status_message(e)) from None
+        return encoded.header, payload
 
     async def model_info_native(self) -> bytes:
-        return self._model_info.SerializeToString()
+        return self.model.info_bytes
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose model process died."""
+        if not self.model.alive:
+            raise RuntimeError("the encoder model process exited")
+
+    def __del__(self) -> None:
+        model = getattr(self, "model", None)
+        if model is not None:
+            model.close()
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

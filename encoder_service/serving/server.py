@@ -1,9 +1,14 @@
-"""Standalone gRPC server (grpc.aio) for one encoder engine.
+"""Standalone gRPC server (grpc.aio) for one encoder.
+
+The model runs in a child process (`ModelProcess`); this process is the transport only: the
+event loop hands each request's bytes to the child unparsed, and a finished response is framed
+from the child's header and the rows in shared memory on serialiser threads
+(`wire.response_bytes`), then sent as ready-made bytes, so a 31 MB response never blocks the
+loop and never stalls the model's kernel launches.
 
 Bad input is answered with INVALID_ARGUMENT / RESOURCE_EXHAUSTED and a clear message; the
-server keeps serving. The event loop only parses requests and hands work to the
-`EncodePipeline`; responses are serialised on their own threads (`wire.encode_response_bytes`)
-and sent as ready-made bytes, so a 31 MB response never blocks the loop.
+server keeps serving. If the model process dies, health turns NOT_SERVING and calls get
+UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from encoder_service.config import EngineConfig
-from encoder_service.engine import EncoderEngine
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
-from encoder_service.serving.pipeline import EncodePipeline, PipelineConfig
+from encoder_service.serving.model_process import ModelProcess
+from encoder_service.serving.pipeline import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,74 +56,74 @@ class ServiceCounters:
 
 
 class EncoderServicer:
-    """The EncoderService methods, on raw-bytes handlers (requests parsed by the generated code,
-    responses sent pre-serialised)."""
+    """The EncoderService methods, on raw-bytes handlers: requests go to the model process as they
+    arrived, responses leave pre-serialised."""
 
-    def __init__(self, engine: EncoderEngine, pipeline: PipelineConfig | None = None, serialize_threads: int = 4):
-        self.engine = engine
-        self.pipeline = EncodePipeline(engine, pipeline)
+    def __init__(self, model: ModelProcess, serialize_threads: int = 4):
+        self.model = model
         self.counters = ServiceCounters()
         self._serialize = ThreadPoolExecutor(serialize_threads, thread_name_prefix="encoder-serialize")
-        self._model_info = wire.model_info_to_proto(engine.info()).SerializeToString()
 
-    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def Encode(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        loop = asyncio.get_running_loop()
         try:
-            items = [wire.media_from_proto(m) for m in request.items]
-            out = await asyncio.wrap_future(self.pipeline.submit(items, deadline))
-            response = await loop.run_in_executor(self._serialize, wire.encode_response_bytes, request, out)
-        except asyncio.CancelledError:  # the client went away; wrap_future cancelled the request's work
+            encoded = await asyncio.wrap_future(self.model.submit(request, deadline))
+            try:
+                response = await asyncio.get_running_loop().run_in_executor(self._serialize, encoded.response_bytes)
+            finally:
+                self.model.release(encoded)
+        except asyncio.CancelledError:  # the client went away; cancelling the call drops its work
             raise
         except Exception as e:  # every failure becomes a status; the server keeps serving
             self.counters.errors += 1
-            code = wire.status_for(e)
-            if code == grpc.StatusCode.INTERNAL:
-                log.error("Encode %s failed", request.request_id, exc_info=e)
-            await context.abort(code, f"{type(e).__name__}: {e}" if code == grpc.StatusCode.INTERNAL else str(e))
+            await context.abort(wire.status_for(e), wire.status_message(e))
         self.counters.encode_calls += 1
-        self.counters.items_encoded += len(items)
-        self.counters.tokens_out += int(out.embeddings.shape[0])
+        self.counters.items_encoded += encoded.items
+        self.counters.tokens_out += encoded.rows
         return response
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> bytes:
-        return self._model_info
+    async def GetModelInfo(self, request: bytes, context) -> bytes:
+        return self.model.info_bytes
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
             {
-                "Encode": grpc.unary_unary_rpc_method_handler(
-                    self.Encode, request_deserializer=pb.EncodeRequest.FromString
-                ),
-                "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-                    self.GetModelInfo, request_deserializer=pb.GetModelInfoRequest.FromString
-                ),
+                "Encode": grpc.unary_unary_rpc_method_handler(self.Encode),
+                "GetModelInfo": grpc.unary_unary_rpc_method_handler(self.GetModelInfo),
             },
         )
 
     def close(self) -> None:
-        self.pipeline.close()
         self._serialize.shutdown(wait=False, cancel_futures=True)
 
 
 class EncoderServer:
-    """An engine behind a grpc.aio server with health checking and reflection."""
+    """The encoder (in its model process) behind a grpc.aio server with health checking and reflection."""
 
-    def __init__(self, cfg: ServerConfig, engine: EncoderEngine | None = None):
+    def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
-        self.engine = engine or EncoderEngine(cfg.engine)
-        self.servicer = EncoderServicer(self.engine, cfg.pipeline, cfg.serialize_threads)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.model = ModelProcess(cfg.engine, cfg.pipeline, on_exit=self._model_exited)
+        self.servicer = EncoderServicer(self.model, cfg.serialize_threads)
+
+    def _model_exited(self) -> None:
+        """The model process died (reader thread): stop advertising SERVING."""
+        if self._loop is not None and not self._loop.is_closed():
+            for name in ("", SERVICE_NAME):
+                asyncio.run_coroutine_threadsafe(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING),
+                                                 self._loop)
 
     @property
     def address(self) -> str:
         return f"{self.cfg.host}:{self.port}"
 
     async def start(self) -> str:
+        self._loop = asyncio.get_running_loop()
         self.server = grpc.aio.server(options=wire.channel_options(self.cfg.max_message_bytes))
         self.server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -132,7 +137,7 @@ class EncoderServer:
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("encoder server on %s (%s)", self.address, self.engine.info().model_name)
+        log.info("encoder server on %s (%s)", self.address, self.model.info.model_name)
         return self.address
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -140,6 +145,7 @@ class EncoderServer:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace)
         self.servicer.close()
+        await asyncio.to_thread(self.model.close)
 
     async def wait(self) -> None:
         assert self.server is not None
@@ -148,9 +154,9 @@ class EncoderServer:
 
 async def serve_forever(cfg: ServerConfig) -> None:
     server = EncoderServer(cfg)
-    await server.start()
-    print(f"encoder-service listening on {server.address}", flush=True)
     try:
+        await server.start()
+        print(f"encoder-service listening on {server.address}", flush=True)
         await server.wait()
     finally:
         await server.stop()
@@ -159,14 +165,18 @@ async def serve_forever(cfg: ServerConfig) -> None:
 class BackgroundServer:
     """Runs an EncoderServer on its own event loop in a daemon thread (tests, demos, embedding)."""
 
-    def __init__(self, cfg: ServerConfig, engine: EncoderEngine | None = None):
-        self.server = EncoderServer(cfg, engine)
+    def __init__(self, cfg: ServerConfig):
+        self.server = EncoderServer(cfg)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="encoder-grpc", daemon=True)
 
     def start(self) -> str:
         self._thread.start()
-        return asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout=60)
+        try:
+            return asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout=60)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(grace=0.5), self._loop).result(timeout=30)

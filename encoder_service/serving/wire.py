@@ -27,7 +27,7 @@ import torch
 
 from encoder_service.config import DynamicResolution, TilingSpec
 from encoder_service.engine import EncodeOutput, ModelInfo
-from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput, Unavailable
+from encoder_service.errors import BudgetExceeded, DeadlineExceeded, EncodeFailed, InvalidInput, Unavailable
 from encoder_service.processor import MediaInput, Modality
 from encoder_service.video.decode import VideoSampling
 from encoder_service.proto import encoder_pb2 as pb
@@ -62,6 +62,8 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
 
 def status_for(error: BaseException) -> grpc.StatusCode:
     """The gRPC status an Encode failure maps to (the same on every transport)."""
+    if isinstance(error, EncodeFailed):  # already mapped, in the model process
+        return grpc.StatusCode[error.code]
     if isinstance(error, InvalidInput):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, BudgetExceeded):
@@ -71,6 +73,15 @@ def status_for(error: BaseException) -> grpc.StatusCode:
     if isinstance(error, Unavailable):
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
+
+
+def status_message(error: BaseException) -> str:
+    """The status details for a failure (`status_for`): the message alone for the caller's errors,
+    the exception's type too for internal ones."""
+    if isinstance(error, EncodeFailed):
+        return error.message
+    code = status_for(error)
+    return f"{type(error).__name__}: {error}" if code == grpc.StatusCode.INTERNAL else str(error)
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -213,10 +224,15 @@ _DATA_TAG = _varint(1 << 3 | _LEN)  # Tensor.data
 
 def encode_response_bytes(request: pb.EncodeRequest, out: EncodeOutput, extras: dict | None = None) -> bytes:
     """The serialised EncodeResponse, built around one GIL-free copy of the embedding tensor."""
-    header = response_header(request, out, extras)
+    data = out.embeddings.detach().contiguous().view(torch.uint8).reshape(-1)
+    return response_bytes(response_header(request, out, extras), data)
+
+
+def response_bytes(header: pb.EncodeResponse, data: torch.Tensor) -> bytes:
+    """A header (`response_header`, consumed) and the tensor's bytes (flat uint8) as one serialised
+    EncodeResponse, the bytes copied once without the GIL."""
     tensor_meta = header.embeddings.SerializeToString()
     header.ClearField("embeddings")
-    data = out.embeddings.detach().contiguous().view(torch.uint8).reshape(-1)
     data_field = _DATA_TAG + _varint(data.numel())
     embeddings_len = len(tensor_meta) + len(data_field) + data.numel()
     prefix = header.SerializeToString() + _EMBEDDINGS_TAG + _varint(embeddings_len) + tensor_meta + data_field

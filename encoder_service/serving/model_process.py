@@ -1,0 +1,355 @@
+"""The model in a process of its own; the transports (gRPC server, Ray replica) run in the parent.
+
+Why: sending a 31 MB response holds the GIL where nothing can interrupt it (gRPC's Cython layer
+copies every message into a slice on the event loop; Ray pickles what a replica returns), and
+the event loop runs Python besides. In the model's process each of those holds stalls the ~500
+kernel launches of a batch: on the H100 the gRPC server delivered 0.84x of the engine's packed
+throughput while the Ray handle path, without those copies, reached 0.96x. Here the model thread
+shares its process only with the pipeline's light threads.
+
+What crosses the boundary:
+- requests as serialised `EncodeRequest` bytes (the protobuf is the codec; the child parses and
+  validates them, so a malformed request fails there with its gRPC status);
+- small msgpack control frames over a pipe (`framing.py`; never pickle);
+- the embeddings through a shared output arena (`arena.py`) that the device writes each
+  request's rows into (page-locked in the child); the parent reads them in place and gives them
+  back with `release` once they are on the wire.
+
+Every `encode` frame gets exactly one reply. If the child dies, every pending call fails with
+UNAVAILABLE (retryable) and `alive` turns false; the child exits when the parent does (its pipe
+closes).
+
+    python -m encoder_service.serving.model_process --config JSON --outputs-fd N --outputs-size BYTES   (child)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import queue
+import select
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from encoder_service.config import EngineConfig
+from encoder_service.errors import EncodeFailed, InvalidInput, Unavailable
+from encoder_service.proto import encoder_pb2 as pb
+from encoder_service.serving import wire
+from encoder_service.serving.arena import SharedArena
+from encoder_service.serving.framing import read_frame, write_frame
+from encoder_service.serving.pipeline import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 600.0  # loading a large checkpoint onto a device
+
+
+@dataclass
+class Encoded:
+    """A finished Encode whose embedding rows are still in the shared output arena."""
+
+    header: bytes  # serialised EncodeResponse without the tensor's bytes (`wire.response_header`)
+    data: torch.Tensor  # the tensor's bytes: a flat uint8 view of the arena, valid until `release`
+    offset: int
+    items: int
+    rows: int
+
+    def response_bytes(self) -> bytes:
+        """The whole serialised EncodeResponse (one GIL-free copy out of the arena)."""
+        return wire.response_bytes(pb.EncodeResponse.FromString(self.header), self.data)
+
+
+class ModelProcess:
+    """Starts the child and is its only client: `submit` serialised requests, `release` their rows."""
+
+    def __init__(self, engine: EngineConfig, pipeline: PipelineConfig | None = None, torch_threads: int = 0,
+                 on_exit: Callable[[], None] | None = None):
+        pipeline = pipeline or PipelineConfig()
+        self.outputs = SharedArena(pipeline.output_arena_mb << 20, "encoder-outputs")
+        self._output_bytes = torch.frombuffer(self.outputs.buf, dtype=torch.uint8)
+        config = {"engine": dataclasses.asdict(engine), "pipeline": dataclasses.asdict(pipeline),
+                  "torch_threads": torch_threads}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "encoder_service.serving.model_process", "--config", json.dumps(config),
+             "--outputs-fd", str(self.outputs.fd), "--outputs-size", str(self.outputs.size)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, pass_fds=(self.outputs.fd,),
+        )
+        self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        ready = self._wait_ready()
+        self.info_bytes: bytes = ready["info"]
+        self.info = wire.model_info_from_proto(pb.ModelInfo.FromString(self.info_bytes))
+        self.outputs_pinned: bool = ready["outputs_pinned"]  # the device copies rows straight into the arena
+        self._on_exit = on_exit
+        self._ids = itertools.count()
+        self._pending: dict[int, Future] = {}
+        self._lock = threading.Lock()  # guards _pending and writes to the pipe
+        self.alive = True
+        self._reader = threading.Thread(target=self._read_replies, name="model-process-reader", daemon=True)
+        self._reader.start()
+
+    def _wait_ready(self) -> dict:
+        ready, _, _ = select.select([self._out], [], [], START_TIMEOUT_S)
+        msg = read_frame(self._out) if ready else None
+        if not msg or not msg.get("ready"):
+            reason = msg.get("error") if msg else f"exited with code {self.proc.poll()} (its log is above)"
+            self._kill()
+            raise RuntimeError(f"the encoder model process did not start: {reason}")
+        return msg
+
+    # ------------------------------------------------------------------ calls
+
+    def submit(self, request: bytes, deadline: float | None = None, extras: dict[str, Any] | None = None
+               ) -> Future[Encoded]:
+        """Encode a serialised EncodeRequest; `deadline` is a time.monotonic() instant (the clock is
+        shared by the processes of one host). Cancelling the future drops the request's work.
+        Failures arrive as EncodeFailed carrying the gRPC status name."""
+        future: Future[Encoded] = Future()
+        with self._lock:
+            if not self.alive:
+                raise Unavailable("the encoder model process is not running")
+            call = next(self._ids)
+            self._pending[call] = future
+            try:
+                write_frame(self._in, {"op": "encode", "id": call, "request": request, "deadline": deadline,
+                                       "extras": extras})
+            except OSError:
+                del self._pending[call]
+                raise Unavailable("the encoder model process is not running") from None
+        future.add_done_callback(lambda f: f.cancelled() and self._send({"op": "cancel", "id": call}))
+        return future
+
+    def release(self, encoded: Encoded) -> None:
+        """Give a finished request's rows back; `encoded.data` must not be read afterwards."""
+        self._send({"op": "free", "offset": encoded.offset})
+
+    def stats(self, timeout: float = 10.0) -> dict[str, int]:
+        """Bytes in use in the child's arenas (tests and metrics: nothing may leak)."""
+        future: Future[dict] = Future()
+        with self._lock:
+            call = next(self._ids)
+            self._pending[call] = future
+            write_frame(self._in, {"op": "stats", "id": call})
+        return future.result(timeout)
+
+    def _send(self, message: dict) -> None:
+        with self._lock:
+            if self.alive:
+                try:
+                    write_frame(self._in, message)
+                except OSError:  # the child is gone; the reader fails what is pending
+                    pass
+
+    # ------------------------------------------------------------------ replies
+
+    def _read_replies(self) -> None:
+        while (msg := read_frame(self._out)) is not None:
+            with self._lock:
+                future = self._pending.pop(msg["id"], None)
+            if "stats" in msg:
+                future.set_result(msg["stats"])
+            elif msg["ok"]:
+                encoded = Encoded(msg["header"], self._output_bytes[msg["offset"] : msg["offset"] + msg["nbytes"]],
+                                  msg["offset"], msg["items"], msg["rows"])
+                try:
+                    future.set_result(encoded)
+                except (InvalidStateError, AttributeError):  # cancelled meanwhile: nobody will read the rows
+                    self.release(encoded)
+            elif future is not None:
+                try:
+                    future.set_exception(EncodeFailed(msg["code"], msg["message"]))
+                except InvalidStateError:
+                    pass
+        code = self.proc.wait()
+        with self._lock:
+            if self.alive:  # not closed by us
+                log.error("the encoder model process exited (code %s)", code)
+            self.alive = False
+            pending, self._pending = list(self._pending.values()), {}
+        for future in pending:
+            try:
+                future.set_exception(EncodeFailed("UNAVAILABLE", "the encoder model process exited; retry elsewhere"))
+            except InvalidStateError:
+                pass
+        if self._on_exit is not None:
+            self._on_exit()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the child (closing its pipe lets it finish and exit) and unmap the arena."""
+        with self._lock:
+            self.alive = False
+            self._on_exit = None
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._kill()
+        self._reader.join(timeout=5)
+        self.proc.stdout.close()
+        self.outputs.close()
+
+    def _kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+# ---------------------------------------------------------------------- the child
+
+
+@dataclass(eq=False)
+class _Call:
+    id: int
+    request: bytes
+    deadline: float | None
+    extras: dict | None
+    cancelled: bool = False
+    future: Future | None = None
+
+
+class _Child:
+    """The child's side: a reader (this thread), an admission thread (output memory may have to
+    wait for room; frees and cancels must not wait behind it) and the pipeline's own threads."""
+
+    def __init__(self, pipeline, out_fd: int):
+        self.pipeline = pipeline
+        self._out = out_fd
+        self._write_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._calls: dict[int, _Call] = {}
+        self._admissions: queue.Queue[_Call | None] = queue.Queue()
+        self._admitter = threading.Thread(target=self._admit_loop, name="model-process-admission", daemon=True)
+        self._admitter.start()
+
+    def _reply(self, message: dict) -> None:
+        with self._write_lock:
+            write_frame(self._out, message)
+
+    def serve(self, in_fd: int) -> None:
+        while (msg := read_frame(in_fd)) is not None:
+            op = msg["op"]
+            if op == "encode":
+                call = _Call(msg["id"], msg["request"], msg["deadline"], msg["extras"])
+                with self._lock:
+                    self._calls[call.id] = call
+                self._admissions.put(call)
+            elif op == "cancel":
+                with self._lock:
+                    call = self._calls.get(msg["id"])
+                    if call is not None:
+                        call.cancelled = True
+                        future = call.future
+                if call is not None and future is not None:
+                    future.cancel()
+            elif op == "free":
+                self.pipeline.release_offset(msg["offset"])
+            elif op == "stats":
+                self._reply({"id": msg["id"], "stats": {
+                    "outputs_in_use": self.pipeline.outputs.bytes_in_use,
+                    "tiles_in_use": self.pipeline.arena.bytes_in_use,
+                }})
+        self._admissions.put(None)
+
+    def _admit_loop(self) -> None:
+        while (call := self._admissions.get()) is not None:
+            try:
+                request = pb.EncodeRequest.FromString(call.request)
+            except Exception:  # noqa: BLE001 - protobuf's DecodeError
+                self._fail(call, InvalidInput("malformed EncodeRequest"))
+                continue
+            try:
+                items = [wire.media_from_proto(m) for m in request.items]
+                future = self.pipeline.submit(items, call.deadline)
+            except Exception as e:  # what headers reveal: the call fails, the process goes on
+                self._fail(call, e)
+                continue
+            with self._lock:
+                call.future = future
+                cancelled = call.cancelled
+            if cancelled:
+                future.cancel()
+            future.add_done_callback(lambda f, call=call, request=request: self._finished(call, request, f))
+
+    def _finished(self, call: _Call, request: pb.EncodeRequest, future: Future) -> None:
+        if future.cancelled():
+            self._fail(call, Unavailable("cancelled"))
+            return
+        if (error := future.exception()) is not None:
+            self._fail(call, error)
+            return
+        out = future.result()
+        try:
+            header = wire.response_header(request, out, {**out.stats, **(call.extras or {})})
+            nbytes = out.embeddings.numel() * out.embeddings.element_size()
+            reply = {"id": call.id, "ok": True, "header": header.SerializeToString(), "nbytes": nbytes,
+                     "offset": self.pipeline.output_offset(out), "items": len(request.items),
+                     "rows": int(out.embeddings.shape[0])}
+        except Exception as e:  # noqa: BLE001
+            self.pipeline.release(out)
+            self._fail(call, e)
+            return
+        self._done(call)
+        self._reply(reply)
+
+    def _fail(self, call: _Call, error: BaseException) -> None:
+        code = wire.status_for(error).name
+        if code == "INTERNAL":
+            log.error("Encode failed", exc_info=error)
+        self._done(call)
+        self._reply({"id": call.id, "ok": False, "code": code, "message": wire.status_message(error)})
+
+    def _done(self, call: _Call) -> None:
+        with self._lock:
+            self._calls.pop(call.id, None)
+
+
+def process_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--outputs-fd", type=int, required=True)
+    p.add_argument("--outputs-size", type=int, required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s model-process %(message)s")
+    in_fd, out_fd = sys.stdin.fileno(), os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the protocol
+    config = json.loads(args.config)
+    try:
+        from encoder_service.engine import EncoderEngine
+        from encoder_service.serving.pipeline import EncodePipeline
+
+        if config.get("torch_threads"):
+            torch.set_num_threads(config["torch_threads"])
+        engine = EncoderEngine(EngineConfig(**config["engine"]))
+        outputs = SharedArena(args.outputs_size, fd=args.outputs_fd)
+        pipeline = EncodePipeline(engine, PipelineConfig(**config["pipeline"]), outputs=outputs)
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it at start-up
+        log.exception("could not start the encoder")
+        write_frame(out_fd, {"ready": False, "error": f"{type(e).__name__}: {e}"})
+        return 1
+    write_frame(out_fd, {"ready": True, "info": wire.model_info_to_proto(engine.info()).SerializeToString(),
+                         "outputs_pinned": pipeline.outputs_pinned})
+    child = _Child(pipeline, out_fd)
+    try:
+        child.serve(in_fd)
+    finally:
+        pipeline.close()
+    return 0
+
+
+if __name__ == "__main__":
+    code = process_main()
+    sys.stdout.flush()
+    os._exit(code)  # daemon threads (dispatchers, completion) must not hold the exit up
