@@ -50,7 +50,8 @@ def test_shared_memory_is_given_back_after_successes_errors_deadlines_and_cancel
             client.encode(_images(rng, 8), timeout=0.005)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         call = client.channel.unary_unary(ENCODE_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)
-        request = pb.EncodeRequest(items=[wire.media_to_proto(i) for i in _images(rng, 8)])
+        video = MediaInput(Modality.VIDEO, rng.integers(0, 256, (6, 48, 64, 3), dtype=np.uint8), pruning_rate=0.5)
+        request = pb.EncodeRequest(items=[wire.media_to_proto(i) for i in _images(rng, 8) + [video]])
         pending = [call.future(request, timeout=60) for _ in range(4)]
         time.sleep(0.05)
         for future in pending:

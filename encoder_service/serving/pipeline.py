@@ -86,8 +86,11 @@ class _Request:
     def succeeded(self) -> bool:
         return self.future.done() and not self.future.cancelled() and self.future.exception() is None
 
-    def tiles_in_flight(self) -> bool:
-        return any(item.tiles_launched != item.tiles_done for item in self.items)
+    def writing_output(self) -> bool:
+        """Whether something may still write its rows: tiles in flight on the device, or a video whose
+        frames are all in and whose pruning (into `out`) is pending."""
+        return any(item.tiles_launched != item.tiles_done
+                   or (item.scratch is not None and item.tiles_done == item.plan.num_tiles) for item in self.items)
 
     def fail(self, error: BaseException) -> None:
         try:
@@ -229,10 +232,11 @@ class EncodePipeline:
         return out.embeddings.data_ptr() - self._output_bytes.data_ptr()
 
     def _return_output(self, request: _Request) -> None:
-        """A failed or cancelled request's rows go back to the arena once no batch in flight writes them
-        (the device may still be copying into them); a successful one's belong to the consumer."""
+        """A failed or cancelled request's rows go back to the arena once nothing writes them any more (the
+        device may still be copying into them, EVS may be pruning into them); a successful one's belong to
+        the consumer."""
         with self._lock:
-            if request.output_offset is None or request.succeeded() or request.tiles_in_flight():
+            if request.output_offset is None or request.succeeded() or request.writing_output():
                 return
             offset, request.output_offset = request.output_offset, None
         self.outputs.free(offset)
@@ -373,8 +377,11 @@ class EncodePipeline:
                     item, request = span.item, span.item.request
                     item.tiles_done += span.num_tiles
                     request.tiles_left -= span.num_tiles
-                    if item.scratch is not None and item.tiles_done == item.plan.num_tiles and batch.error is None:
-                        to_prune.append(item)
+                    if item.scratch is not None and item.tiles_done == item.plan.num_tiles:
+                        if batch.error is None:
+                            to_prune.append(item)
+                        else:  # nothing will be pruned into the request's rows
+                            item.scratch = None
                     if item.tiles_done == item.tiles_launched and (
                         item.tiles_done == item.plan.num_tiles or not request.is_live() or batch.error
                     ):
