@@ -37,6 +37,11 @@ def _output(dtype, rows=23, hidden=17, counts=(5, 0, 18)):
     return EncodeOutput(emb, list(counts), [1, 0, 2], [[], [], [9, 9]], stats={"forward_ms": 1.5})
 
 
+def _response_bytes(request, out):
+    """As the serving path builds a response: the header, then the tensor's bytes framed around it."""
+    return wire.response_bytes(wire.response_header(request, out), out.embeddings.contiguous().view(torch.uint8).reshape(-1))
+
+
 def _request(n=3):
     return pb.EncodeRequest(
         request_id="r-1", items=[pb.MediaItem(item_id=f"item{i}", content_hash=f"h{i}") for i in range(n)]
@@ -47,7 +52,7 @@ def _request(n=3):
 def test_fast_response_bytes_parse_to_the_reference_message(dtype):
     """Any protobuf parser reads the hand-framed bytes as the generated code's own message."""
     out = _output(dtype)
-    fast = wire.encode_response_bytes(_request(), out)
+    fast = _response_bytes(_request(), out)
     assert pb.EncodeResponse.FromString(fast) == wire.encode_response(_request(), out)
 
 
@@ -56,7 +61,7 @@ def test_fast_response_bytes_parse_to_the_reference_message(dtype):
 def test_client_parse_is_bit_exact_for_fast_and_standard_encodings(dtype, copy):
     out = _output(dtype)
     standard = wire.encode_response(_request(), out).SerializeToString()  # embeddings field first
-    for data in (wire.encode_response_bytes(_request(), out), standard):
+    for data in (_response_bytes(_request(), out), standard):
         result = wire.decode_response(data, copy=copy)
         assert result.embeddings.dtype == dtype and result.embeddings.shape == out.embeddings.shape
         assert torch.equal(result.embeddings.view(torch.uint8), out.embeddings.view(torch.uint8))
@@ -67,7 +72,7 @@ def test_client_parse_is_bit_exact_for_fast_and_standard_encodings(dtype, copy):
 
 
 def test_copy_owns_its_memory_and_view_does_not():
-    data = wire.encode_response_bytes(_request(), _output(torch.float32))
+    data = _response_bytes(_request(), _output(torch.float32))
     owned = wire.decode_response(data, copy=True).embeddings
     view = wire.decode_response(data, copy=False).embeddings
     owned.zero_()  # writable, and independent of the received bytes
@@ -76,7 +81,7 @@ def test_copy_owns_its_memory_and_view_does_not():
 
 def test_empty_response_and_mismatched_bytes():
     empty = _output(torch.float32, rows=0, counts=(0, 0, 0))
-    assert wire.decode_response(wire.encode_response_bytes(_request(), empty)).embeddings.shape == (0, 17)
+    assert wire.decode_response(_response_bytes(_request(), empty)).embeddings.shape == (0, 17)
     bad = wire.encode_response(_request(), _output(torch.float32))
     bad.embeddings.shape[:] = [24, 17]
     with pytest.raises(InvalidInput, match="needs"):

@@ -4,8 +4,9 @@ Tensors travel as raw bytes + dtype + shape; schema-less extras as msgpack.
 
 The embedding tensor is nearly all of an EncodeResponse (31 MB for two images at LLM width
 5120 in bf16), so its path is kept to the copies that cannot be avoided:
-- server: `encode_response_bytes` serialises everything else with the generated code and
-  frames the tensor field by hand around ONE copy of the tensor, made without the GIL;
+- server: the model process serialises everything else with the generated code
+  (`response_header`); the transport's `response_bytes` frames the tensor field by hand around
+  ONE copy of the tensor's bytes, made without the GIL;
 - client: `decode_response` reads the serialised bytes in place: the tensor is a view of
   the received message (plus one GIL-free copy if the caller wants a tensor of its own).
 The bytes are ordinary protobuf (field order is free in the wire format): any client
@@ -220,12 +221,6 @@ def _varint(n: int) -> bytes:
 _LEN = 2  # protobuf wire type of bytes and messages
 _EMBEDDINGS_TAG = _varint(2 << 3 | _LEN)  # EncodeResponse.embeddings
 _DATA_TAG = _varint(1 << 3 | _LEN)  # Tensor.data
-
-
-def encode_response_bytes(request: pb.EncodeRequest, out: EncodeOutput, extras: dict | None = None) -> bytes:
-    """The serialised EncodeResponse, built around one GIL-free copy of the embedding tensor."""
-    data = out.embeddings.detach().contiguous().view(torch.uint8).reshape(-1)
-    return response_bytes(response_header(request, out, extras), data)
 
 
 def response_bytes(header: pb.EncodeResponse, data: torch.Tensor) -> bytes:
