@@ -113,18 +113,7 @@ class ModelProcess:
         """Encode a serialised EncodeRequest; `deadline` is a time.monotonic() instant (the clock is
         shared by the processes of one host). Cancelling the future drops the request's work.
         Failures arrive as EncodeFailed carrying the gRPC status name."""
-        future: Future[Encoded] = Future()
-        with self._lock:
-            if not self.alive:
-                raise Unavailable("the encoder model process is not running")
-            call = next(self._ids)
-            self._pending[call] = future
-            try:
-                write_frame(self._in, {"op": "encode", "id": call, "request": request, "deadline": deadline,
-                                       "extras": extras})
-            except OSError:
-                del self._pending[call]
-                raise Unavailable("the encoder model process is not running") from None
+        future, call = self._call({"op": "encode", "request": request, "deadline": deadline, "extras": extras})
         future.add_done_callback(lambda f: f.cancelled() and self._send({"op": "cancel", "id": call}))
         return future
 
@@ -134,12 +123,22 @@ class ModelProcess:
 
     def stats(self, timeout: float = 10.0) -> dict[str, int]:
         """Bytes in use in the child's arenas (tests and metrics: nothing may leak)."""
-        future: Future[dict] = Future()
+        return self._call({"op": "stats"})[0].result(timeout)
+
+    def _call(self, message: dict) -> tuple[Future, int]:
+        """Send a message that the child answers once (by its id); the future resolves with the answer."""
+        future: Future = Future()
         with self._lock:
+            if not self.alive:
+                raise Unavailable("the encoder model process is not running")
             call = next(self._ids)
             self._pending[call] = future
-            write_frame(self._in, {"op": "stats", "id": call})
-        return future.result(timeout)
+            try:
+                write_frame(self._in, {**message, "id": call})
+            except OSError:
+                del self._pending[call]
+                raise Unavailable("the encoder model process is not running") from None
+        return future, call
 
     def _send(self, message: dict) -> None:
         with self._lock:
@@ -161,8 +160,10 @@ class ModelProcess:
                 encoded = Encoded(msg["header"], self._output_bytes[msg["offset"] : msg["offset"] + msg["nbytes"]],
                                   msg["offset"], msg["items"], msg["rows"])
                 try:
+                    if future is None:
+                        raise InvalidStateError("no caller")
                     future.set_result(encoded)
-                except (InvalidStateError, AttributeError):  # cancelled meanwhile: nobody will read the rows
+                except InvalidStateError:  # cancelled meanwhile: nobody will read the rows
                     self.release(encoded)
             elif future is not None:
                 try:
