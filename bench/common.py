@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from encoder_service.config import PRESETS
+from encoder_service.engine import EncoderEngine
 from encoder_service.models import save_checkpoint
 from encoder_service.models.checkpoint import random_encoder
 
@@ -25,6 +26,30 @@ IMAGE_MIXES = {
     # 2:1 images: 2 tiles + thumbnail each.
     "wide": [(1024, 512), (800, 400), (1200, 600)],
 }
+
+
+# Measured 8192^3 bf16 matmul on random data (../shared/gpu/README.md): the MFU denominator.
+BF16_PEAK_TFLOPS = {"H100": 798.0}
+
+
+def model_flops(engine: EncoderEngine, seq_lens: list[int], out_rows: int) -> float:
+    """Matmul FLOPs of one pass: per ViT token 2(4D^2 + 2DI) per layer, attention 4 L D per token per
+    layer, the patch embedder, and the projector per output row."""
+    v, proj = engine.model.cfg.vision, engine.model.cfg.projector
+    d, layers, tokens = v.hidden_size, v.num_layers, sum(seq_lens)
+    mlp_ratio = v.intermediate_size / d
+    per_layer = tokens * (8 + 4 * mlp_ratio) * d * d + 4 * d * sum(n * n for n in seq_lens)
+    embed = 2 * tokens * 3 * v.patch_size**2 * d
+    if proj is None:
+        return layers * per_layer + embed
+    width = d * proj.downsample**2
+    return layers * per_layer + embed + 2 * out_rows * (width * proj.hidden_size + proj.hidden_size * proj.output_size)
+
+
+def mfu(tflops: float, device: torch.device) -> float | None:
+    """Model FLOP/s as a fraction of the device's measured bf16 matmul peak (None if unknown)."""
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device_name(device)), None)
+    return round(tflops / peak, 3) if peak else None
 
 
 def preset_checkpoint(preset: str, root: Path) -> Path:

@@ -22,14 +22,11 @@ from pathlib import Path
 
 import torch
 
-from bench.common import device_name, interleaved_medians, jpeg_mix
+from bench.common import device_name, interleaved_medians, jpeg_mix, mfu, model_flops
 from encoder_service.config import EngineConfig
 from encoder_service.engine import EncoderEngine
 from encoder_service.processor import MediaInput, Modality
 from tests.nemotron_fixture import write_nemotron_checkpoint
-
-BF16_PEAK_TFLOPS = {"H100": 798.0}  # measured 8192^3 bf16 matmul (../shared/gpu/README.md)
-
 
 def write_pair(root: Path, model: str, patches: tuple[int, int], projector: int, llm: int) -> tuple[Path, Path]:
     """The dynamic-resolution checkpoint and a tiled twin sharing its shards."""
@@ -47,18 +44,6 @@ def write_pair(root: Path, model: str, patches: tuple[int, int], projector: int,
         config["vision_config"]["args"].pop(key)
     (tiled / "config.json").write_text(json.dumps(config))
     return dynamic, tiled
-
-
-def model_flops(engine: EncoderEngine, seq_lens: list[int], out_rows: int) -> float:
-    """Matmul FLOPs of one pass: per ViT token 24 D^2 per layer, attention 4 L D per token per layer,
-    the patch embedder, and the projector per output row."""
-    v, proj = engine.model.cfg.vision, engine.model.cfg.projector
-    d, layers, tokens = v.hidden_size, v.num_layers, sum(seq_lens)
-    mlp_ratio = v.intermediate_size / d
-    per_layer = tokens * (8 + 4 * mlp_ratio) * d * d + 4 * d * sum(n * n for n in seq_lens)
-    embed = 2 * tokens * 3 * v.patch_size**2 * d
-    width = d * proj.downsample**2
-    return layers * per_layer + embed + 2 * out_rows * (width * proj.hidden_size + proj.hidden_size * proj.output_size)
 
 
 def percentile(values: list[int], q: float) -> int:
@@ -97,7 +82,6 @@ def main() -> None:
     medians = interleaved_medians({name: (lambda r=r: r[0].run(r[1])) for name, r in runs.items()}, args.repeats)
 
     engine = runs["dynamic"][0]
-    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device_name(engine.device)), None)
     result = {"bench": "dynamic_resolution", "device": device_name(engine.device), "model": args.model,
               "dtype": str(engine.dtype).removeprefix("torch."), "attention": engine.attention.name,
               "images": len(items), "dynamic_patches": [lo, hi], "checkpoint_write_s": round(write_s, 1)}
@@ -115,7 +99,7 @@ def main() -> None:
             "vit_tokens_per_s": round(sum(seq_lens) / seconds),
             "output_tokens_per_s": round(out_rows / seconds),
             "model_tflops": round(tflops, 1),
-            "mfu": round(tflops / peak, 3) if peak else None,
+            "mfu": mfu(tflops, engine.device),
         }
     result["runs"] = rows
     result["tiled_over_dynamic_time"] = round(medians["tiled"] / medians["dynamic"], 2)

@@ -239,16 +239,16 @@ def engine_baseline(cfg: EngineConfig, requests, repeats: int) -> tuple[dict, di
 
 
 @contextlib.contextmanager
-def standalone_server(checkpoint: str, args, port: int):
-    cmd = [sys.executable, "-m", "encoder_service.cli", "serve", "--port", str(port), "--checkpoint", checkpoint,
+def standalone_server(checkpoint: str, args):
+    cmd = [sys.executable, "-m", "encoder_service.cli", "serve", "--port", "0", "--checkpoint", checkpoint,
            "--device", args.device, "--dtype", args.dtype, "--max-tokens-per-request", str(1 << 20),
            "--preprocess-workers", str(args.preprocess_workers)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()  # "encoder-service listening on ..."
+        line = proc.stdout.readline()  # "encoder-service listening on HOST:PORT"
         if "listening" not in line:
             raise RuntimeError(f"server did not start: {line!r}")
-        yield f"127.0.0.1:{port}"
+        yield line.split()[-1]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -325,9 +325,8 @@ def main() -> None:
 
     if "grpc" in paths:
         from encoder_service.serving.client import EncoderClient
-        from encoder_service.serving.ray_app import free_port
 
-        with standalone_server(checkpoint, args, free_port()) as address:
+        with standalone_server(checkpoint, args) as address:
             for n in clients:
                 report("grpc", n, run_grpc_clients(address, n, requests, args.duration))
             with EncoderClient(address) as c:

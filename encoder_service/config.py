@@ -191,7 +191,10 @@ class EngineConfig:
     checkpoint: str | None = None  # None: the embedded tiny random checkpoint
     device: str = "auto"  # "auto" -> cuda if available else cpu
     dtype: str = "auto"  # "auto" -> bfloat16 on cuda, float32 on cpu
-    attention_backend: str = "auto"  # "torch", "flashinfer", "auto"
+    attention_backend: str = "auto"  # "auto" (per batch), "torch", "torch-cudnn", "torch-varlen", "flashinfer"
+    # Matmul-epilogue GELU (tanh form, see models.vit.KernelOptions); None: on for bf16/fp16 CUDA.
+    gelu_epilogue: bool | None = None
+    compile_norms: bool = False  # residual add + LayerNorm fused by torch.compile (CUDA; slower start-up)
     max_tokens_per_batch: int = 16384  # ViT tokens in one ragged forward
     max_tokens_per_request: int = 65536  # output tokens one Encode may produce
     max_items_per_request: int = 64

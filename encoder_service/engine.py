@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from encoder_service.attention import get_backend
+from encoder_service.attention import AttentionSpec, get_backend
 from encoder_service.batching import TileQueue
 from encoder_service.config import DynamicResolution, EngineConfig, TilingSpec
 from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput
 from encoder_service.models import load_checkpoint, tiny_checkpoint_dir
-from encoder_service.models.vit import PackedTiles, patchify_hwc
+from encoder_service.models.vit import KernelOptions, PackedTiles, patchify_hwc
 from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, ProcessedItem, Size, byte_range
 from encoder_service.video.evs import check_rate, prune
 
@@ -98,20 +98,33 @@ class EncoderEngine:
             check_rate(cfg.video_pruning_rate)
             proc = dataclasses.replace(proc, video_pruning_rate=cfg.video_pruning_rate)
         self.processor = ImageProcessor(proc)
-        self.attention = get_backend(cfg.attention_backend, self.device)
-        self.patch_size = p = self.model.cfg.vision.patch_size
+        vision = self.model.cfg.vision
+        self.patch_size = p = vision.patch_size
         # Per patch-row column (channel-major inside a patch, as patchify_hwc lays them out).
         self._mean = torch.tensor(proc.image_mean, device=self.device).repeat_interleave(p * p)
         self._std = torch.tensor(proc.image_std, device=self.device).repeat_interleave(p * p)
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._preprocess_pool = ThreadPoolExecutor(max(1, cfg.preprocess_threads), thread_name_prefix="preprocess")
-        largest = self.piece_tokens((self.tiling.tile_size,) * 2)
+        shortest = largest = self.piece_tokens((self.tiling.tile_size,) * 2)
         if proc.dynamic is not None:
-            largest = max(largest, proc.dynamic.max_num_patches + self.model.cfg.vision.num_prefix_tokens)
+            largest = max(largest, proc.dynamic.max_num_patches + vision.num_prefix_tokens)
+            shortest = min(shortest, proc.dynamic.min_num_patches + vision.num_prefix_tokens)
         if cfg.max_tokens_per_batch < largest:
             raise ValueError(
                 f"max_tokens_per_batch={cfg.max_tokens_per_batch} is below the longest sequence this model "
                 f"can get ({largest} ViT tokens); raise it to at least {largest}"
             )
+        # Unusable backends and kernel options fail here, at start-up, never mid-request.
+        self.attention = get_backend(
+            cfg.attention_backend, AttentionSpec(self.device, vision.num_heads, vision.head_dim, self.dtype)
+        )
+        if hasattr(self.attention, "warmup"):  # build the kernels' per-shape graphs now, not on a request
+            self.attention.warmup(cfg.max_tokens_per_batch, shortest, largest)
+        fast = self.device.type == "cuda" and self.dtype != torch.float32
+        self.model.vit.use_kernels(KernelOptions(
+            gelu_epilogue=fast if cfg.gelu_epilogue is None else cfg.gelu_epilogue,
+            compile_norms=cfg.compile_norms,
+        ))
 
     def piece_tokens(self, size: Size) -> int:
         """ViT tokens of one piece of `size` (h, w) pixels: its patches plus the prefix tokens."""
@@ -180,14 +193,17 @@ class EncoderEngine:
         x = ((batch.patches.float() / 255.0 - self._mean) / self._std).to(self.dtype)
         return self.model(PackedTiles(x, batch.grids), self.attention)
 
-    def launch(self, pixels: list[torch.Tensor], sizes: list[list[Size]], outputs: list[torch.Tensor]) -> None:
+    def launch(
+        self, pixels: list[torch.Tensor], sizes: list[list[Size]], outputs: list[torch.Tensor]
+    ) -> torch.cuda.Event | None:
         """Encode groups of pieces as ONE ragged forward; write group i's rows into `outputs[i]`.
 
         pixels[i]: flat uint8, the pieces of `sizes[i]` back to back, on the host or the device;
         outputs[i]: [sum(piece_rows), hidden]. On CUDA nothing waits for the device: host pixels
-        must stay untouched, and outputs unread, until the caller synchronises (or an event
-        recorded after this call completes). Host pixels that are not page-locked are staged
-        through pinned memory first.
+        must stay untouched, and outputs unread, until the returned event has completed (or the
+        caller synchronises). Host pixels that are not page-locked are staged through pinned
+        memory first. The rows go out on a copy stream of their own, so a batch's
+        device-to-host copy overlaps the next batch's forward.
         """
         if self.device.type == "cuda":
             flat = torch.empty(sum(t.numel() for t in pixels), dtype=torch.uint8, device=self.device)
@@ -199,6 +215,20 @@ class EncoderEngine:
         else:
             flat = pixels[0].reshape(-1) if len(pixels) == 1 else torch.cat([t.reshape(-1) for t in pixels])
         embeddings = self.forward(flat, [size for group in sizes for size in group])
+        if self._copy_stream is None:
+            self._write_rows(embeddings, sizes, outputs)
+            return None
+        forward_done = torch.cuda.Event()
+        forward_done.record()
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(forward_done)
+            self._write_rows(embeddings, sizes, outputs)
+            rows_out = torch.cuda.Event(blocking=True)
+            rows_out.record()
+        embeddings.record_stream(self._copy_stream)  # not reused by the next forward until copied
+        return rows_out
+
+    def _write_rows(self, embeddings: torch.Tensor, sizes: list[list[Size]], outputs: list[torch.Tensor]) -> None:
         row = 0
         for group, out in zip(sizes, outputs):
             n = sum(self.piece_rows(size) for size in group)
@@ -208,6 +238,7 @@ class EncoderEngine:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+            self._copy_stream.synchronize()
 
     # ------------------------------------------------------------------ in-process path
 

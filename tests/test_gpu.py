@@ -118,3 +118,70 @@ def test_nemotron_dynamic_resolution_bf16_cuda_matches_fp32_cpu(tmp_path):
     assert gpu.token_counts == cpu.token_counts and len(set(gpu.token_counts[:2])) == 2
     for got, want in zip(gpu.split(), cpu.split()):
         assert ((got.float() - want).norm() / want.norm()).item() < 2e-2
+
+
+# ---------------------------------------------------------------- attention backends (issue 8)
+
+ATTENTION_NAMES = ["torch", "torch-cudnn", "torch-varlen", "flashinfer", "auto"]
+
+
+def _backend_or_skip(name: str, heads: int, head_dim: int):
+    from encoder_service.attention import AttentionSpec, AttentionUnavailable, get_backend
+
+    spec = AttentionSpec(torch.device("cuda", torch.cuda.current_device()), heads, head_dim, torch.bfloat16)
+    try:
+        return get_backend(name, spec)
+    except AttentionUnavailable as e:
+        if name == "flashinfer" and "No module named" in str(e):
+            pytest.skip(f"FlashInfer not installed: {e}")
+        raise
+
+
+@pytest.mark.parametrize("name", ATTENTION_NAMES)
+@pytest.mark.parametrize("heads,head_dim", [(16, 80), (3, 64)])
+def test_every_backend_equals_the_fp32_reference_on_ragged_batches(name, heads, head_dim):
+    from encoder_service.attention import reference_attention
+
+    backend = _backend_or_skip(name, heads, head_dim)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    for lengths in ([1, 7, 1029, 8192] + torch.randint(1, 3000, (5,), generator=gen).tolist(),
+                    [1029] * 16, [1], [7, 7], [8192]):
+        q, k, v = (torch.randn(sum(lengths), heads, head_dim, generator=gen, device="cpu") for _ in range(3))
+        want = reference_attention(*(t.cuda() for t in (q, k, v)), lengths)
+        indptr = F.pad(torch.tensor(lengths).cumsum(0), (1, 0))
+        got = backend.run(backend.plan(indptr, heads, head_dim), *(t.cuda().bfloat16() for t in (q, k, v))).float()
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-2, (name, lengths[:6], err)
+        # Each sequence on its own too (a kernel mixing sequences up can still get the norm right).
+        start = 0
+        for n in lengths:
+            part = slice(start, start + n)
+            assert ((got[part] - want[part]).norm() / want[part].norm()).item() < 2e-2, (name, n)
+            start += n
+
+
+@pytest.mark.parametrize("name", ATTENTION_NAMES)
+def test_engine_gives_the_same_embeddings_with_every_backend(name, tmp_path):
+    """Dynamic resolution (sequences of several lengths in one batch) and tiles, per backend,
+    against the fp32 CPU engine."""
+    from tests.nemotron_fixture import write_nemotron_checkpoint
+
+    _backend_or_skip(name, 3, 64)
+    path = write_nemotron_checkpoint(tmp_path / "vlm", seed=5, dynamic=(64, 1024))
+    items = [MediaInput(Modality.IMAGE, image_bytes(w, h, seed=i)) for i, (w, h) in enumerate([(640, 480), (90, 300), (1024, 200)])]
+    items.append(MediaInput(Modality.VIDEO, [image_bytes(64, 64, seed=9)] * 3))
+    cpu = EncoderEngine(EngineConfig(checkpoint=str(path), device="cpu")).encode(items)
+    gpu_engine = EncoderEngine(EngineConfig(checkpoint=str(path), device="cuda", attention_backend=name))
+    gpu = gpu_engine.encode(items)
+    assert gpu.token_counts == cpu.token_counts
+    for got, want in zip(gpu.split(), cpu.split()):
+        assert ((got.float() - want).norm() / want.norm()).item() < 2e-2, name
+
+
+def test_compiled_norms_and_gelu_epilogue_keep_the_embeddings(tiny_checkpoint):
+    items = [MediaInput(Modality.IMAGE, image_bytes(w, h, seed=3)) for w, h in [(640, 480), (100, 300)]]
+    cpu = EncoderEngine(EngineConfig(checkpoint=str(tiny_checkpoint), device="cpu")).encode(items)
+    for options in (dict(gelu_epilogue=True, compile_norms=True), dict(gelu_epilogue=False, compile_norms=False)):
+        gpu = EncoderEngine(EngineConfig(checkpoint=str(tiny_checkpoint), device="cuda", **options)).encode(items)
+        err = (gpu.embeddings.float() - cpu.embeddings).norm() / cpu.embeddings.norm()
+        assert err.item() < 2e-2, options

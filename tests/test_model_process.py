@@ -67,7 +67,8 @@ def test_a_full_output_arena_makes_requests_wait_and_a_response_larger_than_it_i
     """1 MB of output arena holds ~2 of these 8-image responses: 8 concurrent callers all get their own
     rows (they waited for room), and one response that could never fit gets RESOURCE_EXHAUSTED."""
     rng = np.random.default_rng()
-    engine_config = dataclasses.replace(engine_config, max_tokens_per_request=16384)
+    # float32 rows on every device (bf16 on a GPU would halve the bytes this test sizes).
+    engine_config = dataclasses.replace(engine_config, max_tokens_per_request=16384, dtype="float32")
     reference = EncoderEngine(engine_config)
     row_bytes = reference.info().hidden_size * 4
     cfg = ServerConfig(port=0, engine=engine_config, pipeline=PipelineConfig(preprocess_workers=2, output_arena_mb=1))

@@ -4,14 +4,21 @@ Tiles of one model all have the same length, so a ragged batch is usually one
 or a few length groups; grouping keeps memory at O(group * L^2) per group (and
 O(L) with fused SDPA kernels) instead of a dense block-diagonal mask over all
 tokens, and it never lets one sequence see another.
+
+Two registered names share this code: "torch" lets SDPA pick its kernel (on an H100 with
+torch 2.11 it already takes cuDNN for some shapes, flash for others; math/efficient on the
+CPU); "torch-cudnn" makes cuDNN's fused attention SDPA's first choice, with flash for the
+shapes cuDNN declines (very short sequences), so no batch shape can fail mid-request.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass(frozen=True)
@@ -29,13 +36,20 @@ class TorchPlan:
     groups: list[LengthGroup]
 
 
+def sequence_bounds(indptr: torch.Tensor) -> list[int]:
+    """indptr as a checked Python list: starts at 0, never decreases."""
+    bounds = [int(x) for x in indptr.tolist()]
+    if not bounds or bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError("indptr must start at 0 and be non-decreasing")
+    return bounds
+
+
 class TorchRaggedAttention:
     name = "torch"
+    kernels: list[SDPBackend] | None = None  # SDPA's kernels in order of priority; None: SDPA chooses
 
-    def plan(self, indptr: torch.Tensor, num_heads: int, head_dim: int) -> TorchPlan:
-        bounds = [int(x) for x in indptr.tolist()]
-        if any(b > a for a, b in zip(bounds[1:], bounds[:-1])) or (bounds and bounds[0] != 0):
-            raise ValueError("indptr must start at 0 and be non-decreasing")
+    def plan(self, indptr: torch.Tensor, num_heads: int = 0, head_dim: int = 0) -> TorchPlan:
+        bounds = sequence_bounds(indptr)
         starts_by_length: dict[int, list[int]] = {}
         for start, end in zip(bounds[:-1], bounds[1:]):
             if end > start:
@@ -45,25 +59,40 @@ class TorchRaggedAttention:
             contiguous = all(b - a == length for a, b in zip(starts[:-1], starts[1:]))
             rows = torch.tensor(starts)[:, None] + torch.arange(length)[None, :]
             groups.append(LengthGroup(length, rows, starts[0] if contiguous else None))
-        return TorchPlan(bounds[-1] if bounds else 0, groups)
+        return TorchPlan(bounds[-1], groups)
 
     def run(self, plan: TorchPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if q.shape[0] != plan.total_tokens:
             raise ValueError(f"q has {q.shape[0]} rows, indptr covers {plan.total_tokens}")
-        out = torch.empty_like(q)
-        for g in plan.groups:
-            n = g.rows.shape[0]
-            if g.contiguous_start is not None:
-                span = slice(g.contiguous_start, g.contiguous_start + n * g.length)
-                qs, ks, vs = (t[span].view(n, g.length, *t.shape[1:]) for t in (q, k, v))
-            else:
-                rows = g.rows.to(q.device)
-                qs, ks, vs = (t[rows] for t in (q, k, v))
-            # [n, L, H, D] -> [n, H, L, D] for SDPA, non-causal, no mask.
-            o = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2))
-            o = o.transpose(1, 2)
-            if g.contiguous_start is not None:
-                out[span] = o.reshape(n * g.length, *q.shape[1:])
-            else:
-                out[rows.reshape(-1)] = o.reshape(n * g.length, *q.shape[1:])
-        return out
+        with sdpa_kernel(self.kernels, set_priority=True) if self.kernels else contextlib.nullcontext():
+            if len(plan.groups) == 1 and plan.groups[0].contiguous_start == 0:  # one length (tiles): no scatter
+                g = plan.groups[0]
+                n = g.rows.shape[0]
+                return self._sdpa(*(t.view(n, g.length, *t.shape[1:]) for t in (q, k, v))).reshape(q.shape)
+            out = torch.empty_like(q)
+            for g in plan.groups:
+                n = g.rows.shape[0]
+                if g.contiguous_start is not None:
+                    span = slice(g.contiguous_start, g.contiguous_start + n * g.length)
+                    qs, ks, vs = (t[span].view(n, g.length, *t.shape[1:]) for t in (q, k, v))
+                else:
+                    rows = g.rows.to(q.device)
+                    qs, ks, vs = (t[rows] for t in (q, k, v))
+                o = self._sdpa(qs, ks, vs).reshape(n * g.length, *q.shape[1:])
+                if g.contiguous_start is not None:
+                    out[span] = o
+                else:
+                    out[rows.reshape(-1)] = o
+            return out
+
+    @staticmethod
+    def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[n, L, H, D] each -> [n, L, H, D]; SDPA wants [n, H, L, D]. Non-causal, no mask."""
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+class CudnnSdpaAttention(TorchRaggedAttention):
+    """Length groups through SDPA's cuDNN kernel first (CUDA only; refused at start-up elsewhere)."""
+
+    name = "torch-cudnn"
+    kernels = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]

@@ -8,7 +8,7 @@ share one forward pass with no padding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,14 +94,39 @@ class Attention(nn.Module):
         return self.proj(backend.run(plan, q, k, v).reshape(x.shape[0], -1))
 
 
+@dataclass(frozen=True)
+class KernelOptions:
+    """Inference speed-ups that change no weights (EngineConfig turns them on for CUDA).
+
+    gelu_epilogue: fc1's bias and GELU run inside the cuBLASLt matmul epilogue instead of as
+      a separate pass over the [tokens, 4*hidden] activations (the largest tensor of a block).
+      The epilogue computes the tanh form of GELU; for a checkpoint trained with the exact
+      (erf) form this differs by at most ~5e-4 per activation, under bf16's rounding of it.
+    compile_norms: each residual add and the LayerNorm after it run as one kernel
+      (torch.compile), instead of an add and a norm that each read the residual stream.
+    """
+
+    gelu_epilogue: bool = False
+    compile_norms: bool = False
+
+
+def add_norm(x: torch.Tensor, delta: torch.Tensor, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream after `delta`, and its normalised form for the next sub-layer."""
+    x = x + delta
+    return x, F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 class Mlp(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = _activation(cfg.hidden_act)
+        self.gelu_epilogue = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gelu_epilogue and x.dim() == 2:
+            return self.fc2(torch._addmm_activation(self.fc1.bias, x, self.fc1.weight.t(), use_gelu=True))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -129,6 +154,27 @@ class VisionTransformer(nn.Module):
         self.prefix_tokens = nn.Parameter(torch.zeros(cfg.num_prefix_tokens, d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.post_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.post_layernorm else nn.Identity()
+        self._add_norm: Callable = add_norm
+        self._positions: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
+
+    def use_kernels(self, options: KernelOptions) -> None:
+        """Switch the inference fast paths on or off (see KernelOptions)."""
+        if options.gelu_epilogue and self.cfg.hidden_act not in ("gelu", "gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(f"gelu_epilogue needs a GELU MLP, this model uses {self.cfg.hidden_act!r}")
+        for block in self.blocks:
+            block.mlp.gelu_epilogue = options.gelu_epilogue
+        self._add_norm = torch.compile(add_norm, dynamic=True) if options.compile_norms else add_norm
+
+    def positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """position_embedding(grid), kept per grid while the table is unchanged (a video or a
+        dynamic-resolution image would otherwise interpolate the table again every batch)."""
+        version = self.pos_embed._version
+        cached = self._positions.get(grid)
+        if cached is None or cached[0] != version:
+            if len(self._positions) >= 256:
+                self._positions.clear()
+            cached = self._positions[grid] = (version, self.position_embedding(grid))
+        return cached[1]
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """The trained square table fitted to a (gh, gw) patch grid: [gh*gw, D].
@@ -149,12 +195,24 @@ class VisionTransformer(nn.Module):
             table = F.interpolate(table, size=grid, mode="bicubic", align_corners=False)
         return table.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
 
+    def run_blocks(self, x: torch.Tensor, backend: RaggedAttention, plan) -> torch.Tensor:
+        """Every block, each residual add fused with the norm that follows it (Block.forward's math)."""
+        blocks = list(self.blocks)
+        h = blocks[0].norm1(x)
+        for i, block in enumerate(blocks):
+            x, h = self._add_norm(x, block.attn(h, backend, plan), block.norm2)
+            delta = block.mlp(h)
+            if i + 1 == len(blocks):
+                return x + delta
+            x, h = self._add_norm(x, delta, blocks[i + 1].norm1)
+        return x
+
     def forward(self, batch: PackedTiles, backend: RaggedAttention | None = None) -> torch.Tensor:
         """Returns the patch tokens (prefix tokens dropped) of every tile, concatenated: [sum(gh*gw), D]."""
         backend = backend or TorchRaggedAttention()
         weight = self.patch_embed.weight.flatten(1)
         x = F.linear(batch.patches.to(weight.dtype), weight, self.patch_embed.bias)
-        pos = {g: self.position_embedding(g) for g in set(batch.grids)}
+        pos = {g: self.positions(g) for g in set(batch.grids)}
         x = x + torch.cat([pos[g] for g in batch.grids])
 
         n_prefix = self.cfg.num_prefix_tokens
@@ -174,8 +232,7 @@ class VisionTransformer(nn.Module):
             x = full
 
         plan = backend.plan(indptr, self.cfg.num_heads, self.cfg.head_dim)
-        for block in self.blocks:
-            x = block(x, backend, plan)
+        x = self.run_blocks(x, backend, plan)
         if n_prefix:
             x = x.index_select(0, patch_rows)
         return self.post_norm(x)

@@ -347,10 +347,7 @@ class EncodePipeline:
                 first = sum(item.rows[: span.start])
                 target = item.scratch if item.scratch is not None else item.request.out[item.first_row :]
                 outputs.append(target[first : first + sum(item.rows[span.start : span.stop])])
-            self.engine.launch(pixels, sizes, outputs)
-            if self.engine.device.type == "cuda":
-                batch.event = torch.cuda.Event(blocking=True)
-                batch.event.record()
+            batch.event = self.engine.launch(pixels, sizes, outputs)  # None on the CPU: done already
         except Exception as e:  # fails this batch's requests; the pipeline goes on
             log.exception("encoder batch failed")
             batch.error = e
