@@ -37,27 +37,58 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def fail(message: str, code: int) -> int:
+    """One line on stderr, a non-zero exit code: what a script or an operator can act on."""
+    print(f"encoder-service: error: {message}", file=sys.stderr)
+    return code
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from encoder_service.serving.pipeline import PipelineConfig
+    from encoder_service.serving.security import TLSConfig
     from encoder_service.serving.server import ServerConfig, serve_forever
 
+    if bool(args.tls_cert) != bool(args.tls_key):
+        return fail("--tls-cert and --tls-key go together", 2)
     pipeline = PipelineConfig(preprocess_workers=args.preprocess_workers, arena_mb=args.arena_mb,
                               output_arena_mb=args.output_arena_mb)
-    cfg = ServerConfig(host=args.host, port=args.port, engine=engine_config(args), pipeline=pipeline)
+    tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    cfg = ServerConfig(host=args.host, port=args.port, engine=engine_config(args), pipeline=pipeline, tls=tls,
+                       auth_token_file=args.auth_token_file, insecure=args.insecure,
+                       max_request_bytes=args.max_request_mb << 20, drain_grace_s=args.drain_grace_s,
+                       metrics_port=args.metrics_port)
     try:
         asyncio.run(serve_forever(cfg))
     except KeyboardInterrupt:
         pass
+    except (ValueError, RuntimeError, OSError) as e:  # bad configuration, unusable backend, port taken
+        return fail(str(e).splitlines()[0] if str(e) else type(e).__name__, 2)
     return 0
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from encoder_service.serving.client import EncoderClient, image_file
+    import grpc
 
-    with EncoderClient(args.address, timeout=args.timeout) as client:
-        client.wait_ready(timeout=args.timeout)
-        info = client.model_info()
-        result = client.encode([image_file(f) for f in args.files])
+    from encoder_service.serving.client import EncoderClient, image_file
+    from encoder_service.serving.wire import item_from_status
+
+    try:
+        items = [image_file(f) for f in args.files]
+    except OSError as e:
+        return fail(f"cannot read {e.filename}: {e.strerror}", 2)
+    try:
+        with EncoderClient(args.address, timeout=args.timeout) as client:
+            client.wait_ready(timeout=args.connect_timeout)
+            info = client.model_info()
+            result = client.encode(items)
+    except grpc.FutureTimeoutError:
+        return fail(f"no encoder server answering at {args.address} (waited {args.connect_timeout:g} s)", 3)
+    except grpc.RpcError as e:
+        item = item_from_status(e)
+        where = f" (file {args.files[item[0]]})" if item is not None else ""
+        return fail(f"server refused the request{where}: {e.code().name}: {e.details()}", 4)
+    except (ValueError, RuntimeError) as e:  # TLS files, a server that is not serving
+        return fail(str(e), 3)
     print(f"model {info.model_name}: hidden={info.hidden_size} tokens/tile={info.tiling.tokens_per_tile}")
     print(f"embeddings {tuple(result.embeddings.shape)} {result.embeddings.dtype}")
     for item in result.items:
@@ -116,13 +147,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arena-mb", type=int, default=512, help="shared memory for tiles waiting for the device")
     p.add_argument("--output-arena-mb", type=int, default=1024,
                    help="shared memory for responses until they are sent (bounds response bytes in flight)")
+    p.add_argument("--max-request-mb", type=int, default=64, help="largest request accepted")
+    p.add_argument("--drain-grace-s", type=float, default=30.0, help="on SIGTERM, time for calls in flight")
+    p.add_argument("--tls-cert", help="PEM certificate chain file (TLS on)")
+    p.add_argument("--tls-key", help="PEM private key file")
+    p.add_argument("--tls-client-ca", help="PEM CA file: require client certificates signed by it (mTLS)")
+    p.add_argument("--auth-token-file", help="file holding the bearer token clients must send "
+                   "(or $ENCODER_SERVICE_TOKEN; never on the command line)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without TLS")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics on this port (off by default)")
     _add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("encode", help="encode image files against a running server")
+    p = sub.add_parser("encode", help="encode image files against a running server "
+                       "(TLS/token from $ENCODER_SERVICE_CA, _CLIENT_CERT, _CLIENT_KEY, _TOKEN)")
     p.add_argument("files", nargs="+")
     p.add_argument("--address", default="127.0.0.1:50051")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--connect-timeout", type=float, default=5.0, help="give up if no server answers by then")
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("inspect", help="describe a checkpoint directory (headers only) or say why it cannot be served")

@@ -198,6 +198,9 @@ class EngineConfig:
     max_tokens_per_batch: int = 16384  # ViT tokens in one ragged forward
     max_tokens_per_request: int = 65536  # output tokens one Encode may produce
     max_items_per_request: int = 64
+    # Pixels one request may make the server decode (every image and video frame, full size, from
+    # the headers, checked before any decoding): bounds a request's CPU time and memory.
+    max_decode_pixels_per_request: int = 1 << 30
     video_pruning_rate: float | None = None  # EVS default of this deployment (None: the checkpoint's, 0)
     preprocess_threads: int = 4  # decode/resize in parallel (PIL releases the GIL)
 

@@ -23,7 +23,7 @@ import torch
 from encoder_service.attention import AttentionSpec, get_backend
 from encoder_service.batching import TileQueue
 from encoder_service.config import DynamicResolution, EngineConfig, TilingSpec
-from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput
+from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput, ItemError
 from encoder_service.models import load_checkpoint, tiny_checkpoint_dir
 from encoder_service.models.vit import KernelOptions, PackedTiles, patchify_hwc
 from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, ProcessedItem, Size, byte_range
@@ -166,12 +166,20 @@ class EncoderEngine:
             raise InvalidInput("request has no items")
         if len(items) > self.cfg.max_items_per_request:
             raise InvalidInput(f"{len(items)} items exceed the limit of {self.cfg.max_items_per_request} per request")
-        plans = [self.processor.plan(item) for item in items]
-        for i, plan in enumerate(plans):
-            longest = max(self.piece_tokens(size) for size in plan.sizes)
-            if longest > self.cfg.max_tokens_per_batch:  # only with a raised max_num_patches or a small budget
-                raise BudgetExceeded(f"item {i} needs a sequence of {longest} ViT tokens, over the batch budget "
-                                     f"of {self.cfg.max_tokens_per_batch}")
+        plans = []
+        for i, item in enumerate(items):
+            try:
+                plans.append(plan := self.processor.plan(item))
+                longest = max(self.piece_tokens(size) for size in plan.sizes)
+                if longest > self.cfg.max_tokens_per_batch:  # only with a raised max_num_patches or a small budget
+                    raise BudgetExceeded(f"needs a sequence of {longest} ViT tokens, over the batch budget "
+                                         f"of {self.cfg.max_tokens_per_batch}")
+            except ItemError as e:
+                raise e.for_item(i, item.item_id) from None
+        pixels = sum(p.decode_pixels for p in plans)
+        if pixels > self.cfg.max_decode_pixels_per_request:
+            raise BudgetExceeded(f"request would decode {pixels / 1e6:.0f} MP of images/frames, over the budget of "
+                                 f"{self.cfg.max_decode_pixels_per_request / 1e6:.0f} MP per request")
         tokens = sum(p.tokens for p in plans)
         if tokens > self.cfg.max_tokens_per_request:
             raise BudgetExceeded(

@@ -1,12 +1,36 @@
 """Errors that map to gRPC status codes: the caller's fault, not the server's."""
 
+from __future__ import annotations
 
-class InvalidInput(ValueError):
+import re
+
+
+class ItemError(ValueError):
+    """A request error that may belong to one item: `item_index` / `item_id` name it, so a client in
+    any language can tell which item of a batch failed (sent as a google.rpc.BadRequest field
+    violation on `items[i]` next to the message)."""
+
+    def __init__(self, message: str, item_index: int | None = None, item_id: str = ""):
+        super().__init__(message)
+        self.message, self.item_index, self.item_id = message, item_index, item_id
+
+    def for_item(self, index: int, item_id: str = "") -> "ItemError":
+        """The same error, attributed to item `index` (kept if already attributed)."""
+        if self.item_index is not None:
+            return self
+        named = f"item {index}" + (f" ({item_id!r})" if item_id else "")
+        return type(self)(f"{named}: {self.message}", index, item_id)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(ItemError):
     """Malformed request (corrupt image, zero size, unknown modality, too many items) -> INVALID_ARGUMENT."""
 
 
-class BudgetExceeded(ValueError):
-    """Well-formed but larger than this server accepts (token budget) -> RESOURCE_EXHAUSTED."""
+class BudgetExceeded(ItemError):
+    """Well-formed but larger than this server accepts (token/pixel/byte budgets) -> RESOURCE_EXHAUSTED."""
 
 
 class DeadlineExceeded(TimeoutError):
@@ -19,12 +43,23 @@ class Unavailable(RuntimeError):
 
 
 class EncodeFailed(Exception):
-    """A failed Encode on the Ray-native path, as data: the gRPC status code name and a message,
-    so a caller maps it exactly as it would the gRPC status."""
+    """A failed Encode crossing a process boundary, as data: the gRPC status code name, a message,
+    and the failing item's index/id when one item caused it, so a caller maps it exactly as it
+    would the gRPC status."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, item_index: int | None = None, item_id: str = ""):
         super().__init__(code, message)
-        self.code, self.message = code, message
+        self.code, self.message, self.item_index, self.item_id = code, message, item_index, item_id
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+_PATH = re.compile(r"(?<![\w.])/(?:[\w.+-]+/)+[\w.+-]*")
+
+
+def clean_message(message: str) -> str:
+    """A message fit for a remote caller: no object reprs, no server file paths, one line."""
+    message = _PATH.sub("<path>", _REPR.sub("<object>", message))
+    return " ".join(message.split())[:1000]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
@@ -69,6 +70,7 @@ class ItemPlan:
     tokens_per_frame: tuple[int, ...] = ()  # video only; of a pruned video: before pruning
     pruning_rate: float = 0.0  # EVS rate q of a video (0: every token kept)
     frame_times: tuple[float, ...] = ()  # a video container's sampled times (s), before decoding
+    decode_pixels: int = 0  # pixels decoding will produce (all frames), from the headers: its CPU/memory cost
 
     @property
     def pruned(self) -> bool:
@@ -211,6 +213,12 @@ def count_dynamic_tokens(width: int, height: int, spec: DynamicResolution) -> in
 # ---------------------------------------------------------------- decoding and tiling
 
 
+# PIL modes JPEG/PNG/WebP decode to. 8-bit ones convert to RGB as they are (alpha dropped, palettes
+# expanded; 16-bit-per-channel RGB PNGs already arrive as 8-bit "RGB"); 16-bit grey is rescaled.
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
+HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I"})
+
+
 class ImageProcessor:
     def __init__(self, cfg: ProcessorConfig):
         self.cfg = cfg
@@ -227,7 +235,7 @@ class ImageProcessor:
         """Pieces and tokens an item will produce, from its header/shape only (no decoding)."""
         if item.modality == Modality.IMAGE:
             w, h = self.image_size(item.data)
-            return self.plan_image(w, h)
+            return dataclasses.replace(self.plan_image(w, h), decode_pixels=w * h)
         if item.modality == Modality.VIDEO:
             times = ()
             if isinstance(item.data, (bytes, bytearray)):
@@ -235,15 +243,18 @@ class ImageProcessor:
                                            self.cfg.default_video_frames, self.cfg.max_video_frames)
                 self._check_size(probe.width, probe.height)
                 times, num_frames = probe.targets, len(probe.targets)
+                decode_pixels = probe.width * probe.height * num_frames
             else:
                 num_frames = self._num_frames(item.data)
+                decode_pixels = sum(w * h for w, h in map(self._frame_size, item.data))
             frames = count_video_tokens(num_frames, self.tiling)
             q = self.cfg.video_pruning_rate if item.pruning_rate is None else item.pruning_rate
             try:
                 tokens = retained_token_count(frames[0], num_frames, q)
             except ValueError as e:
                 raise InvalidInput(str(e)) from None
-            return ItemPlan(((self.tiling.tile_size,) * 2,) * num_frames, tokens, tuple(frames), q, times)
+            return ItemPlan(((self.tiling.tile_size,) * 2,) * num_frames, tokens, tuple(frames), q, times,
+                            decode_pixels)
         raise InvalidInput(f"unknown modality {item.modality!r}")
 
     def plan_image(self, width: int, height: int) -> ItemPlan:
@@ -313,12 +324,14 @@ class ImageProcessor:
         return actual
 
     def frames_into(self, data: np.ndarray | list[bytes], out: np.ndarray) -> int:
-        """One tile per frame, each resized to the tile size; returns frames written."""
+        """One tile per frame, each decoded and resized to the tile size before the next is
+        decoded (one full-size frame in memory at a time); returns frames written."""
         t = self.tiling.tile_size
-        frames = self.load_frames(data)
-        for i, frame in enumerate(frames):
-            out[i] = np.asarray(frame.resize((t, t), Image.Resampling.BICUBIC))
-        return len(frames)
+        count = self._num_frames(data)
+        for i, frame in enumerate(data):
+            image = Image.fromarray(frame, "RGB") if isinstance(frame, np.ndarray) else self.load_image(frame)
+            out[i] = np.asarray(image.resize((t, t), Image.Resampling.BICUBIC))
+        return count
 
     # -- validation + decoding: every failure is the caller's, so InvalidInput
 
@@ -337,15 +350,18 @@ class ImageProcessor:
         with self._open(data) as img:
             self._check_size(img.width, img.height)
             try:
+                if img.mode in HIGH_BIT_DEPTH_MODES:  # 16-bit grey PNG: scale to 8 bits (convert() would clip)
+                    grey = np.asarray(img).astype(np.uint32)
+                    return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
                 return img.convert("RGB")
             except (OSError, ValueError) as e:
                 raise InvalidInput(f"corrupt image data: {e}") from e
 
-    def load_frames(self, data: np.ndarray | list[bytes]) -> list[Image.Image]:
-        self._num_frames(data)
-        if isinstance(data, np.ndarray):
-            return [Image.fromarray(frame, "RGB") for frame in data]
-        return [self.load_image(frame) for frame in data]
+    def _frame_size(self, frame: bytes | np.ndarray) -> tuple[int, int]:
+        """(width, height) of one frame from its header (checked like an image's)."""
+        if isinstance(frame, np.ndarray):
+            return frame.shape[1], frame.shape[0]
+        return self.image_size(frame)
 
     def _num_frames(self, data) -> int:
         if isinstance(data, np.ndarray):
@@ -375,6 +391,15 @@ class ImageProcessor:
         if img.format not in ("JPEG", "PNG", "WEBP"):
             img.close()
             raise InvalidInput(f"unsupported image format {img.format}; send JPEG, PNG or WebP")
+        if getattr(img, "n_frames", 1) > 1:  # APNG / animated WebP: refused like GIF
+            frames = img.n_frames
+            img.close()
+            raise InvalidInput(f"animated {img.format} ({frames} frames) is not supported as an image; "
+                               f"send its frames as a VIDEO item (encoded_frames)")
+        if img.mode not in EIGHT_BIT_MODES and img.mode not in HIGH_BIT_DEPTH_MODES:
+            mode = img.mode
+            img.close()
+            raise InvalidInput(f"unsupported pixel format {mode!r}; send 8-bit RGB/grey or 16-bit grey")
         return img
 
     def _check_pixels(self, data: np.ndarray, ndim: int) -> None:

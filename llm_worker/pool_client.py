@@ -158,10 +158,22 @@ class PoolEncoderClient:
                 log.warning("encoder call via %s failed (%s: %s); retry %d", transport.name, code, e.details(), attempt)
                 self.retries += 1
                 self._next += 1  # next proxy, if there are several
-                time.sleep(delay * (0.5 + random.random()))
+                time.sleep(max(delay * (0.5 + random.random()), _retry_after_s(e)))
                 delay *= 2
         raise AssertionError("unreachable")
 
     def close(self) -> None:
         for t in self.transports:
             t.close()
+
+
+def _retry_after_s(error: grpc.RpcError) -> float:
+    """The server's `retry-after-ms` hint (a busy server sends one with UNAVAILABLE), in seconds."""
+    metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in metadata or ():
+        if key == "retry-after-ms":
+            try:
+                return max(0.0, float(value) / 1e3)
+            except ValueError:
+                return 0.0
+    return 0.0

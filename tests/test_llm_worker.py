@@ -272,3 +272,19 @@ def test_real_hf_tokenizer_lays_out_pruned_videos_from_its_own_ids(client, llm_d
     for s in seqs:
         torch.testing.assert_close(torch.cat(s.prompt_logits), _one_shot_logits(engine, client, s), rtol=1e-4, atol=1e-4)
     assert "Frame 6 sampled at 0.50 seconds: <img></img>" in tok.decode(seq.layout.token_ids)
+
+
+def test_a_client_supplied_content_hash_never_shares_cached_rows(client, llm_dir, encoder_server):
+    """Two different images that claim the same content_hash are two cache entries, each with its
+    own rows: the cache key is computed from the bytes, never taken from the request."""
+    a, b = _image_seeded(64, 48, 101), _image_seeded(64, 48, 102)
+    a.content_hash = b.content_hash = "same-claimed-hash"
+    engine = _engine(client, llm_dir, chunk_size=8)
+    before = encoder_server.counters.items_encoded
+    engine.generate([GenerationRequest("<image> then <image>", [a, b], 1)])
+    assert encoder_server.counters.items_encoded - before == 2 and len(engine.cache) == 2
+    rows = [engine.cache.get(key).embeddings for key in list(engine.cache._entries)]
+    assert not torch.equal(rows[0], rows[1])
+    direct = client.encode([a, b])
+    for got in rows:
+        assert any(torch.equal(got, want) for want in direct.split())

@@ -29,7 +29,7 @@ def _images(rng, n: int, low: int = 200, high: int = 500) -> list[MediaInput]:
 def _wait_until_returned(model, timeout_s: float = 15.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
-        stats = model.stats()
+        stats = {k: v for k, v in model.stats().items() if k in ("outputs_in_use", "tiles_in_use")}
         if stats == {"outputs_in_use": 0, "tiles_in_use": 0} or time.monotonic() > deadline:
             return stats
         time.sleep(0.05)

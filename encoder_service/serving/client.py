@@ -13,14 +13,18 @@ from encoder_service.processor import MediaInput, Modality
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.proto import encoder_pb2_grpc as pb_grpc
 from encoder_service.serving import wire
+from encoder_service.serving.security import ClientSecurity
 
 ENCODE_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EncoderService'].full_name}/Encode"
 
 
 class EncoderClient:
-    def __init__(self, address: str, timeout: float = 60.0, max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(self, address: str, timeout: float = 60.0, max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
+                 security: ClientSecurity | None = None):
+        """`security`: TLS / mTLS / bearer token; default from the environment (`ClientSecurity.from_env`)."""
         self.address, self.timeout = address, timeout
-        self.channel = grpc.insecure_channel(address, options=wire.channel_options(max_message_bytes))
+        security = security if security is not None else ClientSecurity.from_env()
+        self.channel = security.channel(address, wire.channel_options(max_message_bytes))
         self.stub = pb_grpc.EncoderServiceStub(self.channel)
         # Responses arrive as bytes and are parsed in place (`wire.decode_response`).
         self._encode = self.channel.unary_unary(ENCODE_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)

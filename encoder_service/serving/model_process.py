@@ -122,7 +122,7 @@ class ModelProcess:
         self._send({"op": "free", "offset": encoded.offset})
 
     def stats(self, timeout: float = 10.0) -> dict[str, int]:
-        """Bytes in use in the child's arenas (tests and metrics: nothing may leak)."""
+        """Bytes in use in the child's arenas (tests and metrics: nothing may leak), and its GPU memory."""
         return self._call({"op": "stats"})[0].result(timeout)
 
     def _call(self, message: dict) -> tuple[Future, int]:
@@ -167,7 +167,8 @@ class ModelProcess:
                     self.release(encoded)
             elif future is not None:
                 try:
-                    future.set_exception(EncodeFailed(msg["code"], msg["message"]))
+                    future.set_exception(
+                        EncodeFailed(msg["code"], msg["message"], msg.get("item_index"), msg.get("item_id", "")))
                 except InvalidStateError:
                     pass
         code = self.proc.wait()
@@ -258,10 +259,12 @@ class _Child:
             elif op == "free":
                 self.pipeline.release_offset(msg["offset"])
             elif op == "stats":
-                self._reply({"id": msg["id"], "stats": {
-                    "outputs_in_use": self.pipeline.outputs.bytes_in_use,
-                    "tiles_in_use": self.pipeline.arena.bytes_in_use,
-                }})
+                stats = {"outputs_in_use": self.pipeline.outputs.bytes_in_use,
+                         "tiles_in_use": self.pipeline.arena.bytes_in_use}
+                if self.pipeline.engine.device.type == "cuda":
+                    stats["gpu_memory_allocated"] = torch.cuda.memory_allocated(self.pipeline.engine.device)
+                    stats["gpu_memory_reserved"] = torch.cuda.memory_reserved(self.pipeline.engine.device)
+                self._reply({"id": msg["id"], "stats": stats})
         self._admissions.put(None)
 
     def _admit_loop(self) -> None:
@@ -272,7 +275,7 @@ class _Child:
                 self._fail(call, InvalidInput("malformed EncodeRequest"))
                 continue
             try:
-                items = [wire.media_from_proto(m) for m in request.items]
+                items = wire.media_items_from_proto(request)
                 future = self.pipeline.submit(items, call.deadline)
             except Exception as e:  # what headers reveal: the call fails, the process goes on
                 self._fail(call, e)
@@ -310,7 +313,9 @@ class _Child:
         if code == "INTERNAL":
             log.error("Encode failed", exc_info=error)
         self._done(call)
-        self._reply({"id": call.id, "ok": False, "code": code, "message": wire.status_message(error)})
+        index, item_id = wire.failing_item(error) or (None, "")
+        self._reply({"id": call.id, "ok": False, "code": code, "message": wire.status_message(error),
+                     "item_index": index, "item_id": item_id})
 
     def _done(self, call: _Call) -> None:
         with self._lock:

@@ -35,7 +35,7 @@ import torch
 
 from encoder_service.batching import Span, TileQueue
 from encoder_service.engine import EncodeOutput, EncoderEngine
-from encoder_service.errors import BudgetExceeded, DeadlineExceeded, Unavailable
+from encoder_service.errors import BudgetExceeded, DeadlineExceeded, ItemError, Unavailable
 from encoder_service.processor import ItemPlan, MediaInput, byte_range
 from encoder_service.serving.arena import SharedArena
 from encoder_service.serving.preprocess import PreprocessPool
@@ -135,6 +135,8 @@ class _Item:
     ready_at: float = 0.0  # perf_counter() when its tiles were in the arena
     tiles_launched: int = 0
     tiles_done: int = 0
+    index: int = 0  # in its request (errors name it)
+    item_id: str = ""
 
 
 @dataclass(eq=False)
@@ -185,8 +187,8 @@ class EncodePipeline:
         plans = self.engine.plan(items)
         for i, plan in enumerate(plans):
             if not self.arena.fits(plan.nbytes):
-                raise BudgetExceeded(f"item {i}: {plan.nbytes >> 20} MB of pixels exceed the preprocessing arena "
-                                     f"({self.cfg.arena_mb} MB)")
+                raise BudgetExceeded(f"{plan.nbytes >> 20} MB of pixels exceed the preprocessing arena "
+                                     f"({self.cfg.arena_mb} MB)").for_item(i, items[i].item_id)
         if self._closed:
             raise Unavailable("the encoder is shutting down")
         out, output_offset = self._new_output(sum(p.tokens for p in plans), deadline)
@@ -194,10 +196,11 @@ class EncodePipeline:
         if output_offset is not None:
             request.future.add_done_callback(lambda _: self._return_output(request))
         row = 0
-        for item, plan in zip(items, plans):
+        for index, (item, plan) in enumerate(zip(items, plans)):
             rows = [self.engine.piece_rows(size) for size in plan.sizes]
-            entry = _Item(request, plan, row, rows, list(plan.tokens_per_frame),
-                          self.engine.new_output(sum(rows)) if plan.pruned else None)
+            scratch = self.engine.new_output(sum(rows)) if plan.pruned else None
+            entry = _Item(request, plan, row, rows, list(plan.tokens_per_frame), scratch, index=index,
+                          item_id=item.item_id)
             request.items.append(entry)
             row += plan.tokens
             self.pool.submit(item, plan, request.is_live,
@@ -246,7 +249,7 @@ class EncodePipeline:
         request = item.request
         item.frame_times = times
         if error is not None:
-            request.fail(error)
+            request.fail(error.for_item(item.index, item.item_id) if isinstance(error, ItemError) else error)
             return
         if offset is None:
             request.expire()

@@ -30,6 +30,7 @@ from ray.serve.config import gRPCOptions
 
 from encoder_service.config import EngineConfig
 from encoder_service.errors import EncodeFailed
+from encoder_service.serving.metrics import RayEncoderMetrics, request_stats
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
 from encoder_service.serving.model_process import Encoded, ModelProcess
@@ -67,27 +68,35 @@ class EncoderDeployment:
         self.model = ModelProcess(cfg, pipeline_cfg, torch_threads=cpus if cfg.device == "cpu" else 0)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._model_info = pb.ModelInfo.FromString(self.model.info_bytes)
+        self.metrics = RayEncoderMetrics(self.replica)
 
     async def _encode(self, request: bytes, timeout_s: float | None) -> Encoded:
         deadline = time.monotonic() + timeout_s if timeout_s else None
         return await asyncio.wrap_future(self.model.submit(request, deadline, {"replica": self.replica}))
 
-    async def _consume(self, encoded: Encoded, read):
-        """`read(encoded)` on a thread, then the rows go back to the model process."""
+    async def _consume(self, encoded: Encoded, read, started: float):
+        """`read(encoded)` on a thread, then the rows go back to the model process; records metrics."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, read, encoded)
+            read_from = time.perf_counter()
+            out = await asyncio.get_running_loop().run_in_executor(None, read, encoded)
         finally:
             self.model.release(encoded)
+        self.metrics.record("OK", time.perf_counter() - started, request_stats(encoded.header), encoded.items,
+                            encoded.rows, len(encoded.data), time.perf_counter() - read_from)
+        return out
 
     async def Encode(self, request: pb.EncodeRequest, grpc_context) -> PreSerialized | pb.EncodeResponse:
         """gRPC through Serve's proxy (deadlines: the proxy's `request_timeout_s`; a cancelled call
         cancels this coroutine, which drops the request's work)."""
+        started = time.perf_counter()
         try:
             encoded = await self._encode(request.SerializeToString(), None)
-            data = await self._consume(encoded, Encoded.response_bytes)
+            data = await self._consume(encoded, Encoded.response_bytes, started)
         except Exception as e:  # the status travels back through the proxy; the replica keeps serving
+            self.metrics.record(wire.status_for(e).name, time.perf_counter() - started)
             grpc_context.set_code(wire.status_for(e))
             grpc_context.set_details(wire.status_message(e))
+            grpc_context.set_trailing_metadata(list(wire.status_trailers(e)))
             return pb.EncodeResponse()
         return PreSerialized(data)
 
@@ -98,12 +107,15 @@ class EncoderDeployment:
         """Ray-native Encode: a serialised EncodeRequest in; (serialised EncodeResponse header
         without the tensor bytes, the tensor's bytes as uint8) out. Failures raise EncodeFailed
         with the gRPC status the gRPC path would give."""
+        started = time.perf_counter()
         try:
             encoded = await self._encode(request, timeout_s)
             # A copy of its own (GIL-free): the arena's rows go back before Ray serialises the reply.
-            payload = await self._consume(encoded, lambda e: e.data.clone().numpy())
+            payload = await self._consume(encoded, lambda e: e.data.clone().numpy(), started)
         except Exception as e:
-            raise EncodeFailed(wire.status_for(e).name, wire.status_message(e)) from None
+            self.metrics.record(wire.status_for(e).name, time.perf_counter() - started)
+            index, item_id = wire.failing_item(e) or (None, "")
+            raise EncodeFailed(wire.status_for(e).name, wire.status_message(e), index, item_id) from None
         return encoded.header, payload
 
     async def model_info_native(self) -> bytes:

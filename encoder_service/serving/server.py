@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,8 +28,10 @@ from grpc_reflection.v1alpha import reflection
 from encoder_service.config import EngineConfig
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
+from encoder_service.serving.metrics import EncoderMetrics, request_stats
 from encoder_service.serving.model_process import ModelProcess
 from encoder_service.serving.pipeline import PipelineConfig
+from encoder_service.serving.security import TLSConfig, TokenCheck, is_loopback, token_from
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +42,27 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EncoderService"].full_name
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port
-    max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
+    max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES  # largest response sent
+    max_request_bytes: int = 64 << 20  # largest request accepted (gRPC refuses more: RESOURCE_EXHAUSTED)
+    # Admission: requests beyond these in flight are refused at once with UNAVAILABLE + retry-after-ms
+    # (retry later or on another replica) instead of queueing without bound.
+    max_inflight_request_bytes: int = 256 << 20
+    max_inflight_requests: int = 128
+    retry_after_ms: int = 200
+    drain_grace_s: float = 30.0  # on SIGTERM: NOT_SERVING, no new calls, in-flight ones get this long
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one); None: off
     serialize_threads: int = 4
+    tls: TLSConfig | None = None
+    auth_token_file: str | None = None  # else $ENCODER_SERVICE_TOKEN_FILE / $ENCODER_SERVICE_TOKEN; none: no token
+    insecure: bool = False  # allow a non-loopback address without TLS
     engine: EngineConfig = field(default_factory=EngineConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def check(self) -> None:
+        """Refuse what would expose an unauthenticated plaintext server beyond this machine."""
+        if self.tls is None and not self.insecure and not is_loopback(self.host):
+            raise ValueError(f"refusing to listen on {self.host!r} without TLS: give a certificate and key "
+                             f"(--tls-cert/--tls-key), or pass --insecure to serve plaintext on purpose")
 
 
 @dataclass
@@ -53,34 +73,62 @@ class ServiceCounters:
     items_encoded: int = 0
     tokens_out: int = 0
     errors: int = 0
+    refused: int = 0  # turned away by admission control
 
 
 class EncoderServicer:
     """The EncoderService methods, on raw-bytes handlers: requests go to the model process as they
     arrived, responses leave pre-serialised."""
 
-    def __init__(self, model: ModelProcess, serialize_threads: int = 4):
-        self.model = model
+    def __init__(self, model: ModelProcess, cfg: ServerConfig):
+        self.model, self.cfg = model, cfg
         self.counters = ServiceCounters()
-        self._serialize = ThreadPoolExecutor(serialize_threads, thread_name_prefix="encoder-serialize")
+        self.inflight_requests = self.inflight_bytes = 0
+        self.metrics = EncoderMetrics(model.stats, lambda: (self.inflight_requests, self.inflight_bytes))
+        self._serialize = ThreadPoolExecutor(cfg.serialize_threads, thread_name_prefix="encoder-serialize")
 
     async def Encode(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        started = time.perf_counter()
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
+        if (self.inflight_requests >= self.cfg.max_inflight_requests
+                or self.inflight_bytes + len(request) > self.cfg.max_inflight_request_bytes):
+            self.counters.refused += 1
+            self.metrics.refused.inc()
+            self.metrics.record("UNAVAILABLE", time.perf_counter() - started)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"encoder busy: {self.inflight_requests} requests ({self.inflight_bytes >> 20} MB) in flight; "
+                f"retry after {self.cfg.retry_after_ms} ms or on another replica",
+                (("retry-after-ms", str(self.cfg.retry_after_ms)),),
+            )
+        self.inflight_requests += 1
+        self.inflight_bytes += len(request)
         try:
             encoded = await asyncio.wrap_future(self.model.submit(request, deadline))
             try:
+                serialize_from = time.perf_counter()
                 response = await asyncio.get_running_loop().run_in_executor(self._serialize, encoded.response_bytes)
+                serialize_s = time.perf_counter() - serialize_from
             finally:
                 self.model.release(encoded)
         except asyncio.CancelledError:  # the client went away; cancelling the call drops its work
+            self.metrics.record("CANCELLED", time.perf_counter() - started)
             raise
         except Exception as e:  # every failure becomes a status; the server keeps serving
             self.counters.errors += 1
-            await context.abort(wire.status_for(e), wire.status_message(e))
+            self.metrics.record(wire.status_for(e).name, time.perf_counter() - started)
+            if context.cancelled() or (deadline is not None and time.monotonic() >= deadline):
+                raise asyncio.CancelledError from None  # the caller is gone: no status to send
+            await context.abort(wire.status_for(e), wire.status_message(e), wire.status_trailers(e))
+        finally:
+            self.inflight_requests -= 1
+            self.inflight_bytes -= len(request)
         self.counters.encode_calls += 1
         self.counters.items_encoded += encoded.items
         self.counters.tokens_out += encoded.rows
+        self.metrics.record("OK", time.perf_counter() - started, request_stats(encoded.header), encoded.items,
+                            encoded.rows, len(response), serialize_s)
         return response
 
     async def GetModelInfo(self, request: bytes, context) -> bytes:
@@ -97,6 +145,7 @@ class EncoderServicer:
 
     def close(self) -> None:
         self._serialize.shutdown(wait=False, cancel_futures=True)
+        self.metrics.close()
 
 
 class EncoderServer:
@@ -107,9 +156,12 @@ class EncoderServer:
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        cfg.check()
+        self.token = token_from(cfg.auth_token_file)
         self.model = ModelProcess(cfg.engine, cfg.pipeline, on_exit=self._model_exited)
-        self.servicer = EncoderServicer(self.model, cfg.serialize_threads)
+        self.servicer = EncoderServicer(self.model, cfg)
 
     def _model_exited(self) -> None:
         """The model process died (reader thread): stop advertising SERVING."""
@@ -124,23 +176,33 @@ class EncoderServer:
 
     async def start(self) -> str:
         self._loop = asyncio.get_running_loop()
-        self.server = grpc.aio.server(options=wire.channel_options(self.cfg.max_message_bytes))
+        options = wire.channel_options(self.cfg.max_message_bytes, self.cfg.max_request_bytes)
+        interceptors = [TokenCheck(self.token)] if self.token else []
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self.server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
-        self.port = self.server.add_insecure_port(f"{self.cfg.host}:{self.cfg.port}")
+        where = f"{self.cfg.host}:{self.cfg.port}"
+        if self.cfg.tls is not None:
+            self.port = self.server.add_secure_port(where, self.cfg.tls.credentials())
+        else:
+            self.port = self.server.add_insecure_port(where)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.cfg.host}:{self.cfg.port}")
         await self.server.start()
+        if self.cfg.metrics_port is not None:
+            self.metrics_port = self.servicer.metrics.serve_http(self.cfg.metrics_port, self.cfg.host)
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("encoder server on %s (%s)", self.address, self.model.info.model_name)
         return self.address
 
     async def stop(self, grace: float = 1.0) -> None:
+        """Drain: health says NOT_SERVING, new calls are refused (UNAVAILABLE), calls in flight get
+        `grace` seconds to finish; then the model process is shut down."""
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace)
@@ -153,13 +215,21 @@ class EncoderServer:
 
 
 async def serve_forever(cfg: ServerConfig) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (`EncoderServer.stop` with `cfg.drain_grace_s`)."""
     server = EncoderServer(cfg)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
         print(f"encoder-service listening on {server.address}", flush=True)
-        await server.wait()
+        ended = asyncio.ensure_future(server.wait())
+        await asyncio.wait([ended, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            log.warning("draining: finishing calls in flight (up to %.0f s)", cfg.drain_grace_s)
     finally:
-        await server.stop()
+        await server.stop(cfg.drain_grace_s)
 
 
 class BackgroundServer:

@@ -17,6 +17,7 @@ result equals the generated code's own serialisation.
 from __future__ import annotations
 
 import ctypes
+import math
 import warnings
 import dataclasses
 from dataclasses import dataclass
@@ -25,10 +26,19 @@ import grpc
 import msgpack
 import numpy as np
 import torch
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from encoder_service.config import DynamicResolution, TilingSpec
 from encoder_service.engine import EncodeOutput, ModelInfo
-from encoder_service.errors import BudgetExceeded, DeadlineExceeded, EncodeFailed, InvalidInput, Unavailable
+from encoder_service.errors import (
+    BudgetExceeded,
+    DeadlineExceeded,
+    EncodeFailed,
+    InvalidInput,
+    Unavailable,
+    clean_message,
+)
 from encoder_service.processor import MediaInput, Modality
 from encoder_service.video.decode import VideoSampling
 from encoder_service.proto import encoder_pb2 as pb
@@ -49,13 +59,14 @@ _MODALITIES = {pb.MODALITY_IMAGE: Modality.IMAGE, pb.MODALITY_VIDEO: Modality.VI
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 
 
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """gRPC settings for messages of tens of MB, on both server and client: raised size limits,
-    HTTP/2 frames up to 16 MB and a 64 MB read-ahead, so a response is not trickled through
-    the 16 KB frame / 64 KB window defaults."""
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                    max_receive_bytes: int | None = None) -> list[tuple[str, int]]:
+    """gRPC settings for messages of tens of MB, on both server and client: raised size limits
+    (a server receives less than it sends: `max_receive_bytes`), HTTP/2 frames up to 16 MB and a
+    64 MB read-ahead, so a response is not trickled through the 16 KB frame / 64 KB window defaults."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_receive_bytes or max_message_bytes),
         ("grpc.http2.max_frame_size", (1 << 24) - 1),
         ("grpc.http2.lookahead_bytes", 64 << 20),
     ]
@@ -77,12 +88,51 @@ def status_for(error: BaseException) -> grpc.StatusCode:
 
 
 def status_message(error: BaseException) -> str:
-    """The status details for a failure (`status_for`): the message alone for the caller's errors,
-    the exception's type too for internal ones."""
+    """The status details for a failure (`status_for`): the caller's errors say what was wrong
+    (no reprs, no server paths); internal ones say only that, the traceback stays in the log."""
     if isinstance(error, EncodeFailed):
         return error.message
-    code = status_for(error)
-    return f"{type(error).__name__}: {error}" if code == grpc.StatusCode.INTERNAL else str(error)
+    if status_for(error) == grpc.StatusCode.INTERNAL:
+        return "internal error in the encoder (logged on the server)"
+    return clean_message(str(error))
+
+
+def failing_item(error: BaseException) -> tuple[int, str] | None:
+    """(index, item_id) of the item a failure belongs to, if one item caused it."""
+    index = getattr(error, "item_index", None)
+    return None if index is None else (index, getattr(error, "item_id", ""))
+
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"  # the standard rich-error trailer (google.rpc.Status)
+
+
+def status_trailers(error: BaseException) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata for a failure: a google.rpc.Status whose details hold a BadRequest field
+    violation on `items[i]` when one item caused it (any gRPC client library can read it)."""
+    item = failing_item(error)
+    if item is None:
+        return ()
+    index, item_id = item
+    violation = error_details_pb2.BadRequest.FieldViolation(
+        field=f"items[{index}]", description=status_message(error))
+    details = any_pb2.Any()
+    details.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="BAD_ITEM", domain="encoder_service",
+                                          metadata={"item_index": str(index), "item_id": item_id}))
+    status = status_pb2.Status(code=status_for(error).value[0], message=status_message(error), details=[details, info])
+    return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+
+
+def item_from_status(error: grpc.RpcError) -> tuple[int, str] | None:
+    """Client side: (index, item_id) of the failing item, from the status details, if any."""
+    for key, value in error.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY:
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info) and "item_index" in info.metadata:
+                    return int(info.metadata["item_index"]), info.metadata.get("item_id", "")
+    return None
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -103,7 +153,7 @@ def _tensor_from_buffer(data, dtype_code: int, shape: tuple[int, ...], copy: boo
     dtype = _PB_TO_TORCH[dtype_code]
     if any(s < 0 for s in shape):
         raise InvalidInput(f"negative dimension in tensor shape {list(shape)}")
-    expected = int(np.prod(shape, dtype=np.int64)) * element_size(dtype)
+    expected = math.prod(shape) * element_size(dtype)  # Python ints: no overflow for any int64 dims
     if len(data) != expected:
         raise InvalidInput(f"tensor of shape {list(shape)} {dtype} needs {expected} bytes, got {len(data)}")
     if expected == 0:
@@ -137,38 +187,48 @@ def media_to_proto(item: MediaInput) -> pb.MediaItem:
     return msg
 
 
+def media_items_from_proto(request: pb.EncodeRequest) -> list[MediaInput]:
+    """The request's items; an error names the item (index and item_id) it came from."""
+    items = []
+    for i, msg in enumerate(request.items):
+        try:
+            items.append(media_from_proto(msg))
+        except (InvalidInput, BudgetExceeded) as e:
+            raise e.for_item(i, msg.item_id) from None
+    return items
+
+
 def media_from_proto(msg: pb.MediaItem) -> MediaInput:
-    name = msg.item_id or "<unnamed>"
     if msg.modality not in _MODALITIES:
-        raise InvalidInput(f"item {name}: unknown modality {msg.modality}; expected IMAGE or VIDEO")
+        raise InvalidInput(f"unknown modality {msg.modality}; expected IMAGE or VIDEO")
     modality = _MODALITIES[msg.modality]
     source = msg.WhichOneof("source")
     if source is None:
-        raise InvalidInput(f"item {name}: no media data")
+        raise InvalidInput(f"no media data")
     if source == "raw_pixels":
         if msg.raw_pixels.dtype != pb.DTYPE_UINT8:
-            raise InvalidInput(f"item {name}: raw pixels must be uint8")
-        data = tensor_from_proto(msg.raw_pixels).numpy()
+            raise InvalidInput(f"raw pixels must be uint8")
+        data = tensor_from_proto(msg.raw_pixels).numpy()  # shape and byte count checked first
     elif source == "encoded_frames":
         if modality != Modality.VIDEO:
-            raise InvalidInput(f"item {name}: encoded_frames is only for VIDEO items")
+            raise InvalidInput(f"encoded_frames is only for VIDEO items")
         data = list(msg.encoded_frames.frames)
     elif source == "encoded_video":
         if modality != Modality.VIDEO:
-            raise InvalidInput(f"item {name}: encoded_video is only for VIDEO items")
+            raise InvalidInput(f"encoded_video is only for VIDEO items")
         data = msg.encoded_video
     else:
         if modality != Modality.IMAGE:
-            raise InvalidInput(f"item {name}: encoded_image is only for IMAGE items")
+            raise InvalidInput(f"encoded_image is only for IMAGE items")
         data = msg.encoded_image
     sampling = None
     if msg.HasField("sampling"):
         if source != "encoded_video":
-            raise InvalidInput(f"item {name}: sampling applies to encoded_video only")
+            raise InvalidInput(f"sampling applies to encoded_video only")
         sampling = VideoSampling(msg.sampling.num_frames, msg.sampling.fps, msg.sampling.max_frames)
     rate = msg.pruning_rate if msg.HasField("pruning_rate") else None
     if rate is not None and modality != Modality.VIDEO:
-        raise InvalidInput(f"item {name}: pruning_rate applies to VIDEO items only")
+        raise InvalidInput(f"pruning_rate applies to VIDEO items only")
     return MediaInput(modality, data, item_id=msg.item_id, content_hash=msg.content_hash,
                       sampling=sampling, pruning_rate=rate)
 

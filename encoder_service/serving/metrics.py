@@ -1,0 +1,143 @@
+"""Prometheus metrics of an encoder server or Serve replica.
+
+One `EncoderMetrics` per transport process records every Encode: its status, the stage times the
+model process measured (queue, preprocess, forward) plus the transport's own serialisation, batch
+sizes, tokens and bytes out; gauges give requests/bytes in flight and, read from the model process
+on each scrape, its shared-memory and GPU memory in use. Two sinks, same names:
+  - the standalone server exposes them on `/metrics` (prometheus_client, `ServerConfig.metrics_port`);
+  - a Ray Serve replica records them through `ray.util.metrics`, which Ray's metrics agent exports
+    on every node (the `ray_` prefix is Ray's).
+tokens/s and requests/s are `rate()` of the counters.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import msgpack
+
+from encoder_service.proto import encoder_pb2 as pb
+
+STAGES = ("queue", "preprocess", "forward", "serialize")
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def request_stats(header: bytes) -> dict:
+    """The stats the model process put in a response header's extras (small: no tensor bytes)."""
+    extras = pb.EncodeResponse.FromString(header).extras
+    return msgpack.unpackb(extras) if extras else {}
+
+
+class EncoderMetrics:
+    """prometheus_client metrics in their own registry (served by `serve_http`)."""
+
+    def __init__(self, model_stats: Callable[[], dict] | None = None, inflight: Callable[[], tuple[int, int]] | None = None):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("encoder_requests", "Encode calls by gRPC status", ["code"], registry=r)
+        self.latency = Histogram("encoder_request_seconds", "Encode latency, end to end in the server",
+                                 buckets=LATENCY_BUCKETS_S, registry=r)
+        self.stage = Histogram("encoder_stage_seconds", "Encode time per stage", ["stage"],
+                               buckets=LATENCY_BUCKETS_S, registry=r)
+        self.batch_tiles = Histogram("encoder_batch_tiles", "pieces in the largest batch a request joined",
+                                     buckets=BATCH_BUCKETS, registry=r)
+        self.batch_requests = Histogram("encoder_batch_requests", "requests sharing that batch",
+                                        buckets=BATCH_BUCKETS, registry=r)
+        self.items = Counter("encoder_items", "media items encoded", registry=r)
+        self.tokens = Counter("encoder_tokens_out", "embedding rows sent", registry=r)
+        self.bytes_out = Counter("encoder_bytes_out", "response bytes sent", registry=r)
+        self.refused = Counter("encoder_refused", "calls turned away by admission control", registry=r)
+        if inflight is not None:
+            Gauge("encoder_inflight_requests", "Encode calls in flight", registry=r).set_function(
+                lambda: inflight()[0])
+            Gauge("encoder_inflight_request_bytes", "request bytes in flight", registry=r).set_function(
+                lambda: inflight()[1])
+        if model_stats is not None:
+            r.register(_ModelStatsCollector(model_stats))
+
+    def record(self, code: str, seconds: float, stats: dict | None = None, items: int = 0, tokens: int = 0,
+               nbytes: int = 0, serialize_s: float = 0.0) -> None:
+        self.requests.labels(code).inc()
+        self.latency.observe(seconds)
+        if code != "OK":
+            return
+        stats = stats or {}
+        for stage in ("queue", "preprocess", "forward"):
+            if f"{stage}_ms" in stats:
+                self.stage.labels(stage).observe(stats[f"{stage}_ms"] / 1e3)
+        self.stage.labels("serialize").observe(serialize_s)
+        if "batch_tiles" in stats:
+            self.batch_tiles.observe(stats["batch_tiles"])
+            self.batch_requests.observe(stats.get("batch_requests", 1))
+        self.items.inc(items)
+        self.tokens.inc(tokens)
+        self.bytes_out.inc(nbytes)
+
+    def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
+        """/metrics on `port` (0: a free one); returns the port."""
+        from prometheus_client import start_http_server
+
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return server.server_port
+
+    def close(self) -> None:
+        if getattr(self, "_http", None) is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+
+class _ModelStatsCollector:
+    """Gauges read from the model process at scrape time."""
+
+    def __init__(self, model_stats: Callable[[], dict]):
+        self._stats = model_stats
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            stats = self._stats()
+        except Exception:  # noqa: BLE001 - a dead model process: no gauges (health says NOT_SERVING)
+            return
+        for key, help_text in (("outputs_in_use", "response bytes held in the shared output arena"),
+                               ("tiles_in_use", "pixel bytes waiting in the shared tile arena"),
+                               ("gpu_memory_allocated", "GPU memory allocated by the model process"),
+                               ("gpu_memory_reserved", "GPU memory reserved by the model process")):
+            if key in stats:
+                yield GaugeMetricFamily(f"encoder_{key}_bytes", help_text, value=stats[key])
+
+
+class RayEncoderMetrics:
+    """The same request metrics through ray.util.metrics (a Serve replica)."""
+
+    def __init__(self, replica: str):
+        from ray.util import metrics
+
+        tags = {"replica": replica}
+        self.requests = metrics.Counter("encoder_requests", "Encode calls by gRPC status", tag_keys=("replica", "code"))
+        self.latency = metrics.Histogram("encoder_request_seconds", "Encode latency in the replica",
+                                         boundaries=list(LATENCY_BUCKETS_S), tag_keys=("replica",))
+        self.stage = metrics.Histogram("encoder_stage_seconds", "Encode time per stage",
+                                       boundaries=list(LATENCY_BUCKETS_S), tag_keys=("replica", "stage"))
+        self.tokens = metrics.Counter("encoder_tokens_out", "embedding rows sent", tag_keys=("replica",))
+        self.bytes_out = metrics.Counter("encoder_bytes_out", "response bytes sent", tag_keys=("replica",))
+        for m in (self.requests, self.latency, self.stage, self.tokens, self.bytes_out):
+            m.set_default_tags(tags)
+
+    def record(self, code: str, seconds: float, stats: dict | None = None, items: int = 0, tokens: int = 0,
+               nbytes: int = 0, serialize_s: float = 0.0) -> None:
+        self.requests.inc(1, {"code": code})
+        self.latency.observe(seconds)
+        if code != "OK":
+            return
+        for stage in ("queue", "preprocess", "forward"):
+            if stats and f"{stage}_ms" in stats:
+                self.stage.observe(stats[f"{stage}_ms"] / 1e3, {"stage": stage})
+        self.stage.observe(serialize_s, {"stage": "serialize"})
+        if tokens:
+            self.tokens.inc(tokens)
+        if nbytes:
+            self.bytes_out.inc(nbytes)
