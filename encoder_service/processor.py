@@ -18,9 +18,9 @@ cheap to replace.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
-import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache

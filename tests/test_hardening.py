@@ -3,6 +3,7 @@ request/decode budgets, admission control, TLS / mTLS / bearer tokens, drain on 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import os
@@ -123,8 +124,7 @@ def test_sixteen_bit_grey_png_is_scaled_not_clipped(engine):
 
 
 def test_request_bytes_decode_budget_and_admission_are_refused_fast(engine_config):
-    cfg = ServerConfig(port=0, engine=engine_config.__class__(**{**engine_config.__dict__,
-                                                                   "max_decode_pixels_per_request": 4_000_000}),
+    cfg = ServerConfig(port=0, engine=dataclasses.replace(engine_config, max_decode_pixels_per_request=4_000_000),
                        max_request_bytes=2 << 20, max_inflight_requests=1)
     rng = np.random.default_rng()
     with BackgroundServer(cfg) as server, EncoderClient(server.address, timeout=60, security=NO_SECURITY) as client:
@@ -230,7 +230,7 @@ def test_tls_mutual_tls_and_bearer_token(engine_config, tmp_path, monkeypatch):
                 c.encode(item)
             assert e.value.code() == code, security
         # Health checks stay open to orchestrators without the token (TLS still applies).
-        with full.__class__(ca_file=ca, cert_file=client_cert, key_file=client_key).channel(address, []) as ch:
+        with ClientSecurity(ca_file=ca, cert_file=client_cert, key_file=client_key).channel(address, []) as ch:
             status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert status.status == health_pb2.HealthCheckResponse.SERVING
         # The environment configures clients (and the CLI) without code.

@@ -36,6 +36,7 @@ from encoder_service.errors import (
     DeadlineExceeded,
     EncodeFailed,
     InvalidInput,
+    ItemError,
     Unavailable,
     clean_message,
 )
@@ -193,7 +194,7 @@ def media_items_from_proto(request: pb.EncodeRequest) -> list[MediaInput]:
     for i, msg in enumerate(request.items):
         try:
             items.append(media_from_proto(msg))
-        except (InvalidInput, BudgetExceeded) as e:
+        except ItemError as e:
             raise e.for_item(i, msg.item_id) from None
     return items
 
