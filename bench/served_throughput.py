@@ -83,7 +83,7 @@ def closed_loop(encode, requests: list[list[bytes]], index: int, start_at: float
 
 def grpc_client_process(address: str, metadata, requests, index, ready: mp.Queue, window: mp.Queue,
                         out: mp.Queue) -> None:
-    from encoder_service.serving.client import EncoderClient
+    from encoder_service.serving.api.client import EncoderClient
 
     with EncoderClient(address, timeout=600) as client:
         encode = lambda items: client.encode(items, metadata=metadata, copy=False)  # noqa: E731
@@ -259,7 +259,7 @@ def serve_pool(checkpoint: str, args):
     import ray
     from ray import serve
 
-    from encoder_service.serving.ray_app import deploy, free_port, load_serve_config
+    from encoder_service.serving.api.ray_app import deploy, free_port, load_serve_config
 
     gpus = 1 if args.device == "cuda" else 0
     ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=False,
@@ -324,7 +324,7 @@ def main() -> None:
         print(json.dumps(r), flush=True)
 
     if "grpc" in paths:
-        from encoder_service.serving.client import EncoderClient
+        from encoder_service.serving.api.client import EncoderClient
 
         with standalone_server(checkpoint, args) as address:
             for n in clients:
@@ -332,7 +332,7 @@ def main() -> None:
             with EncoderClient(address) as c:
                 latency["grpc"] = idle_latency(lambda items: c.encode(items, copy=False), args.repeats)
     if "serve-grpc" in paths or "serve-handle" in paths:
-        from encoder_service.serving.client import EncoderClient
+        from encoder_service.serving.api.client import EncoderClient
         from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient
 
         with serve_pool(checkpoint, args) as address:

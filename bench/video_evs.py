@@ -27,8 +27,8 @@ import torch
 from bench.common import device_name, preset_checkpoint
 from encoder_service.config import EngineConfig
 from encoder_service.processor import MediaInput, Modality
-from encoder_service.serving.client import EncoderClient
-from encoder_service.serving.server import BackgroundServer, ServerConfig
+from encoder_service.serving.api.client import EncoderClient
+from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 from encoder_service.video.decode import VideoSampling
 from encoder_service.video.evs import retained_token_count
 from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig

@@ -44,9 +44,9 @@ def fail(message: str, code: int) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from encoder_service.serving.pipeline import PipelineConfig
-    from encoder_service.serving.security import TLSConfig
-    from encoder_service.serving.server import ServerConfig, serve_forever
+    from encoder_service.serving.host.pipeline import PipelineConfig
+    from encoder_service.serving.api.security import TLSConfig
+    from encoder_service.serving.api.server import ServerConfig, serve_forever
 
     if bool(args.tls_cert) != bool(args.tls_key):
         return fail("--tls-cert and --tls-key go together", 2)
@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     import grpc
 
-    from encoder_service.serving.client import EncoderClient, image_file
+    from encoder_service.serving.api.client import EncoderClient, image_file
     from encoder_service.serving.wire import item_from_status
 
     try:
@@ -129,7 +129,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from encoder_service.demo import run_demo
-    from encoder_service.serving.ray_app import DEFAULT_CONFIG
+    from encoder_service.serving.api.ray_app import DEFAULT_CONFIG
 
     args.config = args.config or DEFAULT_CONFIG
     return run_demo(args)

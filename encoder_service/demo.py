@@ -28,8 +28,8 @@ def run_demo(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from encoder_service.serving.client import EncoderClient
-    from encoder_service.serving.ray_app import deploy, free_port, load_serve_config
+    from encoder_service.serving.api.client import EncoderClient
+    from encoder_service.serving.api.ray_app import deploy, free_port, load_serve_config
     from llm_worker.actor import LLMWorkerActor
     from llm_worker.codec import pack_requests, unpack_outputs
     from llm_worker.engine import GenerationRequest

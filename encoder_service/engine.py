@@ -7,7 +7,7 @@ projector, once per batch) -> one concatenated tensor. The consumer splits by co
 dynamic-resolution images: `processor.ItemPlan`) into one ragged forward and writes each
 group's rows where the caller wants them, without waiting for the device. `run`/`encode` use
 it in-process (tests, benchmarks, the reference); the serving pipeline
-(`encoder_service.serving.pipeline`) uses it to keep batches in flight. A video to prune (EVS)
+(`encoder_service.serving.host.pipeline`) uses it to keep batches in flight. A video to prune (EVS)
 is encoded whole first; `prune_into` then keeps its rows that change most between frames.
 """
 

@@ -27,7 +27,7 @@ from encoder_service.errors import EncodeFailed
 from encoder_service.processor import MediaInput
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
-from encoder_service.serving.client import EncoderClient
+from encoder_service.serving.api.client import EncoderClient
 from encoder_service.serving.wire import EncodeResult
 
 log = logging.getLogger(__name__)

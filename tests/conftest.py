@@ -39,7 +39,7 @@ def engine(engine_config) -> EncoderEngine:
 @pytest.fixture(scope="session")
 def encoder_server(engine_config):
     """A real grpc.aio server on a free loopback port, shared by the session."""
-    from encoder_service.serving.server import BackgroundServer, ServerConfig
+    from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 
     with BackgroundServer(ServerConfig(port=0, engine=engine_config)) as server:
         yield server

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from encoder_service.batching import TileQueue
-from encoder_service.serving.arena import ALIGNMENT, SharedArena
+from encoder_service.serving.host.arena import ALIGNMENT, SharedArena
 
 
 def test_items_split_across_batches_keep_order_and_budget():

@@ -34,8 +34,8 @@ def test_engine_bf16_cuda_matches_fp32_cpu(tiny_checkpoint):
 
 def test_grpc_server_on_cuda_serves_bf16_batches(tiny_checkpoint):
     """The production path: bf16 on the GPU, one tensor over real gRPC, split by counts."""
-    from encoder_service.serving.client import EncoderClient
-    from encoder_service.serving.server import BackgroundServer, ServerConfig
+    from encoder_service.serving.api.client import EncoderClient
+    from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 
     items = [MediaInput(Modality.IMAGE, image_bytes(w, h)) for w, h in [(640, 480), (90, 300), (64, 64)]]
     reference = EncoderEngine(EngineConfig(checkpoint=str(tiny_checkpoint), device="cpu")).encode(items)
@@ -51,7 +51,7 @@ def test_grpc_server_on_cuda_serves_bf16_batches(tiny_checkpoint):
 
 
 def test_pipeline_on_cuda_reads_tiles_from_the_pinned_arena_and_matches_the_engine(tiny_checkpoint):
-    from encoder_service.serving.pipeline import EncodePipeline, PipelineConfig
+    from encoder_service.serving.host.pipeline import EncodePipeline, PipelineConfig
 
     engine = EncoderEngine(EngineConfig(checkpoint=str(tiny_checkpoint), device="cuda"))
     items = [MediaInput(Modality.IMAGE, image_bytes(w, h)) for w, h in [(640, 480), (90, 300), (64, 64)]]

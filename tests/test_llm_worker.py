@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from encoder_service.serving.client import EncoderClient
+from encoder_service.serving.api.client import EncoderClient
 from encoder_service.config import TilingSpec
 from encoder_service.processor import ImageProcessor, MediaInput, Modality, ProcessorConfig
 from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig, Status

@@ -16,9 +16,9 @@ from encoder_service.engine import EncoderEngine
 from encoder_service.processor import MediaInput, Modality
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
-from encoder_service.serving.client import ENCODE_METHOD, EncoderClient
-from encoder_service.serving.pipeline import PipelineConfig
-from encoder_service.serving.server import BackgroundServer, ServerConfig
+from encoder_service.serving.api.client import ENCODE_METHOD, EncoderClient
+from encoder_service.serving.host.pipeline import PipelineConfig
+from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 from tests.conftest import image_bytes
 
 

@@ -204,8 +204,8 @@ def test_served_model_info_lets_an_llm_worker_count_dynamic_tokens(nemotron_dir)
     """GetModelInfo over real gRPC carries the dynamic-resolution spec; the counts it gives match."""
     from encoder_service.processor import ImageProcessor
     from encoder_service.config import ProcessorConfig
-    from encoder_service.serving.client import EncoderClient
-    from encoder_service.serving.server import BackgroundServer, ServerConfig
+    from encoder_service.serving.api.client import EncoderClient
+    from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 
     engine_cfg = EngineConfig(checkpoint=str(nemotron_dir), max_tokens_per_batch=2048)
     with BackgroundServer(ServerConfig(port=0, engine=engine_cfg)) as server, EncoderClient(server.address) as client:

@@ -13,7 +13,7 @@ from PIL import Image
 from encoder_service.engine import EncoderEngine
 from encoder_service.errors import DeadlineExceeded, InvalidInput, Unavailable
 from encoder_service.processor import MediaInput, Modality
-from encoder_service.serving.pipeline import EncodePipeline, PipelineConfig
+from encoder_service.serving.host.pipeline import EncodePipeline, PipelineConfig
 from tests.conftest import image_bytes
 
 

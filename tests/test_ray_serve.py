@@ -15,10 +15,10 @@ import torch
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from encoder_service.serving.client import EncoderClient  # noqa: E402
+from encoder_service.serving.api.client import EncoderClient  # noqa: E402
 from encoder_service.processor import MediaInput, Modality  # noqa: E402
 from encoder_service.proto import encoder_pb2 as pb  # noqa: E402
-from encoder_service.serving.ray_app import deploy, free_port, load_serve_config, running_replicas  # noqa: E402
+from encoder_service.serving.api.ray_app import deploy, free_port, load_serve_config, running_replicas  # noqa: E402
 from llm_worker.actor import LLMWorkerActor  # noqa: E402
 from llm_worker.codec import pack_requests, unpack_outputs  # noqa: E402
 from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig  # noqa: E402

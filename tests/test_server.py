@@ -6,13 +6,13 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from encoder_service.serving.client import EncoderClient
+from encoder_service.serving.api.client import EncoderClient
 from encoder_service.config import EngineConfig, tiny_encoder_config
 from encoder_service.models import save_checkpoint
 from encoder_service.models.checkpoint import random_encoder
 from encoder_service.processor import MediaInput, Modality
 from encoder_service.proto import encoder_pb2 as pb
-from encoder_service.serving.server import BackgroundServer, ServerConfig
+from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 from tests.conftest import image_bytes
 
 
@@ -156,7 +156,7 @@ def test_standalone_server_batches_concurrent_requests(engine_config):
     from concurrent.futures import ThreadPoolExecutor
 
     from encoder_service.engine import EncoderEngine
-    from encoder_service.serving.pipeline import PipelineConfig
+    from encoder_service.serving.host.pipeline import PipelineConfig
 
     import dataclasses
 

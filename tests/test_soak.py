@@ -29,8 +29,8 @@ from encoder_service.engine import EncoderEngine
 from encoder_service.processor import MediaInput, Modality
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
-from encoder_service.serving.client import ENCODE_METHOD, EncoderClient
-from encoder_service.serving.security import ClientSecurity
+from encoder_service.serving.api.client import ENCODE_METHOD, EncoderClient
+from encoder_service.serving.api.security import ClientSecurity
 from tests.conftest import image_bytes
 
 RSS_CEILING_MB = 3000  # transport + model process + preprocessing workers, tiny model, 64 MB arenas

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from encoder_service.processor import MediaInput, Modality
-from encoder_service.serving.client import EncoderClient
+from encoder_service.serving.api.client import EncoderClient
 from encoder_service.video.decode import VideoSampling
 from encoder_service.video.evs import retained_token_count, retention_mask
 from tests.conftest import image_bytes

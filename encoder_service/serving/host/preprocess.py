@@ -13,7 +13,7 @@ and a worker still busy with one after `stale_job_s` is killed and replaced, so 
 requests never hold up the ones behind them. A worker that dies fails only its
 current item and is restarted.
 
-    python -m encoder_service.serving.preprocess --fd N --size BYTES --config JSON   (worker side)
+    python -m encoder_service.serving.host.preprocess --fd N --size BYTES --config JSON   (worker side)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 from encoder_service.config import ProcessorConfig
 from encoder_service.errors import InvalidInput, Unavailable
 from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, Modality
-from encoder_service.serving.framing import read_frame, write_frame
+from encoder_service.serving.host.framing import read_frame, write_frame
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class PreprocessPool:
         self.processor = ImageProcessor(processor)
         self.stale_job_s = stale_job_s
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        args = [sys.executable, "-m", "encoder_service.serving.preprocess", "--fd", str(arena.fd),
+        args = [sys.executable, "-m", "encoder_service.serving.host.preprocess", "--fd", str(arena.fd),
                 "--size", str(arena.size), "--config", json.dumps(processor.to_dict())]
         self._workers = [_Worker(args, arena.fd) for _ in range(max(1, workers))]
         starters = [threading.Thread(target=w.start) for w in self._workers]  # start in parallel

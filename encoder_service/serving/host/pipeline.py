@@ -37,8 +37,8 @@ from encoder_service.batching import Span, TileQueue
 from encoder_service.engine import EncodeOutput, EncoderEngine
 from encoder_service.errors import BudgetExceeded, DeadlineExceeded, ItemError, Unavailable
 from encoder_service.processor import ItemPlan, MediaInput, byte_range
-from encoder_service.serving.arena import SharedArena
-from encoder_service.serving.preprocess import PreprocessPool
+from encoder_service.serving.host.arena import SharedArena
+from encoder_service.serving.host.preprocess import PreprocessPool
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from encoder_service.processor import MediaInput, Modality
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.proto import encoder_pb2_grpc as pb_grpc
 from encoder_service.serving import wire
-from encoder_service.serving.security import ClientSecurity
+from encoder_service.serving.api.security import ClientSecurity
 
 ENCODE_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EncoderService'].full_name}/Encode"
 

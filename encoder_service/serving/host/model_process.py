@@ -19,7 +19,7 @@ Every `encode` frame gets exactly one reply. If the child dies, every pending ca
 UNAVAILABLE (retryable) and `alive` turns false; the child exits when the parent does (its pipe
 closes).
 
-    python -m encoder_service.serving.model_process --config JSON --outputs-fd N --outputs-size BYTES   (child)
+    python -m encoder_service.serving.host.model_process --config JSON --outputs-fd N --outputs-size BYTES   (child)
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from encoder_service.config import EngineConfig
 from encoder_service.errors import EncodeFailed, InvalidInput, Unavailable
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
-from encoder_service.serving.arena import SharedArena
-from encoder_service.serving.framing import read_frame, write_frame
-from encoder_service.serving.pipeline import PipelineConfig
+from encoder_service.serving.host.arena import SharedArena
+from encoder_service.serving.host.framing import read_frame, write_frame
+from encoder_service.serving.host.pipeline import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class ModelProcess:
         config = {"engine": dataclasses.asdict(engine), "pipeline": dataclasses.asdict(pipeline),
                   "torch_threads": torch_threads}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "encoder_service.serving.model_process", "--config", json.dumps(config),
+            [sys.executable, "-m", "encoder_service.serving.host.model_process", "--config", json.dumps(config),
              "--outputs-fd", str(self.outputs.fd), "--outputs-size", str(self.outputs.size)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, pass_fds=(self.outputs.fd,),
         )
@@ -334,7 +334,7 @@ def process_main(argv: list[str] | None = None) -> int:
     config = json.loads(args.config)
     try:
         from encoder_service.engine import EncoderEngine
-        from encoder_service.serving.pipeline import EncodePipeline
+        from encoder_service.serving.host.pipeline import EncodePipeline
 
         if config.get("torch_threads"):
             torch.set_num_threads(config["torch_threads"])

@@ -30,15 +30,15 @@ from ray.serve.config import gRPCOptions
 
 from encoder_service.config import EngineConfig
 from encoder_service.errors import EncodeFailed
-from encoder_service.serving.metrics import RayEncoderMetrics, request_stats
+from encoder_service.serving.api.metrics import RayEncoderMetrics, request_stats
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
-from encoder_service.serving.model_process import Encoded, ModelProcess
-from encoder_service.serving.pipeline import PipelineConfig
+from encoder_service.serving.host.model_process import Encoded, ModelProcess
+from encoder_service.serving.host.pipeline import PipelineConfig
 
 SERVICER_FUNCTION = "encoder_service.proto.encoder_pb2_grpc.add_EncoderServiceServicer_to_server"
 DEPLOYMENT_NAME = "EncoderDeployment"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "serve_config.yaml"
 
 
 class PreSerialized:

@@ -28,10 +28,10 @@ from grpc_reflection.v1alpha import reflection
 from encoder_service.config import EngineConfig
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
-from encoder_service.serving.metrics import EncoderMetrics, request_stats
-from encoder_service.serving.model_process import ModelProcess
-from encoder_service.serving.pipeline import PipelineConfig
-from encoder_service.serving.security import TLSConfig, TokenCheck, is_loopback, token_from
+from encoder_service.serving.api.metrics import EncoderMetrics, request_stats
+from encoder_service.serving.host.model_process import ModelProcess
+from encoder_service.serving.host.pipeline import PipelineConfig
+from encoder_service.serving.api.security import TLSConfig, TokenCheck, is_loopback, token_from
 
 log = logging.getLogger(__name__)
 
