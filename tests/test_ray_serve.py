@@ -1,8 +1,13 @@
-"""The encoder pool on a real local Ray cluster, reached through Ray Serve's gRPC proxy."""
+"""The encoder pool on a real local Ray cluster, reached through Ray Serve's gRPC proxy.
+
+Replicas choose their resources explicitly (CPU replicas; fractional GPUs where the GPU is the
+point), so the tests pass with 0, 1 or several GPUs on the machine.
+"""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +20,13 @@ import torch
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
+from encoder_service.config import EngineConfig  # noqa: E402
+from encoder_service.engine import EncoderEngine  # noqa: E402
 from encoder_service.serving.api.client import EncoderClient  # noqa: E402
 from encoder_service.processor import MediaInput, Modality  # noqa: E402
 from encoder_service.proto import encoder_pb2 as pb  # noqa: E402
-from encoder_service.serving.api.ray_app import deploy, free_port, load_serve_config, running_replicas  # noqa: E402
+from encoder_service.serving.api.ray_app import (  # noqa: E402
+    deploy, free_port, load_serve_config, running_replicas, unplaceable_replicas)
 from llm_worker.actor import LLMWorkerActor  # noqa: E402
 from llm_worker.codec import pack_requests, unpack_outputs  # noqa: E402
 from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig  # noqa: E402
@@ -40,13 +48,21 @@ def ray_cluster(tiny_checkpoint):
     assert not ray.is_initialized()
 
 
-def _config(tiny_checkpoint, port: int, **autoscaling) -> dict:
-    """deploy/serve_config.yaml, with test-sized knobs: fast autoscaling, a batching window."""
+@pytest.fixture(scope="module")
+def cpu_engine(engine_config) -> EncoderEngine:
+    """The in-process reference for CPU replicas (float32), whatever devices the machine has."""
+    return EncoderEngine(dataclasses.replace(engine_config, device="cpu"))
+
+
+def _config(tiny_checkpoint, port: int, gpus_per_replica: float = 0, **autoscaling) -> dict:
+    """deploy/serve_config.yaml, with test-sized knobs: fast autoscaling, a batching window, and
+    resources chosen explicitly (default: CPU replicas, so a GPU machine runs the same pool)."""
     cfg = copy.deepcopy(load_serve_config())
     cfg["grpc_options"]["port"] = port
     cfg["http_options"]["port"] = port + 1 if port < 65535 else port - 1
     app = cfg["applications"][0]
-    app["args"]["engine"].update(checkpoint=str(tiny_checkpoint))
+    app["args"]["gpus_per_replica"] = gpus_per_replica
+    app["args"]["engine"].update(checkpoint=str(tiny_checkpoint), device="cuda" if gpus_per_replica else "cpu")
     app["args"]["pipeline"].update(max_wait_ms=30.0, preprocess_workers=1, arena_mb=32)
     app["deployments"][0]["autoscaling_config"].update(
         {"metrics_interval_s": 0.2, "look_back_period_s": 1.0, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0, **autoscaling}
@@ -67,7 +83,7 @@ def _items(rng, n):
     return [MediaInput(Modality.IMAGE, image_bytes(w, h, "PNG", seed=int(rng.integers(1 << 30)))) for w, h in sizes]
 
 
-def test_concurrent_calls_are_batched_and_each_equals_encoding_alone(pool, engine):
+def test_concurrent_calls_are_batched_and_each_equals_encoding_alone(pool, cpu_engine):
     _, client = pool
     rng = np.random.default_rng()
     requests = [_items(rng, int(rng.integers(1, 3))) for _ in range(12)]
@@ -81,7 +97,7 @@ def test_concurrent_calls_are_batched_and_each_equals_encoding_alone(pool, engin
         results = list(ex.map(call, requests))
     assert max(r.extras["batch_requests"] for r in results) > 1
     for items, result in zip(requests, results):
-        alone = engine.encode(items)  # in-process, same checkpoint, nothing batched
+        alone = cpu_engine.encode(items)  # in-process, same checkpoint, nothing batched
         assert result.token_counts == alone.token_counts
         torch.testing.assert_close(result.embeddings, alone.embeddings, rtol=1e-5, atol=1e-5)
 
@@ -222,3 +238,35 @@ def test_llm_worker_actor_generates_through_the_pool(ray_cluster, tiny_checkpoin
     assert outputs[0].media_tokens == [112, 16]  # 120x80 -> 3x2 tiles + thumbnail; 64x64 -> 1 tile
     assert all(len(o.token_ids) == 5 for o in outputs)
     ray.kill(worker)
+
+
+def test_gpu_replicas_the_cluster_cannot_place_are_explained():
+    assert unplaceable_replicas(4, 0, 0) is None  # CPU replicas
+    assert unplaceable_replicas(2, 0.5, 1) is None  # two replicas share the one GPU
+    assert unplaceable_replicas(2, 1, 2) is None
+    message = unplaceable_replicas(4, 1, 1)
+    assert "at most 1 replica(s) can run" in message and "4 replicas" in message
+    assert "at most 2 replica(s)" in unplaceable_replicas(3, 0.5, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (two replicas share it at 0.5 each)")
+def test_two_replicas_share_one_gpu_at_half_a_gpu_each(ray_cluster, tiny_checkpoint, engine_config):
+    """Fractional GPUs: both replicas run on the same device, both serve, both give the engine's rows."""
+    address = deploy(_config(tiny_checkpoint, ray_cluster, gpus_per_replica=0.5, min_replicas=2, max_replicas=2))
+    assert _wait_for(lambda: running_replicas(APP) == 2, timeout_s=120)
+    reference = EncoderEngine(dataclasses.replace(engine_config, device="cuda"))
+    items = _items(np.random.default_rng(), 2)
+    want = reference.encode(items)
+    seen = set()
+    with EncoderClient(address, timeout=60) as client:
+        assert client.model_info(metadata=METADATA).dtype == torch.bfloat16
+        for _ in range(40):
+            got = client.encode(items, metadata=METADATA)
+            seen.add(got.extras["replica"])
+            assert got.token_counts == want.token_counts
+            err = (got.embeddings.float() - want.embeddings.float()).norm() / want.embeddings.float().norm()
+            assert err.item() < 2e-2
+            if len(seen) == 2:
+                break
+    assert len(seen) == 2, "both half-GPU replicas should serve"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import os
 import time
 from pathlib import Path
@@ -39,6 +40,8 @@ from encoder_service.serving.host.pipeline import PipelineConfig
 SERVICER_FUNCTION = "encoder_service.proto.encoder_pb2_grpc.add_EncoderServiceServicer_to_server"
 DEPLOYMENT_NAME = "EncoderDeployment"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "serve_config.yaml"
+
+log = logging.getLogger("ray.serve")
 
 
 class PreSerialized:
@@ -66,7 +69,16 @@ class EncoderDeployment:
             pipeline_cfg.preprocess_workers = max(1, cpus - 1)
         # One replica per CPU slot: don't let every replica's torch grab every core.
         self.model = ModelProcess(cfg, pipeline_cfg, torch_threads=cpus if cfg.device == "cpu" else 0)
-        self.replica = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.unique_id
+        if context.rank is not None and context.rank.rank == 0:  # once per deployment, not once per replica
+            config = context._deployment_config
+            warning = unplaceable_replicas(
+                config.autoscaling_config.max_replicas if config.autoscaling_config else config.num_replicas,
+                ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0),
+                ray.cluster_resources().get("GPU", 0.0))
+            if warning:
+                log.warning(warning)
         self._model_info = pb.ModelInfo.FromString(self.model.info_bytes)
         self.metrics = RayEncoderMetrics(self.replica)
 
@@ -133,17 +145,36 @@ class EncoderDeployment:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Application builder (`import_path: encoder_service.serve_app:build_app` in a Serve config).
+    """Application builder (`import_path: encoder_service.serving.api.ray_app:build_app` in a Serve config).
 
     args: `engine` (EngineConfig fields), `pipeline` (PipelineConfig fields),
-    `gpus_per_replica` ("auto": 1 when the cluster has GPUs, else 0), `cpus_per_replica`.
+    `gpus_per_replica` (`gpus_per_replica()`), `cpus_per_replica`.
     """
-    gpus = args.get("gpus_per_replica", "auto")
-    if gpus == "auto":
-        gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
-    actor_options = {"num_cpus": args.get("cpus_per_replica", 1), "num_gpus": gpus}
+    actor_options = {"num_cpus": args.get("cpus_per_replica", 1), "num_gpus": gpus_per_replica(args)}
     deployment = EncoderDeployment.options(ray_actor_options=actor_options, **args.get("deployment_options", {}))
     return deployment.bind(args.get("engine", {}), args.get("pipeline", {}))
+
+
+def gpus_per_replica(args: dict[str, Any]) -> float:
+    """`gpus_per_replica` of the app's args: a number (a fraction shares a GPU between replicas), or "auto":
+    one GPU per replica when the cluster has GPUs, else CPU replicas."""
+    gpus = args.get("gpus_per_replica", "auto")
+    if gpus == "auto":
+        return 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
+    return float(gpus)
+
+
+def unplaceable_replicas(max_replicas: int | None, gpus_per_replica: float, cluster_gpus: float) -> str | None:
+    """Why some of the pool's replicas cannot be placed on the cluster as it is now, or None.
+
+    Serve leaves a replica it cannot place PENDING without a word; the pool says so once instead."""
+    if not max_replicas or gpus_per_replica <= 0 or max_replicas * gpus_per_replica <= cluster_gpus + 1e-9:
+        return None
+    placeable = int(cluster_gpus / gpus_per_replica + 1e-9)
+    return (f"the encoder pool may grow to {max_replicas} replicas of {gpus_per_replica:g} GPU each "
+            f"({max_replicas * gpus_per_replica:g} GPUs) but the cluster has {cluster_gpus:g} GPU(s): at most "
+            f"{placeable} replica(s) can run, the others stay pending until GPU nodes join (a KubeRay autoscaler "
+            f"adds them). Lower max_replicas, or share GPUs (gpus_per_replica: 0.5); see deploy/README.md")
 
 
 # --------------------------------------------------------------------- deploying from Python
@@ -184,6 +215,11 @@ def deploy(config: dict[str, Any], blocking_timeout_s: float = 180.0) -> str:
     overrides = {k: v for k, v in app_cfg.get("deployments", [{}])[0].items() if k != "name"}
     args = dict(app_cfg.get("args", {}))
     args["deployment_options"] = {**args.get("deployment_options", {}), **overrides}
+    autoscaling = overrides.get("autoscaling_config") or {}
+    warning = unplaceable_replicas(autoscaling.get("max_replicas", overrides.get("num_replicas", 1)),
+                                   gpus_per_replica(args), ray.cluster_resources().get("GPU", 0.0))
+    if warning:
+        log.warning(warning)
     serve.run(build_app(args), name=app_cfg["name"], route_prefix=app_cfg.get("route_prefix"), blocking=False)
     _wait_running(app_cfg["name"], blocking_timeout_s)
     return f"127.0.0.1:{grpc_cfg.get('port', 9000)}"
