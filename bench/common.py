@@ -29,7 +29,7 @@ IMAGE_MIXES = {
 
 
 # Measured 8192^3 bf16 matmul on random data (../shared/gpu/README.md): the MFU denominator.
-BF16_PEAK_TFLOPS = {"H100": 798.0}
+BF16_PEAK_TFLOPS = {"H100": 798.0, "H200": 800.0}
 
 
 def model_flops(engine: EncoderEngine, seq_lens: list[int], out_rows: int) -> float:

@@ -38,11 +38,11 @@ def serve(port_out: mp.Queue, nbytes: int, chunk: int) -> None:
         server = grpc.aio.server(options=channel_options())
 
         async def unary(request, context):
-            return await asyncio.get_running_loop().run_in_executor(None, _bytes_of, b"", data)
+            return await asyncio.get_running_loop().run_in_executor(None, _bytes_of, b"", [data])
 
         async def stream(request, context):
             for start in range(0, nbytes, chunk):
-                yield _bytes_of(b"", data[start : start + chunk])
+                yield _bytes_of(b"", [data[start : start + chunk]])
 
         handlers = {"Unary": grpc.unary_unary_rpc_method_handler(unary),
                     "Stream": grpc.unary_stream_rpc_method_handler(stream)}

@@ -8,7 +8,9 @@ Paths, in one run, same checkpoint, same requests (2 serving-mix JPEGs each):
 - serve-grpc: Ray Serve's gRPC proxy in front of one replica;
 - serve-handle: the Ray-native path (DeploymentHandle, tensor through the object store).
 Clients are separate processes (spawned processes for gRPC, Ray actors for the handle), each
-in a closed loop for `--duration` seconds after a warm-up; 1, 4 and 16 of them. Reported:
+in a closed loop for `--duration` seconds after a warm-up; 1, 4 and 16 of them. Each client has
+requests of its own (the same mix, other images) and the servers' embedding caches are off, so
+every request is encoded: this bench measures encoding, `bench.pool_cache` what the cache saves. Reported:
 tiles/s, embedding MB/s, p50/p99 latency, ratio to the engine, mean GPU utilisation. Then idle
 latency: one 1-image request at a time, each image of the mix, against `engine.encode`.
 
@@ -93,11 +95,17 @@ def grpc_client_process(address: str, metadata, requests, index, ready: mp.Queue
         out.put(closed_loop(encode, requests, index, start_at, end_at))
 
 
+def client_requests(requests, index: int) -> list[list[bytes]]:
+    """Client `index`'s own requests: the same sizes, other images (no two clients send one item)."""
+    return requests if index == 0 else make_requests(len(requests), len(requests[0]), seed=1000 + index)
+
+
 def run_grpc_clients(address: str, n: int, requests, duration: float, metadata=None) -> dict:
     """n client processes; the measured window opens once every one of them is warm."""
     ctx = mp.get_context("spawn")
     ready, window, out = ctx.Queue(), ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=grpc_client_process, args=(address, metadata, requests, i, ready, window, out))
+    procs = [ctx.Process(target=grpc_client_process,
+                         args=(address, metadata, client_requests(requests, i), i, ready, window, out))
              for i in range(n)]
     for p in procs:
         p.start()
@@ -124,7 +132,7 @@ def run_handle_clients(n: int, requests, duration: float) -> dict:
 
             self.requests = requests
             self.pool = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle", attempt_timeout_s=600,
-                                                           total_timeout_s=600))
+                                                           total_timeout_s=600, affinity=False, probe=False))
 
         def warm_up(self):
             warm_up(self.pool.encode, self.requests)
@@ -132,7 +140,7 @@ def run_handle_clients(n: int, requests, duration: float) -> dict:
         def run(self, index, start_at, end_at):
             return closed_loop(self.pool.encode, self.requests, index, start_at, end_at)
 
-    actors = [HandleClient.remote(requests) for _ in range(n)]
+    actors = [HandleClient.remote(client_requests(requests, i)) for i in range(n)]
     ray.get([a.warm_up.remote() for a in actors], timeout=300)
     start_at = time.time() + 0.5
     refs = [a.run.remote(i, start_at, start_at + duration) for i, a in enumerate(actors)]
@@ -239,9 +247,10 @@ def engine_baseline(cfg: EngineConfig, requests, repeats: int) -> tuple[dict, di
 
 
 @contextlib.contextmanager
-def standalone_server(checkpoint: str, args):
+def standalone_server(checkpoint: str, args, cache_mb: int = 0):
     cmd = [sys.executable, "-m", "encoder_service.cli", "serve", "--port", "0", "--checkpoint", checkpoint,
            "--device", args.device, "--dtype", args.dtype, "--max-tokens-per-request", str(1 << 20),
+           "--cache-mb", str(cache_mb),
            "--preprocess-workers", str(args.preprocess_workers)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
@@ -262,7 +271,7 @@ def serve_pool(checkpoint: str, args):
     from encoder_service.serving.api.ray_app import deploy, free_port, load_serve_config
 
     gpus = 1 if args.device == "cuda" else 0
-    ray.init(num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}})
     cfg = load_serve_config()
     cfg["grpc_options"]["port"], cfg["http_options"]["port"] = free_port(), free_port()
@@ -270,7 +279,7 @@ def serve_pool(checkpoint: str, args):
     app["args"].update(gpus_per_replica=gpus, cpus_per_replica=args.preprocess_workers + 1)
     app["args"]["engine"].update(checkpoint=checkpoint, device=args.device, dtype=args.dtype,
                                  max_tokens_per_request=1 << 20)
-    app["args"]["pipeline"].update(preprocess_workers=args.preprocess_workers)
+    app["args"]["pipeline"].update(preprocess_workers=args.preprocess_workers, cache_mb=0)
     app["deployments"][0]["max_ongoing_requests"] = 64
     app["deployments"][0]["autoscaling_config"].update(min_replicas=1, max_replicas=1)
     try:
@@ -346,7 +355,8 @@ def main() -> None:
             if "serve-handle" in paths:
                 for n in clients:
                     report("serve-handle", n, run_handle_clients(n, requests, args.duration))
-                pool = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle"))
+                pool = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle", affinity=False,
+                                                          probe=False))
                 latency["serve-handle"] = idle_latency(pool.encode, args.repeats)
 
     for path, per_image in latency.items():

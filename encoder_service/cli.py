@@ -51,12 +51,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         return fail("--tls-cert and --tls-key go together", 2)
     pipeline = PipelineConfig(preprocess_workers=args.preprocess_workers, arena_mb=args.arena_mb,
-                              output_arena_mb=args.output_arena_mb)
+                              output_arena_mb=args.output_arena_mb, cache_mb=args.cache_mb)
     tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     cfg = ServerConfig(host=args.host, port=args.port, engine=engine_config(args), pipeline=pipeline, tls=tls,
                        auth_token_file=args.auth_token_file, insecure=args.insecure,
                        max_request_bytes=args.max_request_mb << 20, drain_grace_s=args.drain_grace_s,
-                       metrics_port=args.metrics_port)
+                       metrics_port=args.metrics_port, cache_per_token=not args.shared_cache)
     try:
         asyncio.run(serve_forever(cfg))
     except KeyboardInterrupt:
@@ -127,6 +127,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    """The fingerprint a checkpoint directory is served with (what a consumer compares with GetModelInfo's)."""
+    from encoder_service.fingerprint import of_checkpoint
+    from encoder_service.models.checkpoint import tiny_checkpoint_dir
+
+    try:
+        fingerprint = of_checkpoint(args.checkpoint or tiny_checkpoint_dir(), args.dtype)
+    except (OSError, ValueError, KeyError) as e:
+        return fail(f"cannot fingerprint {args.checkpoint}: {e}", 2)
+    print(json.dumps(fingerprint.to_dict(), indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from encoder_service.demo import run_demo
     from encoder_service.serving.api.ray_app import DEFAULT_CONFIG
@@ -147,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arena-mb", type=int, default=512, help="shared memory for tiles waiting for the device")
     p.add_argument("--output-arena-mb", type=int, default=1024,
                    help="shared memory for responses until they are sent (bounds response bytes in flight)")
+    p.add_argument("--cache-mb", type=int, default=None,
+                   help="embedding cache (rows of encoded items by content, LRU); 0: off; default: 1/16 of RAM, <= 4096")
+    p.add_argument("--shared-cache", action="store_true",
+                   help="one cache for every bearer token (default: entries per token, so tenants cannot probe "
+                        "each other's images)")
     p.add_argument("--max-request-mb", type=int, default=64, help="largest request accepted")
     p.add_argument("--drain-grace-s", type=float, default=30.0, help="on SIGTERM, time for calls in flight")
     p.add_argument("--tls-cert", help="PEM certificate chain file (TLS on)")
@@ -171,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("fingerprint", help="what a checkpoint directory's rows are produced by (weights, "
+                       "preprocessing, width, dtype): compare with a pool's GetModelInfo")
+    p.add_argument("--checkpoint", help="local dir (default: the embedded tiny model)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="the dtype the rows are served in (bfloat16 on GPUs, float32 on CPUs)")
+    p.set_defaults(func=cmd_fingerprint)
 
     p = sub.add_parser("demo", help="local Ray + encoder pool + LLM worker on the embedded tiny models")
     p.add_argument("--config", default=None, help="Serve config (default: deploy/serve_config.yaml)")

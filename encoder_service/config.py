@@ -29,8 +29,10 @@ class VisionConfig:
     post_layernorm: bool = True
     patch_bias: bool = True  # RADIO's patch embedder has none
     # How the position table meets a grid other than its own: "resample" (bicubic to the grid:
-    # this project's layout, SigLIP) or "cpe" (RADIO: bilinear to a max(gh, gw) square, then crop).
+    # this project's layout, SigLIP, InternViT) or "cpe" (RADIO: bilinear to a max(gh, gw) square, then crop).
     pos_embed_mode: str = "resample"
+    # Layer scale (InternViT): each sub-layer's output is scaled per channel before the residual add.
+    layer_scale: bool = False
 
     def __post_init__(self):
         if self.pos_embed_mode not in ("resample", "cpe"):
@@ -119,6 +121,13 @@ class ProcessorConfig:
     max_video_frames: int = 256
     default_video_frames: int = 16  # frames sampled from a video container when the request does not say
     video_pruning_rate: float = 0.0  # EVS rate q for videos whose request does not say (0: keep every token)
+    # Resampling: "pil" (PIL's bicubic) or "torch-aa" (torchvision's antialiased bicubic on uint8, what
+    # Hugging Face's torchvision image processors use, and so vLLM for e.g. InternVL).
+    resize: str = "pil"
+
+    def __post_init__(self):
+        if self.resize not in ("pil", "torch-aa"):
+            raise ValueError(f"unknown resize {self.resize!r}; choose pil or torch-aa")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

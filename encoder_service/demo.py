@@ -38,7 +38,7 @@ def run_demo(args: argparse.Namespace) -> int:
     config = load_serve_config(args.config)
     config["grpc_options"]["port"], config["http_options"]["port"] = free_port(), free_port()
     app = config["applications"][0]["name"]
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         address = deploy(config)
         print(f"encoder pool '{app}' on Ray Serve, gRPC proxy at {address}")

@@ -24,6 +24,7 @@ from encoder_service.attention import AttentionSpec, get_backend
 from encoder_service.batching import TileQueue
 from encoder_service.config import DynamicResolution, EngineConfig, TilingSpec
 from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput, ItemError
+from encoder_service.fingerprint import ModelFingerprint, of_checkpoint
 from encoder_service.models import load_checkpoint, tiny_checkpoint_dir
 from encoder_service.models.vit import KernelOptions, PackedTiles, patchify_hwc
 from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, ProcessedItem, Size, byte_range
@@ -38,18 +39,33 @@ class EncodeOutput:
     tokens_per_frame: list[list[int]]  # [] for images; of a pruned video, tokens each frame kept
     stats: dict[str, float] = field(default_factory=dict)
     frame_timestamps: list[list[float]] = field(default_factory=list)  # a video container's frames (s)
+    digests: list[str] = field(default_factory=list)  # media digests (`digest.media_digest`), when computed
+    cache_hits: list[bool] = field(default_factory=list)  # rows that came from the pool's cache
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.embeddings.shape)
 
     @property
     def offsets(self) -> list[int]:
-        out, acc = [], 0
-        for n in self.token_counts:
-            out.append(acc)
-            acc += n
-        return out
+        return running_offsets(self.token_counts)
 
     def split(self) -> list[torch.Tensor]:
         """Per-item views, for consumers and tests (the wire format stays one tensor)."""
         return list(torch.split(self.embeddings, self.token_counts))
+
+
+def running_offsets(counts: list[int]) -> list[int]:
+    """Where each item's rows start in the one concatenated tensor."""
+    out, acc = [], 0
+    for n in counts:
+        out.append(acc)
+        acc += n
+    return out
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,7 @@ class ModelInfo:
     attention_backend: str
     video_pruning_rate: float = 0.0  # EVS rate for videos whose request does not set one
     default_video_frames: int = 16  # frames sampled from a video container when the request does not say
+    fingerprint: ModelFingerprint | None = None  # what produces the rows
 
 
 def resolve_device(device: str) -> torch.device:
@@ -76,6 +93,10 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -121,10 +142,11 @@ class EncoderEngine:
         if hasattr(self.attention, "warmup"):  # build the kernels' per-shape graphs now, not on a request
             self.attention.warmup(cfg.max_tokens_per_batch, shortest, largest)
         fast = self.device.type == "cuda" and self.dtype != torch.float32
-        self.model.vit.use_kernels(KernelOptions(
-            gelu_epilogue=fast if cfg.gelu_epilogue is None else cfg.gelu_epilogue,
-            compile_norms=cfg.compile_norms,
-        ))
+        kernels = KernelOptions(gelu_epilogue=fast if cfg.gelu_epilogue is None else cfg.gelu_epilogue,
+                                compile_norms=cfg.compile_norms)
+        self.model.vit.use_kernels(kernels)
+        self.fingerprint = of_checkpoint(cfg.checkpoint or tiny_checkpoint_dir(), dtype_name(self.dtype),
+                                         numerics=f"gelu_epilogue={kernels.gelu_epilogue}")
 
     def piece_tokens(self, size: Size) -> int:
         """ViT tokens of one piece of `size` (h, w) pixels: its patches plus the prefix tokens."""
@@ -156,36 +178,45 @@ class EncoderEngine:
             attention_backend=self.attention.name,
             video_pruning_rate=self.processor.cfg.video_pruning_rate,
             default_video_frames=self.processor.cfg.default_video_frames,
+            fingerprint=self.fingerprint,
         )
 
     # ------------------------------------------------------------------ request checks
 
     def plan(self, items: list[MediaInput]) -> list[ItemPlan]:
         """Cheap validation from headers/shapes only: what each item will produce."""
-        if not items:
+        self.check_item_count(len(items))
+        plans = [self.plan_item(i, item) for i, item in enumerate(items)]
+        self.check_budgets(sum(p.decode_pixels for p in plans), sum(p.tokens for p in plans))
+        return plans
+
+    def check_item_count(self, count: int) -> None:
+        if not count:
             raise InvalidInput("request has no items")
-        if len(items) > self.cfg.max_items_per_request:
-            raise InvalidInput(f"{len(items)} items exceed the limit of {self.cfg.max_items_per_request} per request")
-        plans = []
-        for i, item in enumerate(items):
-            try:
-                plans.append(plan := self.processor.plan(item))
-                longest = max(self.piece_tokens(size) for size in plan.sizes)
-                if longest > self.cfg.max_tokens_per_batch:  # only with a raised max_num_patches or a small budget
-                    raise BudgetExceeded(f"needs a sequence of {longest} ViT tokens, over the batch budget "
-                                         f"of {self.cfg.max_tokens_per_batch}")
-            except ItemError as e:
-                raise e.for_item(i, item.item_id) from None
-        pixels = sum(p.decode_pixels for p in plans)
-        if pixels > self.cfg.max_decode_pixels_per_request:
-            raise BudgetExceeded(f"request would decode {pixels / 1e6:.0f} MP of images/frames, over the budget of "
-                                 f"{self.cfg.max_decode_pixels_per_request / 1e6:.0f} MP per request")
-        tokens = sum(p.tokens for p in plans)
+        if count > self.cfg.max_items_per_request:
+            raise InvalidInput(f"{count} items exceed the limit of {self.cfg.max_items_per_request} per request")
+
+    def plan_item(self, index: int, item: MediaInput) -> ItemPlan:
+        """One item's plan from its header or shape; an error names the item."""
+        try:
+            plan = self.processor.plan(item)
+            longest = max(self.piece_tokens(size) for size in plan.sizes)
+            if longest > self.cfg.max_tokens_per_batch:  # only with a raised max_num_patches or a small budget
+                raise BudgetExceeded(f"needs a sequence of {longest} ViT tokens, over the batch budget "
+                                     f"of {self.cfg.max_tokens_per_batch}")
+            return plan
+        except ItemError as e:
+            raise e.for_item(index, item.item_id) from None
+
+    def check_budgets(self, decode_pixels: int, tokens: int) -> None:
+        """A request's decode pixels (of the items it makes the server decode) and output tokens."""
+        if decode_pixels > self.cfg.max_decode_pixels_per_request:
+            raise BudgetExceeded(f"request would decode {decode_pixels / 1e6:.0f} MP of images/frames, over the budget "
+                                 f"of {self.cfg.max_decode_pixels_per_request / 1e6:.0f} MP per request")
         if tokens > self.cfg.max_tokens_per_request:
             raise BudgetExceeded(
                 f"request needs {tokens} tokens, over the budget of {self.cfg.max_tokens_per_request} per request"
             )
-        return plans
 
     def new_output(self, rows: int) -> torch.Tensor:
         """Host memory for `rows` embedding rows; pinned on CUDA so device-to-host copies run at DMA speed

@@ -33,6 +33,20 @@ class BudgetExceeded(ItemError):
     """Well-formed but larger than this server accepts (token/pixel/byte budgets) -> RESOURCE_EXHAUSTED."""
 
 
+class CacheMiss(ItemError):
+    """Items sent by digest alone whose rows this server does not hold -> NOT_FOUND (reason CACHE_MISS):
+    the client sends those items again with their media."""
+
+    def __init__(self, missing: list[tuple[int, str]]):
+        indices = ", ".join(str(i) for i, _ in missing)
+        super().__init__(f"{len(missing)} item(s) sent by digest are not cached here (items {indices}); "
+                         f"send them with their media", missing[0][0], missing[0][1])
+        self.missing = missing
+
+    def for_item(self, index: int, item_id: str = "") -> "CacheMiss":
+        return self
+
+
 class DeadlineExceeded(TimeoutError):
     """The caller's deadline passed before the work finished -> DEADLINE_EXCEEDED."""
 
@@ -47,9 +61,11 @@ class EncodeFailed(Exception):
     and the failing item's index/id when one item caused it, so a caller maps it exactly as it
     would the gRPC status."""
 
-    def __init__(self, code: str, message: str, item_index: int | None = None, item_id: str = ""):
+    def __init__(self, code: str, message: str, item_index: int | None = None, item_id: str = "",
+                 missing: list[tuple[int, str]] | None = None):
         super().__init__(code, message)
         self.code, self.message, self.item_index, self.item_id = code, message, item_index, item_id
+        self.missing = missing or []  # CACHE_MISS: (index, item_id) of every item to send with its media
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

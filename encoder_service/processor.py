@@ -280,7 +280,7 @@ class ImageProcessor:
         if item.modality == Modality.IMAGE and self.cfg.dynamic is not None:
             (h, w), = plan.sizes
             image = self.load_image(item.data)
-            np.copyto(out.reshape(h, w, 3), np.asarray(image.resize((w, h), Image.Resampling.BICUBIC)))
+            np.copyto(out.reshape(h, w, 3), self.resize(image, w, h))
             return []
         tiles = out.reshape(plan.num_tiles, *self.tile_shape)
         times: list[float] = []
@@ -297,16 +297,33 @@ class ImageProcessor:
             raise RuntimeError(f"planned {plan.num_tiles} tiles but produced {written}")
         return times
 
+    def resize(self, image: Image.Image, width: int, height: int) -> np.ndarray:
+        """The image at width x height, uint8 HWC, with the checkpoint's resampling (`ProcessorConfig.resize`):
+        PIL's bicubic, or torchvision's antialiased bicubic on uint8 (what Hugging Face's torchvision image
+        processors, and so vLLM, do: the same call on the same channels-last layout, so the same pixels)."""
+        if self.cfg.resize == "pil":
+            return np.asarray(image.resize((width, height), Image.Resampling.BICUBIC))
+        pixels = np.asarray(image)
+        if pixels.shape[:2] == (height, width):
+            return pixels
+        import torch  # only the processes of checkpoints that resample this way load it
+        import torch.nn.functional as F
+
+        torch.set_num_threads(1)
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]
+        out = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+        return out[0].permute(1, 2, 0).numpy()
+
     def tile_image_into(self, image: Image.Image, out: np.ndarray) -> int:
         """Resize to the chosen grid, cut into tiles (row-major), add the thumbnail; returns tiles written."""
         t = self.tiling.tile_size
         cols, rows = choose_grid(image.width, image.height, self.tiling)
-        resized = np.asarray(image.resize((cols * t, rows * t), Image.Resampling.BICUBIC))
+        resized = self.resize(image, cols * t, rows * t)
         n = cols * rows
         # Tile (r, c) is resized[r*t:(r+1)*t, c*t:(c+1)*t]: one strided copy cuts them all.
         np.copyto(out[:n].reshape(rows, cols, t, t, 3), resized.reshape(rows, t, cols, t, 3).swapaxes(1, 2))
         if self.tiling.use_thumbnail and n > 1:
-            out[n] = np.asarray(image.resize((t, t), Image.Resampling.BICUBIC))
+            out[n] = self.resize(image, t, t)
             n += 1
         return n
 
@@ -317,7 +334,7 @@ class ImageProcessor:
         actual = [0.0] * len(times)
 
         def consume(i: int, rgb: np.ndarray, seconds: float) -> None:
-            out[i] = np.asarray(Image.fromarray(rgb, "RGB").resize((t, t), Image.Resampling.BICUBIC))
+            out[i] = self.resize(Image.fromarray(rgb, "RGB"), t, t)
             actual[i] = seconds
 
         video_decode.decode_sampled(data, times, consume)
@@ -330,7 +347,7 @@ class ImageProcessor:
         count = self._num_frames(data)
         for i, frame in enumerate(data):
             image = Image.fromarray(frame, "RGB") if isinstance(frame, np.ndarray) else self.load_image(frame)
-            out[i] = np.asarray(image.resize((t, t), Image.Resampling.BICUBIC))
+            out[i] = self.resize(image, t, t)
         return count
 
     # -- validation + decoding: every failure is the caller's, so InvalidInput

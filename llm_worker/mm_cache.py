@@ -7,34 +7,23 @@ re-encode mid-prompt). Unpinned entries go in LRU order when over budget.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from encoder_service.processor import MediaInput
+from encoder_service.digest import item_key, media_digest
+from encoder_service.processor import MediaInput, Modality
 
 
 def content_hash(item: MediaInput, pruning_rate: float = 0.0) -> str:
-    """Stable key of what an item encodes to: its content (modality + bytes, or dtype/shape + pixels),
-    the video sampling options and the EVS rate actually applied (other frames or another rate are
-    other rows). Computed here from the bytes: a client-supplied hash is never trusted."""
-    h = hashlib.blake2b(digest_size=20)
-    h.update(item.modality.value.encode())
-    h.update(f"q={float(pruning_rate).hex()};sampling={item.sampling!r};".encode())
-    data = item.data
-    if isinstance(data, np.ndarray):
-        h.update(f"{data.dtype}{data.shape}".encode())
-        h.update(np.ascontiguousarray(data).tobytes())
-    elif isinstance(data, list):
-        for frame in data:
-            h.update(len(frame).to_bytes(8, "little"))
-            h.update(frame)
-    else:
-        h.update(data)
-    return h.hexdigest()
+    """Stable key of what an item encodes to (`digest.item_key`: the media digest, computed here from the
+    bytes, the video sampling and the EVS rate actually applied): the same key the pool's cache uses,
+    without the pool's model and tenant parts. A client-supplied hash is never trusted."""
+    sampling = None if item.sampling is None else dataclasses.astuple(item.sampling)
+    q = pruning_rate if item.modality == Modality.VIDEO else 0.0
+    return item_key("", "", item.modality.value, media_digest(item.data), sampling, q)
 
 
 @dataclass

@@ -10,6 +10,11 @@ retry policy covers both. Encode is idempotent: a call that fails because a repl
 a proxy is unreachable or an attempt ran out of time is retried (with backoff) on the
 next proxy address; Serve routes it to a live replica. Errors that are the caller's
 (INVALID_ARGUMENT, RESOURCE_EXHAUSTED) are never retried.
+
+Content affinity (`affinity`): each item is its own call, keyed by its media digest (`session_id`),
+so the pool's router sends it to the replica whose cache holds it; the calls run concurrently and
+their rows are assembled into the one tensor a single call returns. With `probe`, items go by
+digest first and their bytes only if the replica lacks them.
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ import logging
 import random
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
 
+from encoder_service.digest import media_digest
 from encoder_service.engine import ModelInfo
 from encoder_service.errors import EncodeFailed
 from encoder_service.processor import MediaInput
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
-from encoder_service.serving.api.client import EncoderClient
+from encoder_service.serving.api.client import EncoderClient, probe_then_upload
 from encoder_service.serving.wire import EncodeResult
 
 log = logging.getLogger(__name__)
@@ -47,20 +54,28 @@ class PoolClientConfig:
     max_attempts: int = 5
     backoff_s: float = 0.2  # first retry delay; doubles, with jitter
     retryable: set[grpc.StatusCode] = field(default_factory=lambda: set(RETRYABLE))
+    affinity: bool = True  # one call per item, routed by its digest to the replica caching it
+    probe: bool = True  # items by digest first, bytes only for those the replica lacks
+    tenant: str = ""  # handle transport: the cache namespace (gRPC: derived from the bearer token)
 
 
 class RemoteCallError(grpc.RpcError):
-    """A failed call on the Ray-native transport, shaped like a gRPC error (`code()`, `details()`)."""
+    """A failed call on the Ray-native transport, shaped like a gRPC error (`code()`, `details()`, the
+    same `trailing_metadata()` status details)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    def __init__(self, code: grpc.StatusCode, details: str, failure: EncodeFailed | None = None):
         super().__init__(f"{code.name}: {details}")
         self._code, self._details = code, details
+        self._trailers = wire.status_trailers(failure) if failure is not None else ()
 
     def code(self) -> grpc.StatusCode:
         return self._code
 
     def details(self) -> str:
         return self._details
+
+    def trailing_metadata(self):
+        return self._trailers
 
 
 class GrpcTransport:
@@ -69,9 +84,12 @@ class GrpcTransport:
         self.client = EncoderClient(address, timeout=timeout_s)
         self.metadata = (("application", application),) if application else None
 
-    def encode(self, items: list[MediaInput], timeout_s: float) -> EncodeResult:
+    def encode(self, items: list[MediaInput], timeout_s: float, routing_key: str = "", probe: bool = False,
+               digests: list[str] | None = None) -> EncodeResult:
         # copy=False: the caller copies rows into its cache anyway.
-        return self.client.encode(items, timeout=timeout_s, metadata=self.metadata, copy=False)
+        metadata = (*(self.metadata or ()), ("session_id", routing_key)) if routing_key else self.metadata
+        return self.client.encode(items, timeout=timeout_s, metadata=metadata, copy=False, probe=probe,
+                                  digests=digests)
 
     def model_info(self, timeout_s: float) -> ModelInfo:
         return self.client.model_info(timeout=timeout_s, metadata=self.metadata)
@@ -83,29 +101,39 @@ class GrpcTransport:
 class ServeHandleTransport:
     """The pool through a Serve DeploymentHandle (`EncoderDeployment.encode_native`)."""
 
-    def __init__(self, application: str, deployment: str):
+    def __init__(self, application: str, deployment: str, tenant: str = ""):
         from ray import serve
 
         self.name = f"handle:{application}/{deployment}"
         self.handle = serve.get_deployment_handle(deployment, app_name=application)
+        # One router for every call, made here: handles create theirs on first use, and threads calling
+        # at once would each make one (left running, unreachable by `close`).
+        self.methods = {m: self.handle.options(method_name=m) for m in ("encode_native", "model_info_native")}
+        self.tenant = tenant
 
-    def encode(self, items: list[MediaInput], timeout_s: float) -> EncodeResult:
-        request = pb.EncodeRequest(request_id=uuid.uuid4().hex, items=[wire.media_to_proto(i) for i in items])
-        header, payload = self._result("encode_native", timeout_s, request.SerializeToString(), timeout_s)
-        return wire.decode_parts(header, payload, copy=False)
+    def encode(self, items: list[MediaInput], timeout_s: float, routing_key: str = "", probe: bool = False,
+               digests: list[str] | None = None) -> EncodeResult:
+        def call(sent: list[MediaInput]) -> EncodeResult:
+            request = pb.EncodeRequest(request_id=uuid.uuid4().hex, items=[wire.media_to_proto(i) for i in sent])
+            header, payload = self._result("encode_native", timeout_s, routing_key, request.SerializeToString(),
+                                           timeout_s, self.tenant)
+            return wire.decode_parts(header, payload, copy=False)
+
+        return probe_then_upload(call, items, digests) if probe else call(items)
 
     def model_info(self, timeout_s: float) -> ModelInfo:
-        return wire.model_info_from_proto(pb.ModelInfo.FromString(self._result("model_info_native", timeout_s)))
+        return wire.model_info_from_proto(pb.ModelInfo.FromString(self._result("model_info_native", timeout_s, "")))
 
-    def _result(self, method: str, timeout_s: float, *args):
+    def _result(self, method: str, timeout_s: float, routing_key: str, *args):
         from ray import exceptions as ray_errors
         from ray.serve import exceptions as serve_errors
 
-        response = self.handle.options(method_name=method).remote(*args)
+        handle = self.methods[method]
+        response = (handle.options(session_id=routing_key) if routing_key else handle).remote(*args)
         try:
             return response.result(timeout_s=timeout_s)
         except EncodeFailed as e:  # the replica's verdict, with the status the gRPC path would give
-            raise RemoteCallError(grpc.StatusCode[e.code], e.message) from None
+            raise RemoteCallError(grpc.StatusCode[e.code], e.message, e) from None
         except TimeoutError:
             response.cancel()
             raise RemoteCallError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout_s:.1f}s") from None
@@ -118,14 +146,15 @@ class ServeHandleTransport:
             raise RemoteCallError(grpc.StatusCode.INTERNAL, str(e)) from None
 
     def close(self) -> None:
-        pass
+        """Stop the handle's router (its background tasks would outlive Serve otherwise)."""
+        self.handle.shutdown()
 
 
 class PoolEncoderClient:
     def __init__(self, cfg: PoolClientConfig):
         self.cfg = cfg
         if cfg.transport == "handle":
-            self.transports = [ServeHandleTransport(cfg.application, cfg.deployment)]
+            self.transports = [ServeHandleTransport(cfg.application, cfg.deployment, cfg.tenant)]
         elif cfg.transport == "grpc":
             if not cfg.addresses:
                 raise ValueError("no encoder pool addresses")
@@ -134,9 +163,19 @@ class PoolEncoderClient:
             raise ValueError(f"unknown transport {cfg.transport!r}; choose grpc or handle")
         self.retries = 0
         self._next = 0
+        self._fanout = ThreadPoolExecutor(16, thread_name_prefix="pool-client") if cfg.affinity else None
 
     def encode(self, items: list[MediaInput]) -> EncodeResult:
-        return self._call(lambda t, timeout: t.encode(items, timeout))
+        """One result for all `items`: with affinity, one call per item to the replica caching it (in
+        parallel), assembled; else one call."""
+        digests = [media_digest(item.data) for item in items]
+        if not self.cfg.affinity:
+            return self._call(lambda t, timeout: t.encode(items, timeout, "", self.cfg.probe, digests))
+        if len(items) == 1:
+            return self._call(lambda t, timeout: t.encode(items, timeout, digests[0], self.cfg.probe, digests))
+        parts = self._fanout.map(lambda pair: self._call(
+            lambda t, timeout: t.encode([pair[0]], timeout, pair[1], self.cfg.probe, [pair[1]])), zip(items, digests))
+        return wire.assemble(list(parts), uuid.uuid4().hex)
 
     def model_info(self) -> ModelInfo:
         return self._call(lambda t, timeout: t.model_info(timeout))
@@ -165,6 +204,8 @@ class PoolEncoderClient:
     def close(self) -> None:
         for t in self.transports:
             t.close()
+        if self._fanout is not None:
+            self._fanout.shutdown(wait=False)
 
 
 def _retry_after_s(error: grpc.RpcError) -> float:

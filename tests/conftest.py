@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
+
+# A Serve handle router left in this process after its cluster shut down must not start a new Ray
+# instance behind the next test's back (Ray connects automatically on any call otherwise).
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 
 import numpy as np
 import pytest

@@ -58,7 +58,7 @@ def test_pipeline_on_cuda_reads_tiles_from_the_pinned_arena_and_matches_the_engi
     pipeline = EncodePipeline(engine, PipelineConfig(preprocess_workers=2, arena_mb=64))
     try:
         assert pipeline.arena_pinned  # host-to-device copies straight from shared memory
-        out = pipeline.submit(items).result(timeout=120)
+        out = pipeline.encode(items).result(timeout=120)
         assert out.embeddings.is_pinned()
     finally:
         pipeline.close()

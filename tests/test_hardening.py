@@ -21,7 +21,6 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from encoder_service.engine import EncoderEngine
 from encoder_service.processor import MediaInput, Modality
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
@@ -132,12 +131,16 @@ def test_request_bytes_decode_budget_and_admission_are_refused_fast(engine_confi
         with pytest.raises(grpc.RpcError) as too_big:
             client.encode([junk])
         assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        # 3 x 1.5 MP from the headers alone: refused before any pixel is decoded.
-        flat = io.BytesIO()
-        Image.new("RGB", (1500, 1000), (9, 9, 9)).save(flat, format="PNG")
+        # 3 x 1.5 MP from the headers alone: refused before any pixel is decoded (three different images:
+        # identical ones are decoded once).
+        flats = []
+        for shade in (9, 10, 11):
+            flat = io.BytesIO()
+            Image.new("RGB", (1500, 1000), (shade, 9, 9)).save(flat, format="PNG")
+            flats.append(MediaInput(Modality.IMAGE, flat.getvalue()))
         t0 = time.perf_counter()
         with pytest.raises(grpc.RpcError) as budget:
-            client.encode([MediaInput(Modality.IMAGE, flat.getvalue())] * 3)
+            client.encode(flats)
         assert budget.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "MP" in budget.value.details() and time.perf_counter() - t0 < 2
         # One request in flight at most: a second one is turned away at once with a retry hint.

@@ -46,7 +46,7 @@ def test_results_equal_the_engine_and_the_arena_drains(pipeline, engine):
         MediaInput(Modality.VIDEO, rng.integers(0, 256, (4, 40, 50, 3), dtype=np.uint8)),
         MediaInput(Modality.IMAGE, rng.integers(0, 256, (33, 77, 3), dtype=np.uint8)),
     ]
-    out = pipeline.submit(items).result(timeout=60)
+    out = pipeline.encode(items).result(timeout=60)
     ref = engine.encode(items)
     assert out.token_counts == ref.token_counts and out.tokens_per_frame == ref.tokens_per_frame
     torch.testing.assert_close(out.embeddings, ref.embeddings, rtol=1e-5, atol=1e-5)
@@ -58,8 +58,8 @@ def test_failed_batch_fails_its_requests_and_the_pipeline_keeps_serving(engine_c
     pipeline = EncodePipeline(FailsOnce(engine_config), PipelineConfig(preprocess_workers=1, arena_mb=16))
     try:
         with pytest.raises(RuntimeError, match="transient"):
-            pipeline.submit(_items((64, 64))).result(timeout=60)
-        assert pipeline.submit(_items((64, 64))).result(timeout=60).token_counts == [16]
+            pipeline.encode(_items((64, 64))).result(timeout=60)
+        assert pipeline.encode(_items((64, 64))).result(timeout=60).token_counts == [16]
         assert pipeline.arena.wait_idle(5)
     finally:
         pipeline.close()
@@ -70,7 +70,7 @@ def test_concurrent_requests_merge_within_the_token_budget(engine):
     pipeline = EncodePipeline(engine, PipelineConfig(preprocess_workers=2, arena_mb=16, max_wait_ms=500))
     try:
         requests = [_items((64, 64)) for _ in range(20)]
-        outs = [f.result(timeout=60) for f in [pipeline.submit(items) for items in requests]]
+        outs = [f.result(timeout=60) for f in [pipeline.encode(items) for items in requests]]
     finally:
         pipeline.close()
     assert max(o.stats["batch_tiles"] for o in outs) == 15
@@ -81,24 +81,24 @@ def test_concurrent_requests_merge_within_the_token_budget(engine):
 
 def test_header_errors_raise_at_once_and_decode_errors_through_the_future(pipeline):
     with pytest.raises(InvalidInput, match="no items"):
-        pipeline.submit([])
+        pipeline.encode([])
     bad_pixels = b"\x89PNG\r\n\x1a\n" + image_bytes(40, 40)[8:60]  # a PNG header, then garbage
-    future = pipeline.submit(_items((64, 64)) + [MediaInput(Modality.IMAGE, bad_pixels)])
+    future = pipeline.encode(_items((64, 64)) + [MediaInput(Modality.IMAGE, bad_pixels)])
     with pytest.raises(InvalidInput):
         future.result(timeout=60)
-    assert pipeline.submit(_items((64, 64))).result(timeout=60).token_counts == [16]
+    assert pipeline.encode(_items((64, 64))).result(timeout=60).token_counts == [16]
     assert pipeline.arena.wait_idle(5)
 
 
 def test_expired_and_cancelled_requests_free_everything(pipeline):
-    expired = pipeline.submit(_items((600, 400), (500, 500)), deadline=time.monotonic() - 1)
+    expired = pipeline.encode(_items((600, 400), (500, 500)), deadline=time.monotonic() - 1)
     with pytest.raises(DeadlineExceeded):
         expired.result(timeout=60)
-    cancelled = pipeline.submit(_items(*[(600, 400)] * 8))
+    cancelled = pipeline.encode(_items(*[(600, 400)] * 8))
     cancelled.cancel()
     with pytest.raises(CancelledError):
         cancelled.result(timeout=1)
-    assert pipeline.submit(_items((64, 64))).result(timeout=60).token_counts == [16]
+    assert pipeline.encode(_items((64, 64))).result(timeout=60).token_counts == [16]
     assert pipeline.arena.wait_idle(10)
 
 
@@ -112,10 +112,10 @@ def test_a_worker_busy_with_a_dead_request_is_replaced(engine_config):
         buf = io.BytesIO()
         Image.new("RGB", (6000, 4000), (200, 30, 90)).save(buf, format="PNG")  # tiny file, a long decode
         big = [MediaInput(Modality.IMAGE, buf.getvalue())]
-        doomed = pipeline.submit(big, deadline=time.monotonic() + 0.05)
+        doomed = pipeline.encode(big, deadline=time.monotonic() + 0.05)
         with pytest.raises(DeadlineExceeded):
             doomed.result(timeout=60)
-        assert pipeline.submit(_items((64, 64))).result(timeout=60).token_counts == [16]
+        assert pipeline.encode(_items((64, 64))).result(timeout=60).token_counts == [16]
         assert worker.proc.pid != pid  # killed mid-decode and replaced
         assert pipeline.arena.wait_idle(5)
     finally:
@@ -127,8 +127,8 @@ def test_a_crashed_worker_fails_only_its_item_and_is_restarted(pipeline):
     worker.proc.kill()
     worker.proc.wait()
     with pytest.raises(Unavailable):
-        pipeline.submit(_items((64, 64))).result(timeout=60)
-    assert pipeline.submit(_items((64, 64))).result(timeout=60).token_counts == [16]
+        pipeline.encode(_items((64, 64))).result(timeout=60)
+    assert pipeline.encode(_items((64, 64))).result(timeout=60).token_counts == [16]
     assert pipeline.arena.wait_idle(5)
 
 
@@ -136,7 +136,7 @@ def test_closed_pipeline_refuses_work(engine):
     pipeline = EncodePipeline(engine, PipelineConfig(preprocess_workers=1, arena_mb=16))
     pipeline.close()
     with pytest.raises(Unavailable):
-        pipeline.submit(_items((64, 64)))
+        pipeline.encode(_items((64, 64)))
 
 
 class Fatal(BaseException):
@@ -152,8 +152,8 @@ def test_a_dead_model_thread_fails_requests_instead_of_hanging(engine_config):
     pipeline = EncodePipeline(DiesOnLaunch(engine_config), PipelineConfig(preprocess_workers=1, arena_mb=16))
     try:
         with pytest.raises(Unavailable):
-            pipeline.submit(_items((64, 64))).result(timeout=60)
+            pipeline.encode(_items((64, 64))).result(timeout=60)
         with pytest.raises(Unavailable):  # and it says so to new requests
-            pipeline.submit(_items((64, 64))).result(timeout=60)
+            pipeline.encode(_items((64, 64))).result(timeout=60)
     finally:
         pipeline.close()

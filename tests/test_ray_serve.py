@@ -20,7 +20,6 @@ import torch
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from encoder_service.config import EngineConfig  # noqa: E402
 from encoder_service.engine import EncoderEngine  # noqa: E402
 from encoder_service.serving.api.client import EncoderClient  # noqa: E402
 from encoder_service.processor import MediaInput, Modality  # noqa: E402
@@ -41,7 +40,7 @@ METADATA = (("application", APP),)
 
 @pytest.fixture(scope="module")
 def ray_cluster(tiny_checkpoint):
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield free_port()  # Serve's gRPC proxy port: fixed once Serve starts, so one per cluster
     serve.shutdown()
     ray.shutdown()
@@ -54,7 +53,8 @@ def cpu_engine(engine_config) -> EncoderEngine:
     return EncoderEngine(dataclasses.replace(engine_config, device="cpu"))
 
 
-def _config(tiny_checkpoint, port: int, gpus_per_replica: float = 0, **autoscaling) -> dict:
+def _config(tiny_checkpoint, port: int, gpus_per_replica: float = 0, cache_mb: int = 64, target_pending_tokens: int = 2000,
+            **autoscaling) -> dict:
     """deploy/serve_config.yaml, with test-sized knobs: fast autoscaling, a batching window, and
     resources chosen explicitly (default: CPU replicas, so a GPU machine runs the same pool)."""
     cfg = copy.deepcopy(load_serve_config())
@@ -63,17 +63,17 @@ def _config(tiny_checkpoint, port: int, gpus_per_replica: float = 0, **autoscali
     app = cfg["applications"][0]
     app["args"]["gpus_per_replica"] = gpus_per_replica
     app["args"]["engine"].update(checkpoint=str(tiny_checkpoint), device="cuda" if gpus_per_replica else "cpu")
-    app["args"]["pipeline"].update(max_wait_ms=30.0, preprocess_workers=1, arena_mb=32)
-    app["deployments"][0]["autoscaling_config"].update(
-        {"metrics_interval_s": 0.2, "look_back_period_s": 1.0, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0, **autoscaling}
-    )
+    app["args"]["pipeline"].update(max_wait_ms=30.0, preprocess_workers=1, arena_mb=32, cache_mb=cache_mb)
+    scaling = app["deployments"][0]["autoscaling_config"]
+    scaling.update({"metrics_interval_s": 0.2, "look_back_period_s": 1.0, "upscale_delay_s": 0.5, "downscale_delay_s": 2.0, **autoscaling})
+    scaling["policy"]["policy_kwargs"]["target_pending_tokens"] = target_pending_tokens
     return cfg
 
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster, tiny_checkpoint):
-    """min 1, max 2 replicas; one replica per concurrent request as the scaling target."""
-    address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=1, max_replicas=2, target_ongoing_requests=1))
+    """min 1, max 2 replicas; a replica per ~2000 pending ViT tokens (about one 600x450 image) as the target."""
+    address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=1, max_replicas=2))
     with EncoderClient(address, timeout=60) as client:
         yield address, client
 
@@ -136,13 +136,15 @@ def test_handle_path_equals_grpc_zero_copy_and_maps_errors(pool):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "undecodable" in err.value.details()
     assert native.retries == 0  # the caller's fault: never retried
     assert native.encode(items[:1]).token_counts == over_grpc.token_counts[:1]
+    native.close()
 
 
 def _load(client, stop: threading.Event, results: list, errors: list):
+    """Requests of 3 new 600x450 images each (new: the pool's cache must not answer them)."""
     rng = np.random.default_rng()
-    items = [MediaInput(Modality.IMAGE, image_bytes(600, 450, seed=int(rng.integers(1 << 30))))] * 3
     deadline = time.monotonic() + 120  # bounded, whatever happens
     while not stop.is_set() and time.monotonic() < deadline:
+        items = [MediaInput(Modality.IMAGE, image_bytes(600, 450, seed=int(rng.integers(1 << 30)))) for _ in range(3)]
         try:
             results.append(client.encode(items))
         except grpc.RpcError as e:  # pragma: no cover - reported by the assertions
@@ -206,6 +208,7 @@ def test_killing_a_replica_mid_load_loses_no_request(ray_cluster, tiny_checkpoin
         stop.set()
         for t in threads:
             t.join()
+        client.close()
     assert not errors, ([e.code() for e in errors], f"retries: {client.retries}")
     assert all(r.embeddings.shape[0] == sum(r.token_counts) for r in results)
     assert _wait_for(lambda: running_replicas(APP) == 2, timeout_s=60), "Serve did not replace the killed replica"
@@ -270,3 +273,31 @@ def test_two_replicas_share_one_gpu_at_half_a_gpu_each(ray_cluster, tiny_checkpo
             if len(seen) == 2:
                 break
     assert len(seen) == 2, "both half-GPU replicas should serve"
+
+
+@pytest.mark.parametrize("transport", ["grpc", "handle"])
+def test_each_item_goes_to_the_replica_that_caches_it(ray_cluster, tiny_checkpoint, transport):
+    """Content affinity on a real 3-replica pool: every repeat of an item lands on the replica that
+    encoded it and is a cache hit there; the items spread over the replicas."""
+    address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=3, max_replicas=3))
+    assert _wait_for(lambda: running_replicas(APP) == 3, timeout_s=90)
+    client = PoolEncoderClient(PoolClientConfig([address], APP, transport=transport))
+    images = _items(np.random.default_rng(), 12)
+    for image in images:  # a new handle's router learns the replicas over its first calls: warm it up
+        client.encode([image])
+    time.sleep(1.0)
+    homes: dict[int, set] = {i: set() for i in range(len(images))}
+    repeats = []
+    for round_ in range(3):
+        for i in range(len(images)):
+            result = client.encode([images[i]])
+            homes[i].add(result.extras["replica"])
+            if round_:
+                repeats.append(result.items[0].cache_hit)
+    pair = client.encode([images[0], images[5]])  # a multi-item call: one call per item, each to its home
+    client.close()
+    assert all(len(h) == 1 for h in homes.values()), homes
+    assert all(repeats)
+    assert len(set().union(*homes.values())) >= 2  # the ring spreads items over replicas
+    assert [p["replica"] for p in pair.extras["parts"]] == [next(iter(homes[0])), next(iter(homes[5]))]
+    assert [i.cache_hit for i in pair.items] == [True, True]

@@ -33,7 +33,7 @@ from encoder_service.serving.api.client import ENCODE_METHOD, EncoderClient
 from encoder_service.serving.api.security import ClientSecurity
 from tests.conftest import image_bytes
 
-RSS_CEILING_MB = 3000  # transport + model process + preprocessing workers, tiny model, 64 MB arenas
+RSS_CEILING_MB = 3000  # transport + model process + preprocessing workers, tiny model, 64 MB arenas and cache
 MAX_REQUEST_MB = 4
 
 
@@ -73,7 +73,7 @@ def _threads_and_fds(pid: int) -> tuple[int, int]:
 def soak(engine_config, seconds: float, clients: int = 4) -> dict:
     proc = subprocess.Popen(
         [sys.executable, "-m", "encoder_service.cli", "serve", "--port", "0", "--checkpoint", engine_config.checkpoint,
-         "--preprocess-workers", "1", "--arena-mb", "64", "--output-arena-mb", "64",
+         "--preprocess-workers", "1", "--arena-mb", "64", "--output-arena-mb", "64", "--cache-mb", "64",
          "--max-request-mb", str(MAX_REQUEST_MB), "--max-tokens-per-batch", str(engine_config.max_tokens_per_batch),
          "--max-tokens-per-request", str(engine_config.max_tokens_per_request)],
         stdout=subprocess.PIPE, text=True)

@@ -38,8 +38,10 @@ def _output(dtype, rows=23, hidden=17, counts=(5, 0, 18)):
 
 
 def _response_bytes(request, out):
-    """As the serving path builds a response: the header, then the tensor's bytes framed around it."""
-    return wire.response_bytes(wire.response_header(request, out), out.embeddings.contiguous().view(torch.uint8).reshape(-1))
+    """As the serving path builds a response: the header, then each item's rows (a segment each, wherever
+    they live) framed around it."""
+    segments = [rows.contiguous().view(torch.uint8).reshape(-1) for rows in out.split()]
+    return wire.response_bytes(wire.response_header(request, out), segments)
 
 
 def _request(n=3):

@@ -6,7 +6,10 @@ alone) and how its tensor names map onto ours (`convert_state`):
 - `model_type: "encoder_service"`: this project's own layout (ViT + projector + processor);
 - `model_type: "siglip_vision_model"`: a HF transformers SiglipVisionModel (`siglip.py`);
 - `model_type: "NemotronH_Nano_VL_V2"`: a whole Nemotron Nano VL checkpoint, of which the RADIO
-  vision tower and `mlp1` are read (`nemotron.py`).
+  vision tower and `mlp1` are read (`nemotron.py`);
+- `model_type: "internvl"`: a Hugging Face InternVL checkpoint (what vLLM serves as
+  `InternVLForConditionalGeneration`), of which InternViT and the projector are read, with the
+  tiling of its saved image processor (`internvl.py`).
 Tensors are read lazily, one at a time, and only those a family wants: with an index, a
 shard holding none of them is never opened. Nothing is downloaded; the embedded tiny default
 is generated locally from a fixed seed.
@@ -27,7 +30,7 @@ from safetensors.torch import save_file
 
 from encoder_service.artifacts import build_once, cache_root
 from encoder_service.config import EncoderConfig, tiny_encoder_config
-from encoder_service.models import nemotron, siglip
+from encoder_service.models import internvl, nemotron, siglip
 from encoder_service.models.encoder import VisionEncoder
 
 WEIGHTS_FILE = "model.safetensors"
@@ -57,7 +60,7 @@ OWN = Family(
     encoder_config=lambda raw, shapes: EncoderConfig.from_dict(raw),
     convert_state=lambda state, cfg: state,
 )
-FAMILIES = (OWN, _family("siglip", siglip), _family("nemotron-nano-vl", nemotron))
+FAMILIES = (OWN, _family("siglip", siglip), _family("nemotron-nano-vl", nemotron), _family("internvl", internvl))
 
 
 def find_family(raw: dict, path: Path) -> Family:
@@ -65,17 +68,32 @@ def find_family(raw: dict, path: Path) -> Family:
         if family.matches(raw):
             return family
     raise ValueError(f"{path}: unsupported model_type {raw.get('model_type')!r} (supported: encoder_service, "
-                     f"siglip_vision_model, NemotronH_Nano_VL_V2)")
+                     f"siglip_vision_model, NemotronH_Nano_VL_V2, internvl)")
 
 
 def read_config(path: Path) -> dict:
+    """config.json, with the image processor settings saved beside it under `_image_processor`."""
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json (a checkpoint is a local directory with config.json "
                                 f"and *.safetensors)")
-    return json.loads((path / "config.json").read_text())
+    raw = json.loads((path / "config.json").read_text())
+    raw["_image_processor"] = read_image_processor(path)
+    return raw
 
 
-def _shard_keys(path: Path, wanted: Callable[[str], bool]) -> dict[Path, list[str]]:
+def read_image_processor(path: Path) -> dict:
+    """processor_config.json's `image_processor` (with its `image_seq_length`), or preprocessor_config.json."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (path / name).is_file():
+            saved = json.loads((path / name).read_text())
+            settings = dict(saved.get("image_processor", saved))
+            if "image_seq_length" in saved:
+                settings["_image_seq_length"] = saved["image_seq_length"]
+            return settings
+    return {}
+
+
+def shard_keys(path: Path, wanted: Callable[[str], bool]) -> dict[Path, list[str]]:
     """Which wanted tensors live in which shard. With an index, from the index alone."""
     index = path / INDEX_FILE
     by_shard: dict[Path, list[str]] = {}
@@ -96,7 +114,7 @@ def _shard_keys(path: Path, wanted: Callable[[str], bool]) -> dict[Path, list[st
 def read_tensors(path: Path, wanted: Callable[[str], bool], meta: bool = False) -> dict[str, torch.Tensor]:
     """The wanted tensors, one by one (memory-mapped reads); `meta`: shapes and dtypes only, no data."""
     state: dict[str, torch.Tensor] = {}
-    for shard, keys in _shard_keys(path, wanted).items():
+    for shard, keys in shard_keys(path, wanted).items():
         with safe_open(shard, framework="pt") as f:
             for key in keys:
                 if meta:
@@ -135,6 +153,11 @@ def load_checkpoint(
     _, model, state = _build(Path(path), meta=False)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def checkpoint_config(path: str | os.PathLike) -> EncoderConfig:
+    """The EncoderConfig a checkpoint directory describes, from its config.json and tensor headers alone."""
+    return _build(Path(path), meta=True)[1].cfg
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict:

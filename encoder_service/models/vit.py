@@ -137,10 +137,21 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg)
+        # Layer scale (InternViT): per-channel factors on each sub-layer's output.
+        self.ls1 = nn.Parameter(torch.ones(cfg.hidden_size)) if cfg.layer_scale else None
+        self.ls2 = nn.Parameter(torch.ones(cfg.hidden_size)) if cfg.layer_scale else None
+
+    def attend(self, h: torch.Tensor, backend: RaggedAttention, plan) -> torch.Tensor:
+        delta = self.attn(h, backend, plan)
+        return delta if self.ls1 is None else delta * self.ls1
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        delta = self.mlp(h)
+        return delta if self.ls2 is None else delta * self.ls2
 
     def forward(self, x: torch.Tensor, backend: RaggedAttention, plan) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), backend, plan)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attend(self.norm1(x), backend, plan)
+        return x + self.feed_forward(self.norm2(x))
 
 
 class VisionTransformer(nn.Module):
@@ -200,8 +211,8 @@ class VisionTransformer(nn.Module):
         blocks = list(self.blocks)
         h = blocks[0].norm1(x)
         for i, block in enumerate(blocks):
-            x, h = self._add_norm(x, block.attn(h, backend, plan), block.norm2)
-            delta = block.mlp(h)
+            x, h = self._add_norm(x, block.attend(h, backend, plan), block.norm2)
+            delta = block.feed_forward(h)
             if i + 1 == len(blocks):
                 return x + delta
             x, h = self._add_norm(x, delta, blocks[i + 1].norm1)

@@ -30,9 +30,11 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from encoder_service.config import DynamicResolution, TilingSpec
+from encoder_service.digest import MediaDigest
 from encoder_service.engine import EncodeOutput, ModelInfo
 from encoder_service.errors import (
     BudgetExceeded,
+    CacheMiss,
     DeadlineExceeded,
     EncodeFailed,
     InvalidInput,
@@ -42,6 +44,7 @@ from encoder_service.errors import (
 )
 from encoder_service.processor import MediaInput, Modality
 from encoder_service.video.decode import VideoSampling
+from encoder_service.fingerprint import ModelFingerprint
 from encoder_service.proto import encoder_pb2 as pb
 
 # Views of received bytes are read-only by contract (see EncodeResult); torch warns on every one.
@@ -64,12 +67,16 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                     max_receive_bytes: int | None = None) -> list[tuple[str, int]]:
     """gRPC settings for messages of tens of MB, on both server and client: raised size limits
     (a server receives less than it sends: `max_receive_bytes`), HTTP/2 frames up to 16 MB and a
-    64 MB read-ahead, so a response is not trickled through the 16 KB frame / 64 KB window defaults."""
+    64 MB read-ahead, so a response is not trickled through the 16 KB frame / 64 KB window defaults.
+    Clients reconnect within a few seconds of a server coming back (gRPC's default backoff grows to
+    two minutes: a pool replica restarting on its address would stay unreachable that long)."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_receive_bytes or max_message_bytes),
         ("grpc.http2.max_frame_size", (1 << 24) - 1),
         ("grpc.http2.lookahead_bytes", 64 << 20),
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 5000),
     ]
 
 
@@ -77,6 +84,8 @@ def status_for(error: BaseException) -> grpc.StatusCode:
     """The gRPC status an Encode failure maps to (the same on every transport)."""
     if isinstance(error, EncodeFailed):  # already mapped, in the model process
         return grpc.StatusCode[error.code]
+    if isinstance(error, CacheMiss):
+        return grpc.StatusCode.NOT_FOUND
     if isinstance(error, InvalidInput):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, BudgetExceeded):
@@ -107,33 +116,62 @@ def failing_item(error: BaseException) -> tuple[int, str] | None:
 STATUS_DETAILS_KEY = "grpc-status-details-bin"  # the standard rich-error trailer (google.rpc.Status)
 
 
+def missing_items(error: BaseException) -> list[tuple[int, str]]:
+    """(index, item_id) of the items a CACHE_MISS asks the caller to send with their media."""
+    return list(getattr(error, "missing", None) or [])
+
+
 def status_trailers(error: BaseException) -> tuple[tuple[str, bytes], ...]:
     """Trailing metadata for a failure: a google.rpc.Status whose details hold a BadRequest field
-    violation on `items[i]` when one item caused it (any gRPC client library can read it)."""
+    violation on `items[i]` for each item it concerns and an ErrorInfo (reason BAD_ITEM, or CACHE_MISS
+    with `missing_items`), so any gRPC client library can read it."""
     item = failing_item(error)
     if item is None:
         return ()
     index, item_id = item
-    violation = error_details_pb2.BadRequest.FieldViolation(
-        field=f"items[{index}]", description=status_message(error))
+    missing = missing_items(error)
+    named = missing or [item]
     details = any_pb2.Any()
-    details.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    details.Pack(error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(
+            field=f"items[{i}]", description="sent by digest, not cached here" if missing else status_message(error))
+        for i, _ in named]))
+    metadata = {"item_index": str(index), "item_id": item_id}
+    if missing:
+        metadata["missing_items"] = ",".join(str(i) for i, _ in missing)
     info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason="BAD_ITEM", domain="encoder_service",
-                                          metadata={"item_index": str(index), "item_id": item_id}))
+    info.Pack(error_details_pb2.ErrorInfo(reason="CACHE_MISS" if missing else "BAD_ITEM", domain="encoder_service",
+                                          metadata=metadata))
     status = status_pb2.Status(code=status_for(error).value[0], message=status_message(error), details=[details, info])
     return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
 
 
-def item_from_status(error: grpc.RpcError) -> tuple[int, str] | None:
-    """Client side: (index, item_id) of the failing item, from the status details, if any."""
+def _error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     for key, value in error.trailing_metadata() or ():
         if key == STATUS_DETAILS_KEY:
             for detail in status_pb2.Status.FromString(value).details:
                 info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info) and "item_index" in info.metadata:
-                    return int(info.metadata["item_index"]), info.metadata.get("item_id", "")
+                if detail.Unpack(info):
+                    return info
     return None
+
+
+def item_from_status(error: grpc.RpcError) -> tuple[int, str] | None:
+    """Client side: (index, item_id) of the failing item, from the status details, if any."""
+    info = _error_info(error)
+    if info is None or "item_index" not in info.metadata:
+        return None
+    return int(info.metadata["item_index"]), info.metadata.get("item_id", "")
+
+
+def cache_misses_from_status(error: grpc.RpcError) -> list[int] | None:
+    """Client side: indices of the items to send again with their media, if this is a CACHE_MISS."""
+    if error.code() != grpc.StatusCode.NOT_FOUND:
+        return None
+    info = _error_info(error)
+    if info is None or info.reason != "CACHE_MISS":
+        return None
+    return [int(i) for i in info.metadata.get("missing_items", "").split(",") if i]
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -173,7 +211,9 @@ def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
 def media_to_proto(item: MediaInput) -> pb.MediaItem:
     msg = pb.MediaItem(item_id=item.item_id, content_hash=item.content_hash)
     msg.modality = pb.MODALITY_VIDEO if item.modality == Modality.VIDEO else pb.MODALITY_IMAGE
-    if isinstance(item.data, np.ndarray):
+    if isinstance(item.data, MediaDigest):
+        msg.digest.sha256 = item.data.value
+    elif isinstance(item.data, np.ndarray):
         msg.raw_pixels.CopyFrom(tensor_to_proto(torch.from_numpy(np.ascontiguousarray(item.data))))
     elif isinstance(item.data, list):
         msg.encoded_frames.frames.extend(item.data)
@@ -218,13 +258,15 @@ def media_from_proto(msg: pb.MediaItem) -> MediaInput:
         if modality != Modality.VIDEO:
             raise InvalidInput(f"encoded_video is only for VIDEO items")
         data = msg.encoded_video
+    elif source == "digest":
+        data = MediaDigest(msg.digest.sha256)
     else:
         if modality != Modality.IMAGE:
             raise InvalidInput(f"encoded_image is only for IMAGE items")
         data = msg.encoded_image
     sampling = None
     if msg.HasField("sampling"):
-        if source != "encoded_video":
+        if source not in ("encoded_video", "digest") or modality != Modality.VIDEO:
             raise InvalidInput(f"sampling applies to encoded_video only")
         sampling = VideoSampling(msg.sampling.num_frames, msg.sampling.fps, msg.sampling.max_frames)
     rate = msg.pruning_rate if msg.HasField("pruning_rate") else None
@@ -237,8 +279,10 @@ def media_from_proto(msg: pb.MediaItem) -> MediaInput:
 # ------------------------------------------------------------------ responses: server side
 
 
-def response_header(request: pb.EncodeRequest, out: EncodeOutput, extras: dict | None = None) -> pb.EncodeResponse:
-    """Everything of the response but the tensor's bytes (its dtype and shape included)."""
+def response_header(request: pb.EncodeRequest, out, extras: dict | None = None) -> pb.EncodeResponse:
+    """Everything of the response but the tensor's bytes (its dtype and shape included). `out`: an
+    EncodeOutput, or the pipeline's Encoding (the same per-item fields, rows left where they are)."""
+    count = len(out.token_counts)
     items = [
         pb.ItemMetadata(
             item_id=src.item_id,
@@ -248,16 +292,17 @@ def response_header(request: pb.EncodeRequest, out: EncodeOutput, extras: dict |
             num_tiles=tiles,
             tokens_per_frame=frames,
             frame_timestamps=times,
+            digest=digest,
+            cache_hit=hit,
         )
-        for src, n, offset, tiles, frames, times in zip(
+        for src, n, offset, tiles, frames, times, digest, hit in zip(
             request.items, out.token_counts, out.offsets, out.num_tiles, out.tokens_per_frame,
-            out.frame_timestamps or [[]] * len(out.token_counts)
+            out.frame_timestamps or [[]] * count, out.digests or [""] * count, out.cache_hits or [False] * count,
         )
     ]
-    t = out.embeddings
     return pb.EncodeResponse(
         request_id=request.request_id,
-        embeddings=pb.Tensor(dtype=_TORCH_TO_PB[t.dtype], shape=list(t.shape)),
+        embeddings=pb.Tensor(dtype=_TORCH_TO_PB[out.dtype], shape=list(out.shape)),
         items=items,
         extras=msgpack.packb(extras if extras is not None else out.stats),
     )
@@ -284,15 +329,16 @@ _EMBEDDINGS_TAG = _varint(2 << 3 | _LEN)  # EncodeResponse.embeddings
 _DATA_TAG = _varint(1 << 3 | _LEN)  # Tensor.data
 
 
-def response_bytes(header: pb.EncodeResponse, data: torch.Tensor) -> bytes:
-    """A header (`response_header`, consumed) and the tensor's bytes (flat uint8) as one serialised
-    EncodeResponse, the bytes copied once without the GIL."""
+def response_bytes(header: pb.EncodeResponse, segments: list[torch.Tensor]) -> bytes:
+    """A header (`response_header`, consumed) and the tensor's bytes (flat uint8 segments, in order: each
+    item's rows where they live) as one serialised EncodeResponse, copied once without the GIL."""
+    size = sum(s.numel() for s in segments)
     tensor_meta = header.embeddings.SerializeToString()
     header.ClearField("embeddings")
-    data_field = _DATA_TAG + _varint(data.numel())
-    embeddings_len = len(tensor_meta) + len(data_field) + data.numel()
+    data_field = _DATA_TAG + _varint(size)
+    embeddings_len = len(tensor_meta) + len(data_field) + size
     prefix = header.SerializeToString() + _EMBEDDINGS_TAG + _varint(embeddings_len) + tensor_meta + data_field
-    return _bytes_of(prefix, data)
+    return _bytes_of(prefix, segments)
 
 
 _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
@@ -300,8 +346,8 @@ _new_bytes.restype = ctypes.py_object
 _new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
 
 
-def _bytes_of(prefix: bytes, data: torch.Tensor) -> bytes:
-    """`prefix + data` as one new `bytes` object, the tensor copied with the GIL released.
+def _bytes_of(prefix: bytes, segments: list[torch.Tensor]) -> bytes:
+    """`prefix + the segments` as one new `bytes` object, the tensor bytes copied with the GIL released.
 
     gRPC's Python layer sends only `bytes`, and every CPython way of building a large `bytes`
     from a buffer (join, concatenation, bytes(memoryview)) copies while holding the GIL: 5-35 ms
@@ -311,13 +357,17 @@ def _bytes_of(prefix: bytes, data: torch.Tensor) -> bytes:
     which releases the GIL. The object is new and unshared (and never hashed) until it is
     filled, so nothing can observe it change.
     """
-    if not data.numel():
+    size = sum(s.numel() for s in segments)
+    if not size:
         return bytes(prefix)
-    buf = _new_bytes(None, len(prefix) + data.numel())
+    buf = _new_bytes(None, len(prefix) + size)
     view = torch.frombuffer(buf, dtype=torch.uint8)
     if prefix:
         view[: len(prefix)].copy_(torch.frombuffer(prefix, dtype=torch.uint8))
-    view[len(prefix) :].copy_(data)
+    pos = len(prefix)
+    for segment in segments:
+        view[pos : pos + segment.numel()].copy_(segment)
+        pos += segment.numel()
     return buf
 
 
@@ -333,6 +383,8 @@ class ItemEmbedding:
     num_tiles: int
     tokens_per_frame: list[int]
     frame_timestamps: list[float] = dataclasses.field(default_factory=list)
+    digest: str = ""  # the media digest the server computed (send it instead of the bytes next time)
+    cache_hit: bool = False
 
 
 @dataclass
@@ -428,12 +480,26 @@ def decode_response(data: bytes, copy: bool = True) -> EncodeResult:
 def result_from_parts(header: pb.EncodeResponse, embeddings: torch.Tensor) -> EncodeResult:
     items = [
         ItemEmbedding(m.item_id, m.content_hash, m.offset, m.token_count, m.num_tiles, list(m.tokens_per_frame),
-                      list(m.frame_timestamps))
+                      list(m.frame_timestamps), m.digest, m.cache_hit)
         for m in header.items
     ]
     if sum(i.token_count for i in items) != embeddings.shape[0]:
         raise ValueError("response token counts do not add up to the embedding rows")
     return EncodeResult(header.request_id, embeddings, items, msgpack.unpackb(header.extras) if header.extras else {})
+
+
+def assemble(parts: list[EncodeResult], request_id: str = "") -> EncodeResult:
+    """Results of several calls (e.g. one per item, each routed to its own replica) as the one result a
+    single call would give: one tensor [sum(n_i), hidden] of its own, items in order, offsets into it."""
+    if len(parts) == 1:
+        return parts[0]
+    embeddings = torch.cat([p.embeddings for p in parts])
+    items, base = [], 0
+    for part in parts:
+        items += [dataclasses.replace(item, offset=base + item.offset) for item in part.items]
+        base += part.embeddings.shape[0]
+    return EncodeResult(request_id or parts[0].request_id, embeddings, items,
+                        {**parts[0].extras, "parts": [p.extras for p in parts]})
 
 
 def decode_parts(header: bytes, payload: np.ndarray, copy: bool = False) -> EncodeResult:
@@ -466,7 +532,18 @@ def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
         dynamic_resolution=None if info.dynamic is None else pb.DynamicResolution(**dataclasses.asdict(info.dynamic)),
         video_pruning_rate=info.video_pruning_rate,
         default_video_frames=info.default_video_frames,
+        fingerprint=None if info.fingerprint is None else fingerprint_to_proto(info.fingerprint),
     )
+
+
+def fingerprint_to_proto(f: ModelFingerprint) -> pb.ModelFingerprint:
+    return pb.ModelFingerprint(weights=f.weights, processing=f.processing, hidden_size=f.hidden_size,
+                               dtype=_TORCH_TO_PB[getattr(torch, f.dtype)], numerics=f.numerics, key=f.key)
+
+
+def fingerprint_from_proto(msg: pb.ModelFingerprint) -> ModelFingerprint:
+    return ModelFingerprint(msg.weights, msg.processing, msg.hidden_size, str(_PB_TO_TORCH[msg.dtype]).removeprefix("torch."),
+                            msg.numerics)
 
 
 def model_info_from_proto(msg: pb.ModelInfo) -> ModelInfo:
@@ -495,4 +572,5 @@ def model_info_from_proto(msg: pb.ModelInfo) -> ModelInfo:
         attention_backend=msg.attention_backend,
         video_pruning_rate=msg.video_pruning_rate,
         default_video_frames=msg.default_video_frames,
+        fingerprint=fingerprint_from_proto(msg.fingerprint) if msg.HasField("fingerprint") else None,
     )

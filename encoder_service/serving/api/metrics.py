@@ -96,7 +96,7 @@ class _ModelStatsCollector:
         self._stats = model_stats
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         try:
             stats = self._stats()
@@ -104,10 +104,24 @@ class _ModelStatsCollector:
             return
         for key, help_text in (("outputs_in_use", "response bytes held in the shared output arena"),
                                ("tiles_in_use", "pixel bytes waiting in the shared tile arena"),
+                               ("cache_bytes", "embedding rows resident in the cache"),
                                ("gpu_memory_allocated", "GPU memory allocated by the model process"),
                                ("gpu_memory_reserved", "GPU memory reserved by the model process")):
             if key in stats:
                 yield GaugeMetricFamily(f"encoder_{key}_bytes", help_text, value=stats[key])
+        for key, help_text in (("cache_entries", "items resident in the embedding cache"),
+                               ("pending_vit_tokens", "ViT tokens admitted and not yet encoded (autoscaling signal)")):
+            if key in stats:
+                yield GaugeMetricFamily(f"encoder_{key}", help_text, value=stats[key])
+        for key, help_text in (("cache_hits", "items answered from the embedding cache"),
+                               ("cache_joins", "items answered by an identical item encoded at the same time"),
+                               ("cache_inserts", "items added to the embedding cache"),
+                               ("cache_evictions", "items evicted from the embedding cache"),
+                               ("jobs_started", "distinct items sent to preprocessing and the device"),
+                               ("device_busy_s", "seconds the device had a batch in flight")):
+            if key in stats:
+                name = "encoder_device_busy_seconds" if key == "device_busy_s" else f"encoder_{key}"
+                yield CounterMetricFamily(name, help_text, value=stats[key])
 
 
 class RayEncoderMetrics:

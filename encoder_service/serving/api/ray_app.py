@@ -31,7 +31,9 @@ from ray.serve.config import gRPCOptions
 
 from encoder_service.config import EngineConfig
 from encoder_service.errors import EncodeFailed
+from encoder_service.serving.api.autoscaling import PENDING_TOKENS
 from encoder_service.serving.api.metrics import RayEncoderMetrics, request_stats
+from encoder_service.serving.api.security import cache_namespace
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
 from encoder_service.serving.host.model_process import Encoded, ModelProcess
@@ -59,7 +61,8 @@ class PreSerialized:
 
 @serve.deployment(name=DEPLOYMENT_NAME)
 class EncoderDeployment:
-    def __init__(self, engine: dict[str, Any], pipeline: dict[str, Any] | None = None):
+    def __init__(self, engine: dict[str, Any], pipeline: dict[str, Any] | None = None, cache_per_token: bool = True):
+        self.cache_per_token = cache_per_token
         cfg = EngineConfig(**engine)
         if cfg.device == "auto":
             cfg.device = "cuda" if ray.get_gpu_ids() else "cpu"
@@ -82,9 +85,9 @@ class EncoderDeployment:
         self._model_info = pb.ModelInfo.FromString(self.model.info_bytes)
         self.metrics = RayEncoderMetrics(self.replica)
 
-    async def _encode(self, request: bytes, timeout_s: float | None) -> Encoded:
+    async def _encode(self, request: bytes, timeout_s: float | None, namespace: str) -> Encoded:
         deadline = time.monotonic() + timeout_s if timeout_s else None
-        return await asyncio.wrap_future(self.model.submit(request, deadline, {"replica": self.replica}))
+        return await asyncio.wrap_future(self.model.submit(request, deadline, {"replica": self.replica}, namespace))
 
     async def _consume(self, encoded: Encoded, read, started: float):
         """`read(encoded)` on a thread, then the rows go back to the model process; records metrics."""
@@ -94,7 +97,7 @@ class EncoderDeployment:
         finally:
             self.model.release(encoded)
         self.metrics.record("OK", time.perf_counter() - started, request_stats(encoded.header), encoded.items,
-                            encoded.rows, len(encoded.data), time.perf_counter() - read_from)
+                            encoded.rows, encoded.nbytes, time.perf_counter() - read_from)
         return out
 
     async def Encode(self, request: pb.EncodeRequest, grpc_context) -> PreSerialized | pb.EncodeResponse:
@@ -102,7 +105,8 @@ class EncoderDeployment:
         cancels this coroutine, which drops the request's work)."""
         started = time.perf_counter()
         try:
-            encoded = await self._encode(request.SerializeToString(), None)
+            namespace = cache_namespace(grpc_context.invocation_metadata(), self.cache_per_token)
+            encoded = await self._encode(request.SerializeToString(), None, namespace)
             data = await self._consume(encoded, Encoded.response_bytes, started)
         except Exception as e:  # the status travels back through the proxy; the replica keeps serving
             self.metrics.record(wire.status_for(e).name, time.perf_counter() - started)
@@ -115,23 +119,37 @@ class EncoderDeployment:
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context) -> pb.ModelInfo:
         return self._model_info
 
-    async def encode_native(self, request: bytes, timeout_s: float | None = None) -> tuple[bytes, np.ndarray]:
+    async def encode_native(self, request: bytes, timeout_s: float | None = None, tenant: str = ""
+                            ) -> tuple[bytes, np.ndarray]:
         """Ray-native Encode: a serialised EncodeRequest in; (serialised EncodeResponse header
-        without the tensor bytes, the tensor's bytes as uint8) out. Failures raise EncodeFailed
-        with the gRPC status the gRPC path would give."""
+        without the tensor bytes, the tensor's bytes as uint8) out. `tenant`: the cache namespace
+        of a caller inside the cluster (trusted). Failures raise EncodeFailed with the gRPC status
+        the gRPC path would give."""
         started = time.perf_counter()
         try:
-            encoded = await self._encode(request, timeout_s)
-            # A copy of its own (GIL-free): the arena's rows go back before Ray serialises the reply.
-            payload = await self._consume(encoded, lambda e: e.data.clone().numpy(), started)
+            encoded = await self._encode(request, timeout_s, tenant)
+            # A copy of its own (GIL-free): the arenas' rows go back before Ray serialises the reply.
+            payload = await self._consume(encoded, lambda e: e.gather().numpy(), started)
         except Exception as e:
             self.metrics.record(wire.status_for(e).name, time.perf_counter() - started)
             index, item_id = wire.failing_item(e) or (None, "")
-            raise EncodeFailed(wire.status_for(e).name, wire.status_message(e), index, item_id) from None
+            raise EncodeFailed(wire.status_for(e).name, wire.status_message(e), index, item_id,
+                               wire.missing_items(e)) from None
         return encoded.header, payload
 
     async def model_info_native(self) -> bytes:
         return self.model.info_bytes
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (`autoscaling.EncoderLoadPolicy`): the ViT tokens this replica
+        has admitted and not finished."""
+        stats = await asyncio.to_thread(self.model.stats, 5.0)
+        return {PENDING_TOKENS: float(stats.get(PENDING_TOKENS, 0))}
+
+    async def replica_stats(self) -> dict[str, Any]:
+        """This replica's id, embedding cache (hits, joins, inserts, evictions, bytes, entries), work done
+        (jobs started, device-busy seconds) and memory in use."""
+        return {"replica": self.replica, **await asyncio.to_thread(self.model.stats, 5.0)}
 
     def check_health(self) -> None:
         """Serve restarts a replica whose model process died."""
@@ -148,11 +166,13 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """Application builder (`import_path: encoder_service.serving.api.ray_app:build_app` in a Serve config).
 
     args: `engine` (EngineConfig fields), `pipeline` (PipelineConfig fields),
-    `gpus_per_replica` (`gpus_per_replica()`), `cpus_per_replica`.
+    `gpus_per_replica` (`gpus_per_replica()`), `cpus_per_replica`, `resources_per_replica` (custom Ray
+    resources, e.g. to keep replicas on labelled nodes), `cache_per_token`.
     """
-    actor_options = {"num_cpus": args.get("cpus_per_replica", 1), "num_gpus": gpus_per_replica(args)}
+    actor_options = {"num_cpus": args.get("cpus_per_replica", 1), "num_gpus": gpus_per_replica(args),
+                     "resources": args.get("resources_per_replica", {})}
     deployment = EncoderDeployment.options(ray_actor_options=actor_options, **args.get("deployment_options", {}))
-    return deployment.bind(args.get("engine", {}), args.get("pipeline", {}))
+    return deployment.bind(args.get("engine", {}), args.get("pipeline", {}), args.get("cache_per_token", True))
 
 
 def gpus_per_replica(args: dict[str, Any]) -> float:
@@ -220,7 +240,8 @@ def deploy(config: dict[str, Any], blocking_timeout_s: float = 180.0) -> str:
                                    gpus_per_replica(args), ray.cluster_resources().get("GPU", 0.0))
     if warning:
         log.warning(warning)
-    serve.run(build_app(args), name=app_cfg["name"], route_prefix=app_cfg.get("route_prefix"), blocking=False)
+    handle = serve.run(build_app(args), name=app_cfg["name"], route_prefix=app_cfg.get("route_prefix"), blocking=False)
+    handle.shutdown()  # unused here; its router's background tasks would outlive Serve (and reconnect to Ray)
     _wait_running(app_cfg["name"], blocking_timeout_s)
     return f"127.0.0.1:{grpc_cfg.get('port', 9000)}"
 

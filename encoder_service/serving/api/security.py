@@ -1,8 +1,9 @@
 """Transport security for the gRPC server and its clients: TLS (optionally mutual) and a bearer token.
 
 Secrets come from files or the environment, never from the command line (where `ps` shows them):
-  server: ServerConfig.tls (cert/key files, optional client CA for mTLS), the token from
-          `auth_token_file` or $ENCODER_SERVICE_TOKEN;
+  server: ServerConfig.tls (cert/key files, optional client CA for mTLS), the accepted tokens from
+          `auth_token_file` (one per line: one per tenant, or old and new while rotating) or
+          $ENCODER_SERVICE_TOKEN;
   client: ClientSecurity.from_env() reads $ENCODER_SERVICE_CA, $ENCODER_SERVICE_CLIENT_CERT,
           $ENCODER_SERVICE_CLIENT_KEY and $ENCODER_SERVICE_TOKEN (or $ENCODER_SERVICE_TOKEN_FILE).
 A server refuses to listen on a non-loopback address without TLS unless told `insecure`.
@@ -12,6 +13,7 @@ Health checks stay open without the token (orchestrators probe them); every othe
 from __future__ import annotations
 
 import collections
+import hashlib
 import hmac
 import ipaddress
 import os
@@ -34,12 +36,23 @@ def read_secret(path: str | Path, what: str) -> bytes:
     return data
 
 
-def token_from(path: str | None = None) -> str | None:
-    """The bearer token from `path`, else $ENCODER_SERVICE_TOKEN_FILE, else $ENCODER_SERVICE_TOKEN."""
+def tokens_from(path: str | None = None) -> list[str]:
+    """Bearer tokens from `path` (one per line; blank and '#' lines skipped), else
+    $ENCODER_SERVICE_TOKEN_FILE, else $ENCODER_SERVICE_TOKEN; [] when none is configured."""
     path = path or os.environ.get(TOKEN_FILE_ENV)
     if path:
-        return read_secret(path, "token").decode().strip()
-    return os.environ.get(TOKEN_ENV) or None
+        lines = read_secret(path, "token").decode().splitlines()
+        tokens = [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]
+        if not tokens:
+            raise ValueError(f"the token file {str(path)!r} holds no token")
+        return tokens
+    return [os.environ[TOKEN_ENV]] if os.environ.get(TOKEN_ENV) else []
+
+
+def token_from(path: str | None = None) -> str | None:
+    """A client's bearer token (the first of `tokens_from`)."""
+    tokens = tokens_from(path)
+    return tokens[0] if tokens else None
 
 
 @dataclass(frozen=True)
@@ -109,17 +122,19 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor):
 
 
 class TokenCheck(grpc.aio.ServerInterceptor):
-    """Server side: every method but the health checks needs `authorization: Bearer <token>`."""
+    """Server side: every method but the health checks needs `authorization: Bearer <token>`, with one of
+    the accepted tokens (each is compared in constant time)."""
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, tokens: list[str]):
+        self._expected = [f"Bearer {token}".encode() for token in tokens]
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_METHODS):
             return handler
         given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
+        given = given.encode() if isinstance(given, str) else given
+        if any([hmac.compare_digest(given, expected) for expected in self._expected]):
             return handler
         return _refusal(handler)
 
@@ -137,6 +152,19 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     make = kinds[(handler.request_streaming, handler.response_streaming)]
     return make(deny, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
+
+
+def cache_namespace(metadata, isolate: bool = True) -> str:
+    """The embedding-cache namespace of a call: one per bearer token (`isolate`), so that a probe by
+    digest cannot tell whether another tenant sent an image; "" (shared) without a token or isolation.
+    A token is a secret: knowing it is being that tenant."""
+    if not isolate:
+        return ""
+    for key, value in metadata or ():
+        if key == "authorization":
+            value = value if isinstance(value, bytes) else value.encode()
+            return hashlib.sha256(b"encoder-service cache namespace\0" + value).hexdigest()[:32]
+    return ""
 
 
 def is_loopback(host: str) -> bool:

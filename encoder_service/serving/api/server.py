@@ -31,7 +31,7 @@ from encoder_service.serving import wire
 from encoder_service.serving.api.metrics import EncoderMetrics, request_stats
 from encoder_service.serving.host.model_process import ModelProcess
 from encoder_service.serving.host.pipeline import PipelineConfig
-from encoder_service.serving.api.security import TLSConfig, TokenCheck, is_loopback, token_from
+from encoder_service.serving.api.security import TLSConfig, TokenCheck, cache_namespace, is_loopback, tokens_from
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,12 @@ class ServerConfig:
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one); None: off
     serialize_threads: int = 4
     tls: TLSConfig | None = None
-    auth_token_file: str | None = None  # else $ENCODER_SERVICE_TOKEN_FILE / $ENCODER_SERVICE_TOKEN; none: no token
+    # Accepted tokens, one per line (a tenant each, or old + new while rotating); else $ENCODER_SERVICE_TOKEN_FILE /
+    # $ENCODER_SERVICE_TOKEN; none: no token.
+    auth_token_file: str | None = None
     insecure: bool = False  # allow a non-loopback address without TLS
+    # Embedding-cache entries per bearer token (a probe cannot reveal another tenant's images); False: shared.
+    cache_per_token: bool = True
     engine: EngineConfig = field(default_factory=EngineConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
@@ -105,7 +109,8 @@ class EncoderServicer:
         self.inflight_requests += 1
         self.inflight_bytes += len(request)
         try:
-            encoded = await asyncio.wrap_future(self.model.submit(request, deadline))
+            namespace = cache_namespace(context.invocation_metadata(), self.cfg.cache_per_token)
+            encoded = await asyncio.wrap_future(self.model.submit(request, deadline, namespace=namespace))
             try:
                 serialize_from = time.perf_counter()
                 response = await asyncio.get_running_loop().run_in_executor(self._serialize, encoded.response_bytes)
@@ -159,7 +164,7 @@ class EncoderServer:
         self.metrics_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         cfg.check()
-        self.token = token_from(cfg.auth_token_file)
+        self.tokens = tokens_from(cfg.auth_token_file)
         self.model = ModelProcess(cfg.engine, cfg.pipeline, on_exit=self._model_exited)
         self.servicer = EncoderServicer(self.model, cfg)
 
@@ -177,7 +182,7 @@ class EncoderServer:
     async def start(self) -> str:
         self._loop = asyncio.get_running_loop()
         options = wire.channel_options(self.cfg.max_message_bytes, self.cfg.max_request_bytes)
-        interceptors = [TokenCheck(self.token)] if self.token else []
+        interceptors = [TokenCheck(self.tokens)] if self.tokens else []
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self.server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -58,6 +58,11 @@ class SharedArena:
         """Whether an allocation of `nbytes` could ever succeed (when the arena is empty)."""
         return _align(nbytes) <= self.size
 
+    @staticmethod
+    def footprint(nbytes: int) -> int:
+        """Bytes an allocation of `nbytes` takes (aligned)."""
+        return _align(max(nbytes, 1))
+
     def alloc(self, nbytes: int, keep_waiting: Callable[[], bool] = lambda: True, poll_s: float = 0.05) -> int | None:
         """First-fit allocation; waits for space while `keep_waiting()` holds. Returns the offset, or
         None once `keep_waiting()` turns false (e.g. the request was cancelled while it waited)."""

@@ -11,15 +11,17 @@ What crosses the boundary:
 - requests as serialised `EncodeRequest` bytes (the protobuf is the codec; the child parses and
   validates them, so a malformed request fails there with its gRPC status);
 - small msgpack control frames over a pipe (`framing.py`; never pickle);
-- the embeddings through a shared output arena (`arena.py`) that the device writes each
-  request's rows into (page-locked in the child); the parent reads them in place and gives them
-  back with `release` once they are on the wire.
+- the embeddings through shared arenas (`arena.py`, `rows.py`: the outputs arena and the cache
+  arena) that the device writes each item's rows into (page-locked in the child); a reply names
+  each item's segment, the parent reads them in place and gives the response back with `release`
+  once it is on the wire (cached rows stay in the cache).
 
 Every `encode` frame gets exactly one reply. If the child dies, every pending call fails with
 UNAVAILABLE (retryable) and `alive` turns false; the child exits when the parent does (its pipe
 closes).
 
-    python -m encoder_service.serving.host.model_process --config JSON --outputs-fd N --outputs-size BYTES   (child)
+    python -m encoder_service.serving.host.model_process --config JSON --outputs-fd N --outputs-size BYTES \
+        [--cache-fd N --cache-size BYTES]   (child)
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
 from encoder_service.serving.host.arena import SharedArena
 from encoder_service.serving.host.framing import read_frame, write_frame
-from encoder_service.serving.host.pipeline import PipelineConfig
+from encoder_service.serving.host.pipeline import PipelineConfig, cache_arena
+from encoder_service.serving.host.rows import CACHE, OUTPUTS
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +59,25 @@ START_TIMEOUT_S = 600.0  # loading a large checkpoint onto a device
 
 @dataclass
 class Encoded:
-    """A finished Encode whose embedding rows are still in the shared output arena."""
+    """A finished Encode whose rows are still in the shared arenas (until `ModelProcess.release`)."""
 
+    id: int
     header: bytes  # serialised EncodeResponse without the tensor's bytes (`wire.response_header`)
-    data: torch.Tensor  # the tensor's bytes: a flat uint8 view of the arena, valid until `release`
-    offset: int
+    segments: list[torch.Tensor]  # each item's rows as flat uint8 views of the arenas, in item order
     items: int
     rows: int
 
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() for s in self.segments)
+
     def response_bytes(self) -> bytes:
-        """The whole serialised EncodeResponse (one GIL-free copy out of the arena)."""
-        return wire.response_bytes(pb.EncodeResponse.FromString(self.header), self.data)
+        """The whole serialised EncodeResponse (one GIL-free copy out of the arenas)."""
+        return wire.response_bytes(pb.EncodeResponse.FromString(self.header), self.segments)
+
+    def gather(self) -> torch.Tensor:
+        """The tensor's bytes as one flat uint8 tensor of the caller's own (one copy)."""
+        return torch.cat(self.segments) if self.segments else torch.empty(0, dtype=torch.uint8)
 
 
 class ModelProcess:
@@ -75,20 +86,23 @@ class ModelProcess:
     def __init__(self, engine: EngineConfig, pipeline: PipelineConfig | None = None, torch_threads: int = 0,
                  on_exit: Callable[[], None] | None = None):
         pipeline = pipeline or PipelineConfig()
-        self.outputs = SharedArena(pipeline.output_arena_mb << 20, "encoder-outputs")
-        self._output_bytes = torch.frombuffer(self.outputs.buf, dtype=torch.uint8)
+        self.arenas = {OUTPUTS: SharedArena(pipeline.output_arena_mb << 20, "encoder-outputs")}
+        if (cache := cache_arena(pipeline)) is not None:
+            self.arenas[CACHE] = cache
+        self._arena_bytes = {k: torch.frombuffer(a.buf, dtype=torch.uint8) for k, a in self.arenas.items()}
         config = {"engine": dataclasses.asdict(engine), "pipeline": dataclasses.asdict(pipeline),
                   "torch_threads": torch_threads}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "encoder_service.serving.host.model_process", "--config", json.dumps(config),
-             "--outputs-fd", str(self.outputs.fd), "--outputs-size", str(self.outputs.size)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, pass_fds=(self.outputs.fd,),
-        )
+        args = [sys.executable, "-m", "encoder_service.serving.host.model_process", "--config", json.dumps(config)]
+        for name, arena in (("outputs", self.arenas[OUTPUTS]), ("cache", self.arenas.get(CACHE))):
+            if arena is not None:
+                args += [f"--{name}-fd", str(arena.fd), f"--{name}-size", str(arena.size)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                     pass_fds=tuple(a.fd for a in self.arenas.values()))
         self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
         ready = self._wait_ready()
         self.info_bytes: bytes = ready["info"]
         self.info = wire.model_info_from_proto(pb.ModelInfo.FromString(self.info_bytes))
-        self.outputs_pinned: bool = ready["outputs_pinned"]  # the device copies rows straight into the arena
+        self.outputs_pinned: bool = ready["outputs_pinned"]  # the device copies rows straight into the arenas
         self._on_exit = on_exit
         self._ids = itertools.count()
         self._pending: dict[int, Future] = {}
@@ -108,21 +122,24 @@ class ModelProcess:
 
     # ------------------------------------------------------------------ calls
 
-    def submit(self, request: bytes, deadline: float | None = None, extras: dict[str, Any] | None = None
-               ) -> Future[Encoded]:
+    def submit(self, request: bytes, deadline: float | None = None, extras: dict[str, Any] | None = None,
+               namespace: str = "") -> Future[Encoded]:
         """Encode a serialised EncodeRequest; `deadline` is a time.monotonic() instant (the clock is
-        shared by the processes of one host). Cancelling the future drops the request's work.
-        Failures arrive as EncodeFailed carrying the gRPC status name."""
-        future, call = self._call({"op": "encode", "request": request, "deadline": deadline, "extras": extras})
+        shared by the processes of one host); `namespace` keeps cache entries apart (a tenant).
+        Cancelling the future drops the request's work. Failures arrive as EncodeFailed carrying the
+        gRPC status name."""
+        future, call = self._call({"op": "encode", "request": request, "deadline": deadline, "extras": extras,
+                                   "namespace": namespace})
         future.add_done_callback(lambda f: f.cancelled() and self._send({"op": "cancel", "id": call}))
         return future
 
     def release(self, encoded: Encoded) -> None:
-        """Give a finished request's rows back; `encoded.data` must not be read afterwards."""
-        self._send({"op": "free", "offset": encoded.offset})
+        """Give a finished request's rows back; `encoded.segments` must not be read afterwards."""
+        self._send({"op": "release", "id": encoded.id})
 
     def stats(self, timeout: float = 10.0) -> dict[str, int]:
-        """Bytes in use in the child's arenas (tests and metrics: nothing may leak), and its GPU memory."""
+        """Bytes in use in the child's arenas (tests and metrics: nothing may leak), its cache, the ViT
+        tokens of its unfinished work (autoscaling) and its GPU memory."""
         return self._call({"op": "stats"})[0].result(timeout)
 
     def _call(self, message: dict) -> tuple[Future, int]:
@@ -157,8 +174,8 @@ class ModelProcess:
             if "stats" in msg:
                 future.set_result(msg["stats"])
             elif msg["ok"]:
-                encoded = Encoded(msg["header"], self._output_bytes[msg["offset"] : msg["offset"] + msg["nbytes"]],
-                                  msg["offset"], msg["items"], msg["rows"])
+                segments = [self._arena_bytes[arena][offset : offset + nbytes] for arena, offset, nbytes in msg["segments"]]
+                encoded = Encoded(msg["id"], msg["header"], segments, msg["items"], msg["rows"])
                 try:
                     if future is None:
                         raise InvalidStateError("no caller")
@@ -167,8 +184,8 @@ class ModelProcess:
                     self.release(encoded)
             elif future is not None:
                 try:
-                    future.set_exception(
-                        EncodeFailed(msg["code"], msg["message"], msg.get("item_index"), msg.get("item_id", "")))
+                    future.set_exception(EncodeFailed(msg["code"], msg["message"], msg.get("item_index"),
+                                                      msg.get("item_id", ""), [tuple(m) for m in msg.get("missing", [])]))
                 except InvalidStateError:
                     pass
         code = self.proc.wait()
@@ -202,7 +219,8 @@ class ModelProcess:
             self._kill()
         self._reader.join(timeout=5)
         self.proc.stdout.close()
-        self.outputs.close()
+        for arena in self.arenas.values():
+            arena.close()
 
     def _kill(self) -> None:
         self.proc.kill()
@@ -218,6 +236,7 @@ class _Call:
     request: bytes
     deadline: float | None
     extras: dict | None
+    namespace: str = ""
     cancelled: bool = False
     future: Future | None = None
 
@@ -232,6 +251,7 @@ class _Child:
         self._write_lock = threading.Lock()
         self._lock = threading.Lock()
         self._calls: dict[int, _Call] = {}
+        self._responses: dict[int, Any] = {}  # replies whose rows the parent still reads, by call id
         self._admissions: queue.Queue[_Call | None] = queue.Queue()
         self._admitter = threading.Thread(target=self._admit_loop, name="model-process-admission", daemon=True)
         self._admitter.start()
@@ -244,7 +264,7 @@ class _Child:
         while (msg := read_frame(in_fd)) is not None:
             op = msg["op"]
             if op == "encode":
-                call = _Call(msg["id"], msg["request"], msg["deadline"], msg["extras"])
+                call = _Call(msg["id"], msg["request"], msg["deadline"], msg["extras"], msg.get("namespace", ""))
                 with self._lock:
                     self._calls[call.id] = call
                 self._admissions.put(call)
@@ -256,11 +276,19 @@ class _Child:
                         future = call.future
                 if call is not None and future is not None:
                     future.cancel()
-            elif op == "free":
-                self.pipeline.release_offset(msg["offset"])
+            elif op == "release":
+                with self._lock:
+                    encoding = self._responses.pop(msg["id"], None)
+                if encoding is not None:
+                    self.pipeline.release(encoding)
             elif op == "stats":
-                stats = {"outputs_in_use": self.pipeline.outputs.bytes_in_use,
-                         "tiles_in_use": self.pipeline.arena.bytes_in_use}
+                store = self.pipeline.store
+                stats = {"outputs_in_use": store.arenas[OUTPUTS].bytes_in_use,
+                         "tiles_in_use": self.pipeline.arena.bytes_in_use,
+                         "pending_vit_tokens": self.pipeline.pending_vit_tokens,
+                         "jobs_started": self.pipeline.jobs_started,
+                         "device_busy_s": self.pipeline.device_busy_s,
+                         **{f"cache_{k}": v for k, v in dataclasses.asdict(store.stats).items()}}
                 if self.pipeline.engine.device.type == "cuda":
                     stats["gpu_memory_allocated"] = torch.cuda.memory_allocated(self.pipeline.engine.device)
                     stats["gpu_memory_reserved"] = torch.cuda.memory_reserved(self.pipeline.engine.device)
@@ -276,7 +304,7 @@ class _Child:
                 continue
             try:
                 items = wire.media_items_from_proto(request)
-                future = self.pipeline.submit(items, call.deadline)
+                future = self.pipeline.submit(items, call.deadline, call.namespace)
             except Exception as e:  # what headers reveal: the call fails, the process goes on
                 self._fail(call, e)
                 continue
@@ -296,15 +324,16 @@ class _Child:
             return
         out = future.result()
         try:
-            header = wire.response_header(request, out, {**out.stats, **(call.extras or {})})
-            nbytes = out.embeddings.numel() * out.embeddings.element_size()
-            reply = {"id": call.id, "ok": True, "header": header.SerializeToString(), "nbytes": nbytes,
-                     "offset": self.pipeline.output_offset(out), "items": len(request.items),
-                     "rows": int(out.embeddings.shape[0])}
+            extras = {**out.stats, "model": self.pipeline.engine.fingerprint.contract, **(call.extras or {})}
+            header = wire.response_header(request, out, extras)
+            reply = {"id": call.id, "ok": True, "header": header.SerializeToString(), "segments": out.segments(),
+                     "items": len(request.items), "rows": out.shape[0]}
         except Exception as e:  # noqa: BLE001
             self.pipeline.release(out)
             self._fail(call, e)
             return
+        with self._lock:
+            self._responses[call.id] = out
         self._done(call)
         self._reply(reply)
 
@@ -315,7 +344,7 @@ class _Child:
         self._done(call)
         index, item_id = wire.failing_item(error) or (None, "")
         self._reply({"id": call.id, "ok": False, "code": code, "message": wire.status_message(error),
-                     "item_index": index, "item_id": item_id})
+                     "item_index": index, "item_id": item_id, "missing": wire.missing_items(error)})
 
     def _done(self, call: _Call) -> None:
         with self._lock:
@@ -327,6 +356,8 @@ def process_main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--outputs-fd", type=int, required=True)
     p.add_argument("--outputs-size", type=int, required=True)
+    p.add_argument("--cache-fd", type=int, default=None)
+    p.add_argument("--cache-size", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s model-process %(message)s")
     in_fd, out_fd = sys.stdin.fileno(), os.dup(sys.stdout.fileno())
@@ -340,7 +371,8 @@ def process_main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(config["torch_threads"])
         engine = EncoderEngine(EngineConfig(**config["engine"]))
         outputs = SharedArena(args.outputs_size, fd=args.outputs_fd)
-        pipeline = EncodePipeline(engine, PipelineConfig(**config["pipeline"]), outputs=outputs)
+        cache = SharedArena(args.cache_size, fd=args.cache_fd) if args.cache_fd is not None else None
+        pipeline = EncodePipeline(engine, PipelineConfig(**config["pipeline"]), outputs=outputs, cache=cache)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it at start-up
         log.exception("could not start the encoder")
         write_frame(out_fd, {"ready": False, "error": f"{type(e).__name__}: {e}"})

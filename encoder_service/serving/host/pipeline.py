@@ -1,22 +1,25 @@
 """The serving pipeline: concurrent requests become a continuous stream of ragged batches.
 
-Stages run concurrently, so the device never waits for the CPU:
-  1. admission (the caller's thread): header checks, the request's output buffer (pinned on
-     CUDA), one preprocessing job per item;
-  2. preprocessing (worker processes, `preprocess.py`): decode + tile into the shared arena;
-  3. the model thread: packs the ready tiles of any requests into a batch
-     (`batching.TileQueue`), launches host-to-device copy + forward + device-to-host copy into
-     each request's output rows, and goes straight on to the next batch: up to `depth`
-     batches are in flight on the device while new ones form;
-  4. the completion thread: waits for each batch's CUDA event (GIL released), frees its arena
-     space and resolves the requests whose last tiles it carried.
-Serialising for the wire is the transport's job (gRPC server, Ray replica), in another process
-(`model_process.py`): with `outputs`, each request's rows are written into that shared arena,
-and whoever consumes a finished request gives them back with `release`.
+Requests are made of items; the pipeline encodes *jobs*, one per distinct item (its key:
+`digest.item_key`, computed from the bytes by the server itself). Stages run concurrently, so
+the device never waits for the CPU:
+  1. admission (the caller's thread): header checks; each item is a cache hit (its rows are
+     already in the row store: nothing to do), joins the job of an identical item being encoded
+     now (single-flight), or starts a job: rows allocated in the row store, one preprocessing job;
+  2. preprocessing (worker processes, `preprocess.py`): decode + tile into the shared tile arena;
+  3. the model thread: packs the ready tiles of any jobs into a batch (`batching.TileQueue`),
+     launches host-to-device copy + forward + device-to-host copy into each job's rows, and goes
+     straight on to the next batch: up to `depth` batches are in flight on the device;
+  4. the completion thread: waits for each batch's CUDA event (GIL released), frees tile arena
+     space, prunes finished videos (EVS), publishes finished jobs' rows to the cache and hands
+     them to every request waiting for them.
+A finished request (`Encoding`) holds its items' rows where they live (`rows.Region`s of shared
+memory, read in place by the transport in another process, `model_process.py`) until its
+consumer gives them back with `release`; `encode` gathers them into one tensor instead.
 
-A request that is cancelled or misses its deadline is dropped at every stage boundary: its
-queued jobs never start, a worker busy with it is replaced, its queued tiles never reach
-the device.
+A job lives while any request waiting for it does: a job whose requests were all cancelled or
+missed their deadlines is dropped at every stage boundary (its queued work never starts, a worker
+busy with it is replaced, its queued tiles never reach the device).
 """
 
 from __future__ import annotations
@@ -29,16 +32,18 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from encoder_service.batching import Span, TileQueue
-from encoder_service.engine import EncodeOutput, EncoderEngine
-from encoder_service.errors import BudgetExceeded, DeadlineExceeded, ItemError, Unavailable
-from encoder_service.processor import ItemPlan, MediaInput, byte_range
+from encoder_service.digest import MediaDigest, item_key, media_digest
+from encoder_service.engine import EncodeOutput, EncoderEngine, running_offsets
+from encoder_service.errors import BudgetExceeded, CacheMiss, DeadlineExceeded, ItemError, Unavailable
+from encoder_service.processor import ItemPlan, MediaInput, Modality, byte_range
 from encoder_service.serving.host.arena import SharedArena
 from encoder_service.serving.host.preprocess import PreprocessPool
+from encoder_service.serving.host.rows import OUTPUTS, Region, RowStore
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +52,13 @@ log = logging.getLogger(__name__)
 class PipelineConfig:
     preprocess_workers: int = 0  # worker processes decoding/tiling; 0: half the CPUs, between 1 and 8
     arena_mb: int = 512  # shared memory for preprocessed tiles waiting for the device (backpressure)
-    # Shared memory for embeddings until the transport has sent them (model process only): bounds the
-    # bytes of responses in flight; a request waits for room (within its deadline), one larger than
-    # all of it is refused.
+    # Shared memory for the rows of uncached items until the transport has sent them: bounds the bytes of
+    # responses in flight; a request waits for room (within its deadline), one larger than all of it is refused.
     output_arena_mb: int = 1024
+    # The embedding cache: shared memory holding encoded items' rows by content (LRU, this many MB);
+    # 0 turns it off, None sizes it for the node (`default_cache_mb`). Identical items in flight are
+    # encoded once either way.
+    cache_mb: int | None = None
     max_wait_ms: float = 0.0  # an idle device waits this long for more work before running a partial batch
     depth: int = 2  # batches in flight on the device (one running, one queued behind it)
     stale_job_s: float = 0.25  # a worker busy this long with a dead request's item is replaced
@@ -65,15 +73,75 @@ def default_workers() -> int:
     return min(8, max(1, (os.cpu_count() or 2) // 2))
 
 
+def default_cache_mb() -> int:
+    """A sixteenth of the node's memory, at most 4 GiB: room for ~100 12-tile images at LLM width 5120 in
+    bf16 per GiB, without crowding what the node's other processes need."""
+    try:
+        total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    except (ValueError, OSError, AttributeError):
+        total_mb = 16384
+    return min(4096, total_mb // 16)
+
+
+def cache_arena(cfg: PipelineConfig) -> SharedArena | None:
+    """The cache's shared memory as `cfg` sizes it (None: the cache is off)."""
+    mb = default_cache_mb() if cfg.cache_mb is None else cfg.cache_mb
+    return SharedArena(mb << 20, "encoder-cache") if mb > 0 else None
+
+
+@dataclass
+class Encoding:
+    """A finished request: each item's rows where they live, and what its response says about them.
+    The regions are the holder's until `EncodePipeline.release`."""
+
+    regions: list[Region]
+    dtype: torch.dtype
+    hidden_size: int
+    cache_hits: list[bool]
+    stats: dict
+
+    @property
+    def token_counts(self) -> list[int]:
+        return [r.rows for r in self.regions]
+
+    @property
+    def offsets(self) -> list[int]:
+        return running_offsets(self.token_counts)
+
+    @property
+    def num_tiles(self) -> list[int]:
+        return [r.num_tiles for r in self.regions]
+
+    @property
+    def tokens_per_frame(self) -> list[list[int]]:
+        return [r.tokens_per_frame for r in self.regions]
+
+    @property
+    def frame_timestamps(self) -> list[list[float]]:
+        return [r.frame_times for r in self.regions]
+
+    @property
+    def digests(self) -> list[str]:
+        return [r.digest for r in self.regions]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(self.token_counts), self.hidden_size
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(arena, offset, bytes) of each item's rows, in item order: what the transport frames."""
+        return [(r.arena, r.offset, r.rows * self.hidden_size * self.dtype.itemsize) for r in self.regions]
+
+
 class _Request:
-    def __init__(self, plans: list[ItemPlan], out: torch.Tensor, deadline: float | None, output_offset: int | None):
-        self.plans = plans
-        self.items: list[_Item] = []
-        self.out = out
-        self.output_offset = output_offset  # of `out` in the output arena, until it is given back
+    def __init__(self, item_ids: list[str], deadline: float | None):
+        count = len(item_ids)
+        self.item_ids = item_ids  # errors name the item
+        self.regions: list[Region | None] = [None] * count
+        self.hits = [False] * count
+        self.left = count
         self.deadline = deadline
-        self.future: Future[EncodeOutput] = Future()
-        self.tiles_left = sum(p.num_tiles for p in plans)
+        self.future: Future[Encoding] = Future()
         self.submitted = time.perf_counter()
         # preprocess_ms: until its last item was tiled; queue_ms: longest wait of a tiled item for the
         # device; forward_ms: from its first batch's launch to its last batch's completion.
@@ -83,74 +151,49 @@ class _Request:
     def is_live(self) -> bool:
         return not self.future.done() and (self.deadline is None or time.monotonic() < self.deadline)
 
-    def succeeded(self) -> bool:
-        return self.future.done() and not self.future.cancelled() and self.future.exception() is None
-
-    def writing_output(self) -> bool:
-        """Whether something may still write its rows: tiles in flight on the device, or a video whose
-        frames are all in and whose pruning (into `out`) is pending."""
-        return any(item.tiles_launched != item.tiles_done
-                   or (item.scratch is not None and item.tiles_done == item.plan.num_tiles) for item in self.items)
-
-    def fail(self, error: BaseException) -> None:
-        try:
-            self.future.set_exception(error)
-        except InvalidStateError:  # already cancelled or failed
-            pass
-
-    def expire(self) -> None:
-        """Called when a stage drops this request's work because it is no longer live."""
-        if not self.future.done():
-            self.fail(DeadlineExceeded("deadline passed before the request was encoded"))
-
-    def complete(self) -> None:
-        now = time.perf_counter()
-        stats = dict(self.stats)
-        stats["forward_ms"] = 1e3 * (now - (self.first_launch or now))
-        stats["total_ms"] = 1e3 * (now - self.submitted)
-        output = EncodeOutput(
-            embeddings=self.out,
-            token_counts=[p.tokens for p in self.plans],
-            num_tiles=[p.num_tiles for p in self.plans],
-            tokens_per_frame=[item.tokens_per_frame for item in self.items],
-            stats=stats,
-            frame_timestamps=[item.frame_times for item in self.items],
-        )
-        try:
-            self.future.set_result(output)
-        except InvalidStateError:  # cancelled meanwhile
-            pass
-
 
 @dataclass(eq=False)
-class _Item:
-    request: _Request
+class _Job:
+    """One distinct item being encoded, for every request that asked for it meanwhile."""
+
+    key: str
     plan: ItemPlan
-    first_row: int
+    media: MediaInput
+    digest: str
     rows: list[int]  # embedding rows of each piece
-    tokens_per_frame: list[int]  # of a pruned video: set once EVS ran
+    vit_tokens: int  # work left for the device (autoscaling's signal)
+    subscribers: list[tuple[_Request, int]]  # (request, index of the item in it)
+    region: Region | None = None
     scratch: torch.Tensor | None = None  # a video to prune: all its rows, before EVS picks what it keeps
-    frame_times: list[float] = dataclasses.field(default_factory=list)
-    offset: int | None = None  # in the arena, while its tiles are there
+    frame_times: list[float] = field(default_factory=list)
+    offset: int | None = None  # in the tile arena, while its tiles are there
     ready_at: float = 0.0  # perf_counter() when its tiles were in the arena
     tiles_launched: int = 0
     tiles_done: int = 0
-    index: int = 0  # in its request (errors name it)
-    item_id: str = ""
+    ended: bool = False
+
+    def is_live(self) -> bool:
+        return any(request.is_live() for request, _ in self.subscribers)
+
+    def writing(self) -> bool:
+        """Whether something may still write its rows: tiles on the device, or EVS pending."""
+        return self.tiles_launched != self.tiles_done or (
+            self.scratch is not None and self.tiles_done == self.plan.num_tiles)
 
 
 @dataclass(eq=False)
 class _Batch:
-    spans: list[Span[_Item]]
+    spans: list[Span[_Job]]
     started: float
     event: torch.cuda.Event | None = None
     error: BaseException | None = None
 
 
 class EncodePipeline:
-    def __init__(self, engine: EncoderEngine, cfg: PipelineConfig | None = None, outputs: SharedArena | None = None):
-        """`outputs`: the shared arena that requests' embedding rows are written into (the model process's
-        output arena); None: ordinary host memory (pinned on CUDA), owned by the returned tensors."""
+    def __init__(self, engine: EncoderEngine, cfg: PipelineConfig | None = None, outputs: SharedArena | None = None,
+                 cache: SharedArena | None = None):
+        """`outputs` / `cache`: the shared arenas rows are written into (the model process passes the ones
+        it shares with the transport); None: arenas of this process (`output_arena_mb`, `cache_mb`)."""
         self.engine = engine
         self.cfg = cfg = cfg or PipelineConfig()
         if cfg.gil_switch_interval_ms > 0:
@@ -158,14 +201,25 @@ class EncodePipeline:
         self.arena = SharedArena(cfg.arena_mb << 20, "encoder-tiles")
         self._arena_bytes = torch.frombuffer(self.arena.buf, dtype=torch.uint8)
         self.arena_pinned = self._pin(self._arena_bytes)
-        self.outputs = outputs
-        self._output_bytes = torch.frombuffer(outputs.buf, dtype=torch.uint8) if outputs is not None else None
-        self.outputs_pinned = outputs is not None and self._pin(self._output_bytes)
+        outputs_given = outputs is not None  # the model process shares its own arenas (cache or none)
+        outputs = outputs or SharedArena(cfg.output_arena_mb << 20, "encoder-outputs")
+        cache = cache if cache is not None or outputs_given else cache_arena(cfg)
+        self.store = RowStore(outputs, cache)
+        self._row_bytes = {arena: torch.frombuffer(a.buf, dtype=torch.uint8)
+                           for arena, a in self.store.arenas.items() if a is not None}
+        self.outputs_pinned = all(self._pin(view) for view in self._row_bytes.values())
         self.pool = PreprocessPool(
             engine.processor.cfg, self.arena, cfg.preprocess_workers or default_workers(), cfg.stale_job_s
         )
+        self.model_key = engine.fingerprint.key
         self._lock = threading.Condition()
-        self._queue: TileQueue[_Item] = TileQueue(engine.cfg.max_tokens_per_batch)
+        self._admission = threading.Lock()  # one request allocates its rows at a time
+        self._queue: TileQueue[_Job] = TileQueue(engine.cfg.max_tokens_per_batch)
+        self._jobs: dict[str, _Job] = {}  # jobs running, by key (single-flight)
+        self.pending_vit_tokens = 0  # ViT tokens of the jobs admitted and not finished
+        self.jobs_started = 0  # distinct items sent to preprocessing and the device
+        self.device_busy_s = 0.0  # time the device had a batch in flight (as the host sees it)
+        self._last_completion = 0.0
         self._inflight = 0
         self._completions: queue.Queue[_Batch | None] = queue.Queue()
         self._closed = False
@@ -178,93 +232,252 @@ class EncodePipeline:
 
     # ------------------------------------------------------------------ admission
 
-    def submit(self, items: list[MediaInput], deadline: float | None = None) -> Future[EncodeOutput]:
-        """Start encoding one request; `deadline` is a time.monotonic() instant.
-
-        Raises at once for what headers reveal (InvalidInput, BudgetExceeded); everything
-        later arrives through the future. Cancelling the future drops the request's work.
-        """
-        plans = self.engine.plan(items)
-        for i, plan in enumerate(plans):
-            if not self.arena.fits(plan.nbytes):
-                raise BudgetExceeded(f"{plan.nbytes >> 20} MB of pixels exceed the preprocessing arena "
-                                     f"({self.cfg.arena_mb} MB)").for_item(i, items[i].item_id)
+    def submit(self, items: list[MediaInput], deadline: float | None = None, namespace: str = "") -> Future[Encoding]:
+        """Start encoding one request; `deadline` is a time.monotonic() instant; `namespace` keeps cache
+        entries apart (a tenant). Raises at once for what headers and the cache reveal (InvalidInput,
+        BudgetExceeded, CacheMiss); everything later arrives through the future. Cancelling the future
+        drops the request's work (and any job nobody else waits for)."""
+        self.engine.check_item_count(len(items))
         if self._closed:
             raise Unavailable("the encoder is shutting down")
-        out, output_offset = self._new_output(sum(p.tokens for p in plans), deadline)
-        request = _Request(plans, out, deadline, output_offset)
-        if output_offset is not None:
-            request.future.add_done_callback(lambda _: self._return_output(request))
-        row = 0
-        for index, (item, plan) in enumerate(zip(items, plans)):
-            rows = [self.engine.piece_rows(size) for size in plan.sizes]
-            scratch = self.engine.new_output(sum(rows)) if plan.pruned else None
-            entry = _Item(request, plan, row, rows, list(plan.tokens_per_frame), scratch, index=index,
-                          item_id=item.item_id)
-            request.items.append(entry)
-            row += plan.tokens
-            self.pool.submit(item, plan, request.is_live,
-                             lambda offset, error, times, e=entry: self._preprocessed(e, offset, error, times))
+        digests = [media_digest(item.data) for item in items]
+        keys = [self._key(item, digest, namespace) for item, digest in zip(items, digests)]
+        plans = {i: self.engine.plan_item(i, item) for i, item in enumerate(items)
+                 if not isinstance(item.data, MediaDigest)}
+        request = _Request([item.item_id for item in items], deadline)
+        hits, started = self._admit(request, items, digests, keys, plans)
+        for i, region in hits.items():
+            self._deliver(request, i, region)
+        with self._admission:  # all of one request's rows before the next request's: no two wait on each other
+            for job in started:
+                self._start(job)
         return request.future
 
-    def _new_output(self, rows: int, deadline: float | None) -> tuple[torch.Tensor, int | None]:
-        """The request's output rows, from the output arena when there is one (waiting for room until
-        the deadline: responses in flight are bounded by the arena, not by how many callers there are)."""
-        if self.outputs is None:
-            return self.engine.new_output(rows), None
-        dtype, hidden = self.engine.dtype, self.engine.hidden_size
-        nbytes = rows * hidden * dtype.itemsize
-        if not self.outputs.fits(nbytes):
-            raise BudgetExceeded(f"the response ({nbytes >> 20} MB) exceeds the output arena "
-                                 f"({self.outputs.size >> 20} MB)")
-        offset = self.outputs.alloc(nbytes, keep_waiting=lambda: deadline is None or time.monotonic() < deadline)
-        if offset is None:
-            raise DeadlineExceeded("deadline passed while waiting for room for the response")
-        return self._output_bytes[offset : offset + nbytes].view(dtype).view(rows, hidden), offset
-
-    def release(self, out: EncodeOutput) -> None:
-        """Give a finished request's rows back to the output arena (with `outputs` only)."""
-        if self.outputs is not None:
-            self.release_offset(self.output_offset(out))
-
-    def release_offset(self, offset: int) -> None:
-        self.outputs.free(offset)
-
-    def output_offset(self, out: EncodeOutput) -> int:
-        """Where a finished request's rows start in the output arena."""
-        return out.embeddings.data_ptr() - self._output_bytes.data_ptr()
-
-    def _return_output(self, request: _Request) -> None:
-        """A failed or cancelled request's rows go back to the arena once nothing writes them any more (the
-        device may still be copying into them, EVS may be pruning into them); a successful one's belong to
-        the consumer."""
+    def _admit(self, request: _Request, items: list[MediaInput], digests: list[str], keys: list[str],
+               plans: dict[int, ItemPlan]) -> tuple[dict[int, Region], list[_Job]]:
+        """Each item a hit (its region, read for this request), a join (the job encoding it now) or a new
+        job; budgets checked before any job starts (hits found are given back on refusal)."""
         with self._lock:
-            if request.output_offset is None or request.succeeded() or request.writing_output():
-                return
-            offset, request.output_offset = request.output_offset, None
-        self.outputs.free(offset)
+            hits, joins, new, missing = {}, {}, {}, []
+            first_with_media = {}  # key -> index of an item of this request that carries its media
+            for i in plans:
+                first_with_media.setdefault(keys[i], i)
+            for i, key in enumerate(keys):
+                if key in self._jobs:
+                    joins[i] = self._jobs[key]
+                elif (region := self.store.find(key)) is not None:
+                    hits[i] = region
+                elif key in first_with_media:
+                    new[i] = first_with_media[key]
+                else:
+                    missing.append((i, items[i].item_id))
+            distinct = [plans[j] for j in set(new.values())]  # what this request makes the server encode
+            try:
+                if missing:
+                    raise CacheMiss(missing)
+                self.engine.check_budgets(
+                    sum(plan.decode_pixels for plan in distinct),
+                    sum(r.rows for r in hits.values()) + sum(j.plan.tokens for j in joins.values())
+                    + sum(plans[j].tokens for j in new.values()))
+                self._check_fits_outputs(sum(SharedArena.footprint(self._row_bytes_of(plan)) for plan in distinct))
+            except BaseException:
+                for region in hits.values():
+                    self.store.release(region)
+                raise
+            started: dict[int, _Job] = {}
+            for i, j in new.items():  # an item twice in one request is one job
+                if j not in started:
+                    started[j] = self._new_job(keys[j], plans[j], items[j], digests[j])
+                started[j].subscribers.append((request, i))
+            for i, job in joins.items():
+                job.subscribers.append((request, i))
+                self.store.stats.joins += 1
+            for i in [*hits, *joins]:
+                request.hits[i] = True
+        return hits, list(started.values())
 
-    def _preprocessed(self, item: _Item, offset: int | None, error: BaseException | None, times: list[float]) -> None:
-        """A worker finished (or dropped) an item: queue its tiles for the device."""
-        request = item.request
-        item.frame_times = times
-        if error is not None:
-            request.fail(error.for_item(item.index, item.item_id) if isinstance(error, ItemError) else error)
+    def encode(self, items: list[MediaInput], deadline: float | None = None, namespace: str = "") -> Future[EncodeOutput]:
+        """`submit`, with the rows gathered into one tensor of the caller's own (the in-process path)."""
+        encoding = self.submit(items, deadline, namespace)
+        out: Future[EncodeOutput] = Future()
+
+        def finished(f: Future[Encoding]) -> None:
+            if f.cancelled():
+                out.cancel()
+            elif f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                result = f.result()
+                try:
+                    out.set_result(self.gather(result))
+                finally:
+                    self.release(result)
+
+        out.add_done_callback(lambda f: f.cancelled() and encoding.cancel())
+        encoding.add_done_callback(finished)
+        return out
+
+    def _key(self, item: MediaInput, digest: str, namespace: str) -> str:
+        q = 0.0
+        if item.modality == Modality.VIDEO:
+            q = self.engine.processor.cfg.video_pruning_rate if item.pruning_rate is None else item.pruning_rate
+        sampling = None if item.sampling is None else dataclasses.astuple(item.sampling)
+        return item_key(self.model_key, namespace, item.modality.value, digest, sampling, q)
+
+    def _new_job(self, key: str, plan: ItemPlan, item: MediaInput, digest: str) -> _Job:
+        """A job for a new item (caller holds the lock); `_start` gives it rows and preprocessing."""
+        rows = [self.engine.piece_rows(size) for size in plan.sizes]
+        job = _Job(key, plan, item, digest, rows,
+                   sum(self.engine.piece_tokens(size) for size in plan.sizes), [])
+        self._jobs[key] = job
+        self.jobs_started += 1
+        self.pending_vit_tokens += job.vit_tokens
+        return job
+
+    def _row_bytes_of(self, plan: ItemPlan) -> int:
+        return plan.tokens * self.engine.hidden_size * self.engine.dtype.itemsize
+
+    def _check_fits_outputs(self, nbytes: int) -> None:
+        """A request's new rows may all have to wait in the outputs arena (the cache may be full of rows
+        being read): more than it holds could never be answered."""
+        outputs = self.store.arenas[OUTPUTS]
+        if not outputs.fits(nbytes):
+            raise BudgetExceeded(f"the response ({nbytes >> 20} MB) exceeds the output arena ({outputs.size >> 20} MB)")
+
+    def _start(self, job: _Job) -> None:
+        """Rows for the job (waiting for room in the outputs arena while it is live), then preprocessing."""
+        nbytes = self._row_bytes_of(job.plan)
+        try:
+            if not self.arena.fits(job.plan.nbytes):
+                raise BudgetExceeded(f"{job.plan.nbytes >> 20} MB of pixels exceed the preprocessing arena "
+                                     f"({self.cfg.arena_mb} MB)")
+            region = self.store.allocate(nbytes, job.key, keep_waiting=job.is_live)
+        except ItemError as e:
+            self._end_job(job, e)
             return
-        if offset is None:
-            request.expire()
+        if region is None:
+            self._end_job(job, None)
             return
-        item.offset, item.ready_at = offset, time.perf_counter()
-        request.stats["preprocess_ms"] = max(request.stats["preprocess_ms"], 1e3 * (item.ready_at - request.submitted))
+        region.rows, region.num_tiles, region.digest = job.plan.tokens, job.plan.num_tiles, job.digest
+        job.region = region
+        if job.plan.pruned:
+            job.scratch = self.engine.new_output(sum(job.rows))
+        self.pool.submit(job.media, job.plan, job.is_live,
+                         lambda offset, error, times, j=job: self._preprocessed(j, offset, error, times))
+
+    def _deliver(self, request: _Request, index: int, region: Region) -> None:
+        """An item's rows are ready (`region` with a reader taken for this request)."""
         with self._lock:
+            live = request.is_live()
+            if live:
+                request.regions[index] = region
+                request.left -= 1
+                complete = request.left == 0
+        if not live:
+            self.store.release(region)
+            self._fail(request, None)
+            return
+        if complete:
+            self._complete(request)
+
+    def _complete(self, request: _Request) -> None:
+        now = time.perf_counter()
+        stats = dict(request.stats)
+        stats["forward_ms"] = 1e3 * (now - (request.first_launch or now))
+        stats["total_ms"] = 1e3 * (now - request.submitted)
+        stats["cache_hits"] = sum(request.hits)
+        with self._lock:  # the rows pass to the result, or back if the request failed meanwhile
+            regions, request.regions = request.regions, [None] * len(request.regions)
+        encoding = Encoding(regions, self.engine.dtype, self.engine.hidden_size, list(request.hits), stats)
+        try:
+            request.future.set_result(encoding)
+        except InvalidStateError:  # cancelled or failed meanwhile: nobody will read the rows
+            self.release(encoding)
+
+    def _fail(self, request: _Request, error: BaseException | None) -> None:
+        """Fail a request (`error` None: it is no longer live); rows it already holds go back."""
+        try:
+            request.future.set_exception(error or DeadlineExceeded("deadline passed before the request was encoded"))
+        except InvalidStateError:  # already cancelled, failed or complete
+            pass
+        with self._lock:
+            held, request.regions = [r for r in request.regions if r is not None], [None] * len(request.regions)
+        for region in held:
+            self.store.release(region)
+
+    def release(self, encoding: Encoding) -> None:
+        """Give a finished request's rows back (cached rows stay in the cache, now unread)."""
+        for region in encoding.regions:
+            self.store.release(region)
+
+    def rows(self, region: Region) -> torch.Tensor:
+        """A region's rows as a [rows, hidden] view of the arena."""
+        nbytes = region.rows * self.engine.hidden_size * self.engine.dtype.itemsize
+        raw = self._row_bytes[region.arena][region.offset : region.offset + nbytes]
+        return raw.view(self.engine.dtype).view(region.rows, self.engine.hidden_size)
+
+    def gather(self, encoding: Encoding) -> EncodeOutput:
+        """One tensor of the caller's own (pinned on CUDA) holding every item's rows, in order."""
+        out = self.engine.new_output(sum(encoding.token_counts))
+        for region, offset in zip(encoding.regions, encoding.offsets):
+            out[offset : offset + region.rows].copy_(self.rows(region))
+        return EncodeOutput(out, encoding.token_counts, encoding.num_tiles, encoding.tokens_per_frame,
+                            encoding.stats, encoding.frame_timestamps, encoding.digests, encoding.cache_hits)
+
+    def _preprocessed(self, job: _Job, offset: int | None, error: BaseException | None, times: list[float]) -> None:
+        """A worker finished (or dropped) a job's item: queue its tiles for the device."""
+        job.frame_times = times
+        if error is not None or offset is None:
+            self._end_job(job, error)
+            return
+        job.offset, job.ready_at = offset, time.perf_counter()
+        with self._lock:
+            for request, _ in job.subscribers:
+                request.stats["preprocess_ms"] = max(request.stats["preprocess_ms"],
+                                                     1e3 * (job.ready_at - request.submitted))
             if self._closed:
-                request.fail(Unavailable("the encoder is shutting down"))
-            elif request.is_live():
-                self._queue.push(item, [self.engine.piece_tokens(size) for size in item.plan.sizes])
+                error = Unavailable("the encoder is shutting down")
+            elif job.is_live():
+                self._queue.push(job, [self.engine.piece_tokens(size) for size in job.plan.sizes])
                 self._lock.notify_all()
                 return
-        self._free([self._claim(item)])  # never queued: no other thread knows this item
-        request.expire()
+        self._free([self._claim(job)])  # never queued: no other thread knows this job
+        self._end_job(job, error)
+
+    def _end_job(self, job: _Job, error: BaseException | None) -> None:
+        """A job that will not finish: its requests fail (`error`, or expire when None), its rows go back
+        once nothing writes them (else the completion thread calls this again when the last tiles land)."""
+        with self._lock:
+            if self._jobs.get(job.key) is job:
+                del self._jobs[job.key]
+            if not job.ended:
+                job.ended = True
+                self.pending_vit_tokens -= job.vit_tokens
+            subscribers, job.subscribers = job.subscribers, []
+            region = None
+            if job.region is not None and not job.writing():
+                region, job.region = job.region, None
+        for request, index in subscribers:
+            named = error.for_item(index, request.item_ids[index]) if isinstance(error, ItemError) else error
+            self._fail(request, named)
+        if region is not None:
+            self.store.release(region)
+
+    def _finish_job(self, job: _Job) -> None:
+        """A job's rows are complete: published to the cache, handed to every request still waiting."""
+        region = job.region
+        region.frame_times = list(job.frame_times)
+        with self._lock:
+            self.store.publish(region)
+            if self._jobs.get(job.key) is job:
+                del self._jobs[job.key]
+            job.ended = True
+            self.pending_vit_tokens -= job.vit_tokens
+            subscribers, job.subscribers, job.region = job.subscribers, [], None
+        for request, index in subscribers:
+            self.store.acquire(region)  # the request's reader, taken before the writer's own goes
+            self._deliver(request, index, region)
+        self.store.release(region)
 
     # ------------------------------------------------------------------ the model thread
 
@@ -279,18 +492,18 @@ class EncodePipeline:
             log.exception("encoder pipeline thread %s died", threading.current_thread().name)
             with self._lock:
                 self._closed = True
-                stranded = self._queue.drop(lambda it: True)
+                stranded = self._queue.drop(lambda job: True)
                 self._lock.notify_all()
             error = Unavailable(f"the encoder failed ({type(e).__name__}); retry elsewhere")
-            for item in stranded:
-                item.request.fail(error)
+            for job in stranded:
+                self._end_job(job, error)
             while True:  # batches the completion thread will never see
                 try:
                     batch = self._completions.get_nowait()
                 except queue.Empty:
                     break
                 for span in batch.spans if batch else []:
-                    span.item.request.fail(error)
+                    self._end_job(span.item, error)
             self._completions.put(None)
 
     def _model_steps(self) -> None:
@@ -303,28 +516,29 @@ class EncodePipeline:
                 if self._closed:
                     return
                 self._wait_for_company()
-                dropped = self._queue.drop(lambda it: not it.request.is_live())
-                # Tiles of a dropped item still in flight are freed by the completion thread.
-                offsets = [self._claim(it) for it in dropped if it.tiles_done == it.tiles_launched]
+                dropped = self._queue.drop(lambda job: not job.is_live())
+                # Tiles of a dropped job still in flight are freed by the completion thread.
+                offsets = [self._claim(job) for job in dropped if job.tiles_done == job.tiles_launched]
                 spans = self._queue.take()
                 now = time.perf_counter()
                 for span in spans:
-                    item, stats = span.item, span.item.request.stats
-                    if not item.tiles_launched:
-                        stats["queue_ms"] = max(stats["queue_ms"], 1e3 * (now - item.ready_at))
-                    item.request.first_launch = item.request.first_launch or now
-                    item.tiles_launched += span.num_tiles
+                    job = span.item
+                    for request, _ in job.subscribers:
+                        if not job.tiles_launched:
+                            request.stats["queue_ms"] = max(request.stats["queue_ms"], 1e3 * (now - job.ready_at))
+                        request.first_launch = request.first_launch or now
+                    job.tiles_launched += span.num_tiles
                 if spans:
                     self._inflight += 1
             self._free(offsets)
-            for item in dropped:
-                item.request.expire()
+            for job in dropped:
+                self._end_job(job, None)
             if spans:
                 try:
                     self._completions.put(self._launch(spans))
                 except BaseException:  # taken from the queue, never reaching completion: fail them here
                     for span in spans:
-                        span.item.request.fail(Unavailable("the encoder failed; retry elsewhere"))
+                        self._end_job(span.item, Unavailable("the encoder failed; retry elsewhere"))
                     raise
 
     def _wait_for_company(self) -> None:
@@ -338,20 +552,20 @@ class EncodePipeline:
                 return
             self._lock.wait(left)
 
-    def _launch(self, spans: list[Span[_Item]]) -> _Batch:
+    def _launch(self, spans: list[Span[_Job]]) -> _Batch:
         batch = _Batch(spans, time.perf_counter())
         try:
             pixels, sizes, outputs = [], [], []
             for span in spans:
-                item = span.item
-                begin, end = byte_range(item.plan.sizes, span.start, span.stop)
-                pixels.append(self._arena_bytes[item.offset + begin : item.offset + end])
-                sizes.append(list(item.plan.sizes[span.start : span.stop]))
-                first = sum(item.rows[: span.start])
-                target = item.scratch if item.scratch is not None else item.request.out[item.first_row :]
-                outputs.append(target[first : first + sum(item.rows[span.start : span.stop])])
+                job = span.item
+                begin, end = byte_range(job.plan.sizes, span.start, span.stop)
+                pixels.append(self._arena_bytes[job.offset + begin : job.offset + end])
+                sizes.append(list(job.plan.sizes[span.start : span.stop]))
+                first = sum(job.rows[: span.start])
+                target = job.scratch if job.scratch is not None else self.rows(job.region)
+                outputs.append(target[first : first + sum(job.rows[span.start : span.stop])])
             batch.event = self.engine.launch(pixels, sizes, outputs)  # None on the CPU: done already
-        except Exception as e:  # fails this batch's requests; the pipeline goes on
+        except Exception as e:  # fails this batch's jobs; the pipeline goes on
             log.exception("encoder batch failed")
             batch.error = e
         return batch
@@ -369,52 +583,56 @@ class EncodePipeline:
                 except Exception as e:
                     log.exception("encoder batch failed on the device")
                     batch.error = e
-            requests = list({id(s.item.request): s.item.request for s in batch.spans}.values())
-            finished, offsets, to_prune = [], [], []
+            now = time.perf_counter()
+            self.device_busy_s += now - max(batch.started, self._last_completion)
+            self._last_completion = now
+            jobs = list(dict.fromkeys(span.item for span in batch.spans))
+            offsets, finished, to_prune, ended = [], [], [], []
             with self._lock:
                 self._inflight -= 1
-                for span in batch.spans:
-                    item, request = span.item, span.item.request
-                    item.tiles_done += span.num_tiles
-                    request.tiles_left -= span.num_tiles
-                    if item.scratch is not None and item.tiles_done == item.plan.num_tiles:
-                        if batch.error is None:
-                            to_prune.append(item)
-                        else:  # nothing will be pruned into the request's rows
-                            item.scratch = None
-                    if item.tiles_done == item.tiles_launched and (
-                        item.tiles_done == item.plan.num_tiles or not request.is_live() or batch.error
-                    ):
-                        offsets.append(self._claim(item))
+                requests = {id(r): r for job in jobs for r, _ in job.subscribers}.values()
                 for request in requests:
                     request.stats["batches"] += 1
                     request.stats["batch_requests"] = max(request.stats["batch_requests"], len(requests))
-                    request.stats["batch_tiles"] = max(request.stats["batch_tiles"], sum(s.num_tiles for s in batch.spans))
-                    if request.tiles_left == 0 and batch.error is None:
-                        finished.append(request)
+                    request.stats["batch_tiles"] = max(request.stats["batch_tiles"],
+                                                       sum(s.num_tiles for s in batch.spans))
+                for span in batch.spans:
+                    job = span.item
+                    job.tiles_done += span.num_tiles
+                    if job.tiles_done == job.tiles_launched and (
+                        job.tiles_done == job.plan.num_tiles or job.ended or batch.error or not job.is_live()
+                    ):
+                        offsets.append(self._claim(job))
+                for job in jobs:
+                    if job.tiles_done != job.plan.num_tiles or batch.error or job.ended:
+                        if (batch.error or job.ended) and job.tiles_done == job.tiles_launched:
+                            ended.append(job)
+                    elif job.scratch is not None:
+                        to_prune.append(job)
+                    else:
+                        finished.append(job)
                 self._lock.notify_all()
             self._free(offsets)
-            for item in to_prune:  # the video's last frames are in: EVS picks the rows it keeps
-                out = item.request.out[item.first_row : item.first_row + item.plan.tokens]
+            for job in to_prune:  # the video's last frames are in: EVS picks the rows it keeps
                 try:
-                    item.tokens_per_frame = self.engine.prune_into(item.scratch, item.plan, out)
-                except Exception as e:  # noqa: BLE001 - fails this request only
+                    job.region.tokens_per_frame = self.engine.prune_into(job.scratch, job.plan, self.rows(job.region))
+                    job.scratch = None
+                    finished.append(job)
+                except Exception as e:  # noqa: BLE001 - fails this job only
                     log.exception("video pruning failed")
-                    item.request.fail(e)
-                item.scratch = None
-            for request in requests:
-                if batch.error is not None:
-                    request.fail(batch.error)
-            for request in finished:
-                request.complete()
-            for request in requests:
-                if request.output_offset is not None and request.future.done():
-                    self._return_output(request)
+                    job.scratch = None
+                    self._end_job(job, e)
+            for job in finished:
+                if not job.region.tokens_per_frame:
+                    job.region.tokens_per_frame = list(job.plan.tokens_per_frame)
+                self._finish_job(job)
+            for job in ended:
+                self._end_job(job, batch.error)
 
     @staticmethod
-    def _claim(item: _Item) -> int | None:
-        """Take the item's arena offset for freeing (under the lock: exactly one thread frees it)."""
-        offset, item.offset = item.offset, None
+    def _claim(job: _Job) -> int | None:
+        """Take the job's tile arena offset for freeing (under the lock: exactly one thread frees it)."""
+        offset, job.offset = job.offset, None
         return offset
 
     def _free(self, offsets: list[int | None]) -> None:
@@ -445,10 +663,10 @@ class EncodePipeline:
         self._threads[1].join(timeout=30)
         self.pool.close()
         with self._lock:
-            stranded = self._queue.drop(lambda it: True)
-        self._free([self._claim(it) for it in stranded])
-        for item in stranded:
-            item.request.fail(Unavailable("the encoder shut down before this request was encoded"))
-        for region, pinned in ((self._arena_bytes, self.arena_pinned), (self._output_bytes, self.outputs_pinned)):
-            if pinned:
+            stranded = self._queue.drop(lambda job: True)
+        self._free([self._claim(job) for job in stranded])
+        for job in stranded:
+            self._end_job(job, Unavailable("the encoder shut down before this request was encoded"))
+        for region in [self._arena_bytes, *self._row_bytes.values()]:
+            if region.is_pinned():
                 torch.cuda.cudart().cudaHostUnregister(region.data_ptr())

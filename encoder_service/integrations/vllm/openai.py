@@ -1,0 +1,41 @@
+"""OpenAI chat-completion requests, as a client of the front end (or of vLLM) sends them: messages with
+images as data URLs, plain and streamed posts (standard library only; tests and benches)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.request
+from pathlib import Path
+
+
+def chat_messages(images: list[str | Path], text: str = " Describe.") -> list[dict]:
+    """One user turn: "Look: ", the images (files, as data URLs), then `text`."""
+    content = [{"type": "text", "text": "Look: "}]
+    for path in images:
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+        content.append({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}})
+    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
+
+
+def post_json(url: str, body: dict, timeout_s: float = 300.0) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.loads(response.read())
+
+
+def post_stream(url: str, body: dict, timeout_s: float = 300.0, on_first=None) -> str:
+    """A streamed completion's text, from its server-sent events; `on_first()` when the first text arrives."""
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    text: list[str] = []
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        for line in response:
+            line = line.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[6:]).get("choices", []):
+                piece = choice.get("delta", {}).get("content") or ""
+                if piece and not text and on_first is not None:
+                    on_first()
+                text.append(piece)
+    return "".join(text)

@@ -1,0 +1,198 @@
+"""Runs vLLM through a plan of steps inside the vLLM test environment (scripts/vllm_env.sh); the tests in
+tests/test_vllm.py write the plan, run this with that environment's Python and check what it reports.
+
+    .venv-vllm/bin/python tests/vllm_scenarios.py PLAN.json RESULT.json
+
+The plan: {"model": DIR, "connector": null | {"role": "pool", "extra": {...}}, "steps": [...]}. Steps:
+  {"op": "pool_start", "checkpoint": DIR, "port": N}   an encoder pool (standalone gRPC server) in this process
+  {"op": "pool_stop"}
+  {"op": "pool_encode", "images": [PNG...]}            the front end's part: the images into the pool (probe, upload)
+  {"op": "generate", "prompts": [{"text": ..., "images": [PNG...], "uuids": true|false}], "max_tokens": N}
+  {"op": "encoder_outputs", "images": [PNG...], "path": FILE}   vLLM's own encoder output for each image
+  {"op": "chat", "messages": [OpenAI messages], "max_tokens": N}  LLM.chat (the OpenAI server's prompt)
+vLLM's engine and worker run in this process, so the vision encoder's calls are counted (each generate
+step reports how many ran) and its outputs can be kept. Every step's outcome goes into RESULT.json,
+also a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: encoder calls counted
+
+ENCODER_CALLS = [0]
+ENCODER_OUTPUTS: list = []
+CONNECTOR_ERRORS: list[str] = []  # what the connector said when it failed a request
+
+
+class _Collect(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            CONNECTOR_ERRORS.append(record.getMessage())
+
+
+def watch_the_encoder() -> None:
+    """Count vLLM's vision encoder calls and keep what they return (the model runs in this process)."""
+    from vllm.model_executor.models.interns1 import InternS1ForConditionalGeneration
+
+    original = InternS1ForConditionalGeneration.embed_multimodal
+
+    def watched(self, **kwargs):
+        ENCODER_CALLS[0] += 1
+        outputs = original(self, **kwargs)
+        ENCODER_OUTPUTS.extend(t.detach().float().cpu().clone() for t in outputs)
+        return outputs
+
+    InternS1ForConditionalGeneration.embed_multimodal = watched
+
+
+def make_llm(plan: dict):
+    from vllm import LLM
+
+    kwargs = {}
+    connector = plan.get("connector")
+    if connector:
+        kwargs["ec_transfer_config"] = {"ec_connector": "EncoderPoolConnector", "ec_role": "ec_consumer",
+                                        "ec_connector_module_path": "encoder_service.integrations.vllm.connector",
+                                        "ec_connector_extra_config": connector["extra"]}
+    return LLM(model=plan["model"], dtype="float32", max_model_len=2048, enforce_eager=True,
+               distributed_executor_backend="uni", limit_mm_per_prompt={"image": 4},
+               seed=0, **kwargs)
+
+
+def generate(llm, step: dict) -> dict:
+    from PIL import Image
+    from vllm import SamplingParams
+
+    from encoder_service.digest import media_digest
+
+    prompts = []
+    for p in step["prompts"]:
+        prompt = {"prompt": p["text"]}
+        if p["images"]:
+            prompt["multi_modal_data"] = {"image": [Image.open(path).convert("RGB") for path in p["images"]]}
+            if p.get("uuids"):
+                prompt["multi_modal_uuids"] = {"image": [media_digest(Path(path).read_bytes()) for path in p["images"]]}
+        prompts.append(prompt)
+    before = ENCODER_CALLS[0]
+    del CONNECTOR_ERRORS[:]
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=step.get("max_tokens", 8), temperature=0.0, ignore_eos=True))
+    return {"seconds": time.perf_counter() - started, "encoder_calls": ENCODER_CALLS[0] - before,
+            "connector_errors": list(CONNECTOR_ERRORS),
+            "outputs": [{"token_ids": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason,
+                         "prompt_tokens": len(o.prompt_token_ids or [])} for o in outputs]}
+
+
+def chat(llm, step: dict) -> dict:
+    from vllm import SamplingParams
+
+    (output,) = llm.chat(step["messages"], SamplingParams(max_tokens=step.get("max_tokens", 8), temperature=0.0,
+                                                          ignore_eos=True))
+    return {"token_ids": list(output.outputs[0].token_ids), "text": output.outputs[0].text}
+
+
+def encoder_outputs(llm, step: dict) -> dict:
+    """vLLM's own encoder output for each image alone (a one-token request each), saved by digest."""
+    from PIL import Image
+    from safetensors.torch import save_file
+    from vllm import SamplingParams
+
+    from encoder_service.digest import media_digest
+
+    rows = {}
+    for path in step["images"]:
+        del ENCODER_OUTPUTS[:]
+        llm.generate({"prompt": "<IMG_CONTEXT>", "multi_modal_data": {"image": Image.open(path).convert("RGB")}},
+                     SamplingParams(max_tokens=1))
+        (output,) = ENCODER_OUTPUTS
+        rows[media_digest(Path(path).read_bytes())] = output.reshape(-1, output.shape[-1]).contiguous()
+    save_file(rows, step["path"])
+    return {"items": len(rows)}
+
+
+class Pool:
+    """An encoder pool in this process (the standalone gRPC server), started and stopped by steps."""
+
+    def __init__(self):
+        self.server = None
+
+    def start(self, checkpoint: str, port: int) -> dict:
+        from encoder_service.config import EngineConfig
+        from encoder_service.serving.api.server import BackgroundServer, ServerConfig
+        from encoder_service.serving.host.pipeline import PipelineConfig
+
+        cfg = ServerConfig(port=port, engine=EngineConfig(checkpoint=checkpoint, device="cpu", dtype="float32"),
+                           pipeline=PipelineConfig(preprocess_workers=1, arena_mb=64, cache_mb=64))
+        self.server = BackgroundServer(cfg)
+        return {"address": self.server.start()}
+
+    def stop(self) -> dict:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        return {}
+
+    def encode(self, images: list[str]) -> dict:
+        from encoder_service.processor import MediaInput, Modality
+        from encoder_service.serving.api.client import EncoderClient
+
+        with EncoderClient(self.server.address, timeout=60, probe=True) as client:
+            client.wait_ready(timeout=30)
+            result = client.encode([MediaInput(Modality.IMAGE, Path(p).read_bytes()) for p in images])
+        stats = self.server.server.model.stats()
+        return {"digests": [i.digest for i in result.items], "token_counts": result.token_counts,
+                "jobs_started": stats["jobs_started"]}
+
+
+def main() -> None:
+    plan = json.loads(Path(sys.argv[1]).read_text())
+    results: list[dict] = []
+    pool = Pool()
+    out = Path(sys.argv[2])
+    try:
+        watch_the_encoder()
+        logging.getLogger("encoder_service.integrations.vllm.connector").addHandler(_Collect())
+        llm = None
+        for step in plan["steps"]:
+            op = step["op"]
+            try:
+                if op == "pool_start":
+                    result = pool.start(step["checkpoint"], step["port"])
+                elif op == "pool_stop":
+                    result = pool.stop()
+                elif op == "pool_encode":
+                    result = pool.encode(step["images"])
+                elif op == "generate":
+                    llm = llm or make_llm(plan)
+                    result = generate(llm, step)
+                elif op == "chat":
+                    llm = llm or make_llm(plan)
+                    result = chat(llm, step)
+                elif op == "encoder_outputs":
+                    llm = llm or make_llm(plan)
+                    result = encoder_outputs(llm, step)
+                else:
+                    raise ValueError(f"unknown step {op!r}")
+            except Exception as e:  # reported; the plan decides whether that was expected
+                result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            results.append({"op": op, **result})
+            if "stats" in step and pool.server is not None:
+                results[-1]["pool_stats"] = pool.server.server.model.stats()
+    finally:
+        pool.stop()
+        out.write_text(json.dumps({"steps": results}, indent=1))
+    os._exit(0)  # vLLM's background threads must not hold the exit
+
+
+if __name__ == "__main__":
+    main()
