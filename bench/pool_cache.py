@@ -267,7 +267,7 @@ def hit_and_miss_latency(encode, repeats: int) -> tuple[float, float, int]:
     return statistics.median(miss[2:]), statistics.median(hit[2:]), result.embeddings.numel() * result.embeddings.element_size()
 
 
-def hit_vs_miss(checkpoint: str, args) -> list[dict]:
+def hit_vs_miss(checkpoint: str, args, paths: tuple[str, ...] = ("serve-grpc", "grpc")) -> list[dict]:
     """Idle, one replica / one server: a repeated 640x480 JPEG against new ones, and the transfer alone,
     through the Serve proxy and through the standalone gRPC server."""
     from ray import serve
@@ -277,16 +277,18 @@ def hit_vs_miss(checkpoint: str, args) -> list[dict]:
     from encoder_service.serving.api.ray_app import deploy
 
     rows = []
-    app = app_name(1, "latency")
-    address = deploy(pool_config(checkpoint, args, 1, "latency"))
-    with EncoderClient(address, timeout=300) as client:
-        rows.append(("serve-grpc", *hit_and_miss_latency(
-            lambda item: client.encode([item], metadata=(("application", app),), copy=False), args.repeats)))
-    serve.delete(app)
-    args.dtype = "auto"
-    with standalone_server(checkpoint, args, cache_mb=args.cache_mb) as address, \
-            EncoderClient(address, timeout=300) as client:
-        rows.append(("grpc", *hit_and_miss_latency(lambda item: client.encode([item], copy=False), args.repeats)))
+    if "serve-grpc" in paths:
+        app = app_name(1, "latency")
+        address = deploy(pool_config(checkpoint, args, 1, "latency"))
+        with EncoderClient(address, timeout=300) as client:
+            rows.append(("serve-grpc", *hit_and_miss_latency(
+                lambda item: client.encode([item], metadata=(("application", app),), copy=False), args.repeats)))
+        serve.delete(app)
+    if "grpc" in paths:
+        args.dtype = "auto"
+        with standalone_server(checkpoint, args, cache_mb=args.cache_mb) as address, \
+                EncoderClient(address, timeout=300) as client:
+            rows.append(("grpc", *hit_and_miss_latency(lambda item: client.encode([item], copy=False), args.repeats)))
     out = []
     for path, miss_ms, hit_ms, nbytes in rows:
         transfer = transfer_alone(nbytes, args.repeats)
@@ -314,7 +316,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--latency-only", action="store_true",
+                   help="only the idle hit/miss/transfer latencies on the standalone server (no Ray, no trace)")
     args = p.parse_args()
+    if args.latency_only:
+        checkpoint = str(preset_checkpoint(args.preset, Path(args.workdir or tempfile.mkdtemp(prefix="bench-"))))
+        print(json.dumps({"bench": "pool_cache", "device": device_name(torch.device(args.device)), "preset": args.preset}))
+        for row in hit_vs_miss(checkpoint, args, paths=("grpc",)):
+            print(json.dumps(row), flush=True)
+        return
 
     import ray
 

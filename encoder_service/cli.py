@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 
 from encoder_service.config import EngineConfig
 
@@ -35,6 +36,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_items_per_request=args.max_items_per_request,
         video_pruning_rate=args.video_pruning_rate,
     )
+
+
+def _add_address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default="127.0.0.1:50051",
+                   help="host:port of a standalone server or of a Ray Serve pool's gRPC proxy")
 
 
 def fail(message: str, code: int) -> int:
@@ -69,18 +75,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     import grpc
 
-    from encoder_service.serving.api.client import EncoderClient, image_file
+    from encoder_service.errors import InvalidInput
+    from encoder_service.serving.api.client import EncoderClient
     from encoder_service.serving.wire import item_from_status
+    from encoder_service.tools.encode_files import Progress, describe, media_from_files, save
+    from encoder_service.video.decode import VideoSampling
 
     try:
-        items = [image_file(f) for f in args.files]
+        sampling = None
+        if args.num_frames or args.fps or args.max_frames:
+            sampling = VideoSampling(args.num_frames or 0, args.fps or 0.0, args.max_frames or 0)
+        items = media_from_files(args.files, sampling, args.pruning_rate)
     except OSError as e:
         return fail(f"cannot read {e.filename}: {e.strerror}", 2)
+    except InvalidInput as e:
+        return fail(str(e), 2)
+    if args.out and not args.out.endswith((".safetensors", ".npy")):
+        return fail(f"--out must end in .safetensors or .npy: {args.out}", 2)
     try:
-        with EncoderClient(args.address, timeout=args.timeout) as client:
+        with EncoderClient(args.address, timeout=args.timeout, probe=args.probe) as client:
             client.wait_ready(timeout=args.connect_timeout)
             info = client.model_info()
-            result = client.encode(items)
+            with Progress(describe(items)) as progress:
+                result = client.encode(items)
     except grpc.FutureTimeoutError:
         return fail(f"no encoder server answering at {args.address} (waited {args.connect_timeout:g} s)", 3)
     except grpc.RpcError as e:
@@ -89,11 +106,47 @@ def cmd_encode(args: argparse.Namespace) -> int:
         return fail(f"server refused the request{where}: {e.code().name}: {e.details()}", 4)
     except (ValueError, RuntimeError) as e:  # TLS files, a server that is not serving
         return fail(str(e), 3)
+    elapsed = time.perf_counter() - progress.started
     print(f"model {info.model_name}: hidden={info.hidden_size} tokens/tile={info.tiling.tokens_per_tile}")
-    print(f"embeddings {tuple(result.embeddings.shape)} {result.embeddings.dtype}")
+    print(f"embeddings {tuple(result.embeddings.shape)} {result.embeddings.dtype} in {elapsed:.2f} s")
     for item in result.items:
-        print(f"  {item.item_id}: tiles={item.num_tiles} tokens={item.token_count} offset={item.offset}")
+        frames = f" frames={len(item.tokens_per_frame)}" if item.tokens_per_frame else ""
+        cached = " (cached)" if item.cache_hit else ""
+        print(f"  {item.item_id}: tiles={item.num_tiles}{frames} tokens={item.token_count} offset={item.offset}{cached}")
+    if args.out:
+        try:
+            written = save(result, args.out, info.model_name)
+        except OSError as e:
+            return fail(f"cannot write {args.out}: {e.strerror}", 2)
+        print("saved " + ", ".join(map(str, written)))
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Load on a running deployment: a live progress line, then a table (and JSON with --json)."""
+    import grpc
+
+    from encoder_service.serving.api.client import EncoderClient
+    from encoder_service.tools.loadgen import LoadConfig, run, table
+
+    metadata = (("application", args.application),) if args.application else ()
+    cfg = LoadConfig(args.address, args.duration, args.concurrency, args.rate, args.images_per_request,
+                     list(args.files), args.repeat, metadata, args.timeout)
+    try:
+        with EncoderClient(args.address, timeout=args.timeout) as client:
+            client.wait_ready(timeout=args.connect_timeout)
+            report = run(cfg, client)
+    except grpc.FutureTimeoutError:
+        return fail(f"no encoder server answering at {args.address} (waited {args.connect_timeout:g} s)", 3)
+    except OSError as e:
+        return fail(f"cannot read {e.filename}: {e.strerror}", 2)
+    except (ValueError, RuntimeError) as e:
+        return fail(str(e), 3)
+    print(table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if report["requests"] else 4
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -142,9 +195,7 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from encoder_service.demo import run_demo
-    from encoder_service.serving.api.ray_app import DEFAULT_CONFIG
 
-    args.config = args.config or DEFAULT_CONFIG
     return run_demo(args)
 
 
@@ -177,13 +228,33 @@ def main(argv: list[str] | None = None) -> int:
     _add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("encode", help="encode image files against a running server "
+    p = sub.add_parser("encode", help="encode image and video files against a running server or pool "
                        "(TLS/token from $ENCODER_SERVICE_CA, _CLIENT_CERT, _CLIENT_KEY, _TOKEN)")
-    p.add_argument("files", nargs="+")
-    p.add_argument("--address", default="127.0.0.1:50051")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("files", nargs="+", help="images (JPEG/PNG/WebP) and videos (.mp4 .webm .mkv .mov .avi)")
+    _add_address_arg(p)
+    p.add_argument("--num-frames", type=int, default=None, help="videos: frames spread evenly over the clip")
+    p.add_argument("--fps", type=float, default=None, help="videos: one frame every 1/fps seconds")
+    p.add_argument("--max-frames", type=int, default=None, help="videos: at most this many frames")
+    p.add_argument("--pruning-rate", type=float, default=None, help="videos: EVS rate q in [0, 1)")
+    p.add_argument("--out", default=None, help="save the tensor + metadata: PATH.safetensors, or PATH.npy (+ PATH.json)")
+    p.add_argument("--probe", action="store_true", help="send digests first, the files only if the server lacks them")
+    p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--connect-timeout", type=float, default=5.0, help="give up if no server answers by then")
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("bench", help="load a running deployment: closed loop or fixed rate, built-in images or yours")
+    p.add_argument("files", nargs="*", help="images to send (default: new random JPEGs of a photo-like mix)")
+    _add_address_arg(p)
+    p.add_argument("--application", default="", help="Serve application name (gRPC metadata), for a Serve proxy")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of load")
+    p.add_argument("--concurrency", type=int, default=8, help="closed loop: requests in flight")
+    p.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second (instead of --concurrency)")
+    p.add_argument("--images-per-request", type=int, default=2)
+    p.add_argument("--repeat", action="store_true", help="built-in mix: cycle 16 fixed images (exercises the cache)")
+    p.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--connect-timeout", type=float, default=5.0)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("inspect", help="describe a checkpoint directory (headers only) or say why it cannot be served")
     p.add_argument("--checkpoint", required=True)

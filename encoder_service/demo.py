@@ -25,20 +25,25 @@ def demo_images() -> list[MediaInput]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    # Ray's token authentication, on purpose (Ray would turn it on by default and warn; production keeps it):
+    # the local cluster requires the token Ray keeps in ~/.ray/auth_token (made on first use). Set before
+    # Ray is first imported: the driver reads the mode then.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
-    from ray import serve
 
     from encoder_service.serving.api.client import EncoderClient
-    from encoder_service.serving.api.ray_app import deploy, free_port, load_serve_config
+    from encoder_service.serving.api.ray_app import DEFAULT_CONFIG, deploy, free_port, load_serve_config
     from llm_worker.actor import LLMWorkerActor
     from llm_worker.codec import pack_requests, unpack_outputs
     from llm_worker.engine import GenerationRequest
 
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    config = load_serve_config(args.config)
+    for name in ("ray", "ray.serve"):  # what the demo did is printed below; Ray's progress lines are not
+        logging.getLogger(name).setLevel(logging.WARNING)
+    config = load_serve_config(args.config or DEFAULT_CONFIG)
     config["grpc_options"]["port"], config["http_options"]["port"] = free_port(), free_port()
     app = config["applications"][0]["name"]
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING)
     try:
         address = deploy(config)
         print(f"encoder pool '{app}' on Ray Serve, gRPC proxy at {address}")
@@ -61,5 +66,6 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"generated (tiny random LLM, so noise): {output.text!r}")
         return 0
     finally:
-        serve.shutdown()
+        # The local cluster goes as a whole: Serve's own shutdown would kill its controller under its own
+        # pending graceful-shutdown call and log that as a failure.
         ray.shutdown()

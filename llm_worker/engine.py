@@ -22,7 +22,9 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from encoder_service.config import ProcessorConfig
 from encoder_service.processor import ImageProcessor, MediaInput
 from llm_worker.mm_cache import EmbeddingCache, content_hash
-from llm_worker.multimodal import Encoder, MediaRef, fetch_embeddings, media_region, merge_chunk, relayout_frames
+from encoder_service.fingerprint import of_checkpoint
+from llm_worker.multimodal import (CheckedEncoder, Encoder, MediaRef, fetch_embeddings, media_region, merge_chunk,
+                                   relayout_frames)
 from llm_worker.prompt import PromptLayout, count_markers, layout_prompt
 from llm_worker.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
@@ -36,6 +38,9 @@ class LLMWorkerConfig:
     cache_bytes: int = 1 << 30  # media embedding cache budget
     device: str = "cpu"
     record_prompt_logits: bool = False  # keep every prompt position's logits (tests, debugging)
+    # The checkpoint directory the pool must serve (its vision tower, preprocessing and width, by fingerprint):
+    # a pool serving anything else is refused at connect and on any answer. None: not checked.
+    encoder_checkpoint: str | None = None
 
 
 @dataclass
@@ -90,6 +95,8 @@ class LLMEngine:
         from llm_worker.tiny import tiny_llm_dir
 
         self.cfg = cfg
+        if cfg.encoder_checkpoint:
+            encoder = CheckedEncoder(encoder, of_checkpoint(cfg.encoder_checkpoint))
         self.encoder = encoder
         self.tokenizer = tokenizer or (HFTokenizer(cfg.tokenizer_dir) if cfg.tokenizer_dir else ByteTokenizer())
         self.device = torch.device(cfg.device)
@@ -101,7 +108,7 @@ class LLMEngine:
         vocab = getattr(self.tokenizer, "vocab_size", None)
         if vocab is not None and vocab > self.embed_tokens.num_embeddings:
             raise ValueError(f"the tokenizer has {vocab} ids, the LLM's embedding table {self.embed_tokens.num_embeddings}")
-        info = encoder.model_info()
+        info = self.encoder.model_info()
         if info.hidden_size != self.model.config.hidden_size:
             raise ValueError(
                 f"encoder emits {info.hidden_size}-wide embeddings, the LLM expects {self.model.config.hidden_size}"

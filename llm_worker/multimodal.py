@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from encoder_service.engine import ModelInfo
+from encoder_service.fingerprint import ModelFingerprint
 from encoder_service.processor import ItemPlan, MediaInput, Modality
 from encoder_service.serving.wire import EncodeResult
 from llm_worker.mm_cache import EmbeddingCache
@@ -35,6 +36,33 @@ class Encoder(Protocol):
 
 class EmbeddingCountMismatch(ValueError):
     """The encoder returned a different number of rows than the prompt has placeholders."""
+
+
+class WrongEncoder(ValueError):
+    """The pool serves another model than the one this LLM's embeddings must come from."""
+
+
+class CheckedEncoder:
+    """The pool, every answer checked against the model this LLM expects (`fingerprint.ModelFingerprint`):
+    at connect (GetModelInfo) and on each response (`extras["model"]`, whichever replica answered), so a
+    replica changed under the worker is refused, never merged."""
+
+    def __init__(self, encoder: Encoder, expected: ModelFingerprint):
+        self.encoder, self.expected = encoder, expected
+        served = encoder.model_info().fingerprint
+        problems = ["the pool reports no model fingerprint"] if served is None else served.mismatches(expected)
+        if problems:
+            raise WrongEncoder(f"the encoder pool serves another model than this LLM expects: {'; '.join(problems)}")
+
+    def model_info(self) -> ModelInfo:
+        return self.encoder.model_info()
+
+    def encode(self, items: list[MediaInput]) -> EncodeResult:
+        result = self.encoder.encode(items)
+        models = {answer.get("model") for answer in [result.extras, *result.extras.get("parts", [])]}
+        if models != {self.expected.contract}:
+            raise WrongEncoder("a replica of the encoder pool answered for another model than this LLM expects")
+        return result
 
 
 @dataclass

@@ -288,3 +288,18 @@ def test_a_client_supplied_content_hash_never_shares_cached_rows(client, llm_dir
     direct = client.encode([a, b])
     for got in rows:
         assert any(torch.equal(got, want) for want in direct.split())
+
+
+def test_a_pool_serving_another_model_is_refused(client, llm_dir, encoder_server, tiny_checkpoint, tmp_path):
+    """The contract handshake: the worker names the checkpoint its embeddings must come from."""
+    from encoder_service.config import tiny_encoder_config
+    from encoder_service.models import save_checkpoint
+    from encoder_service.models.checkpoint import random_encoder
+    from llm_worker.multimodal import WrongEncoder
+
+    engine = _engine(client, llm_dir, encoder_checkpoint=str(tiny_checkpoint))
+    [out] = engine.generate([GenerationRequest("Look <image>", [_image(64, 64)], max_new_tokens=2)])
+    assert len(out.token_ids) == 2
+    other = save_checkpoint(random_encoder(tiny_encoder_config(), seed=7), tmp_path / "other")  # same shapes
+    with pytest.raises(WrongEncoder, match="vision weights differ"):
+        _engine(client, llm_dir, encoder_checkpoint=str(other))

@@ -102,25 +102,25 @@ class _ModelStatsCollector:
             stats = self._stats()
         except Exception:  # noqa: BLE001 - a dead model process: no gauges (health says NOT_SERVING)
             return
-        for key, help_text in (("outputs_in_use", "response bytes held in the shared output arena"),
-                               ("tiles_in_use", "pixel bytes waiting in the shared tile arena"),
-                               ("cache_bytes", "embedding rows resident in the cache"),
-                               ("gpu_memory_allocated", "GPU memory allocated by the model process"),
-                               ("gpu_memory_reserved", "GPU memory reserved by the model process")):
+        gauges = (("outputs_in_use", "encoder_outputs_in_use_bytes", "response bytes held in the shared output arena"),
+                  ("tiles_in_use", "encoder_tiles_in_use_bytes", "pixel bytes waiting in the shared tile arena"),
+                  ("cache_bytes", "encoder_cache_bytes", "embedding rows resident in the cache"),
+                  ("cache_entries", "encoder_cache_entries", "items resident in the embedding cache"),
+                  ("pending_vit_tokens", "encoder_pending_vit_tokens",
+                   "ViT tokens admitted and not yet encoded (autoscaling signal)"),
+                  ("gpu_memory_allocated", "encoder_gpu_memory_allocated_bytes", "GPU memory allocated by the model process"),
+                  ("gpu_memory_reserved", "encoder_gpu_memory_reserved_bytes", "GPU memory reserved by the model process"))
+        counters = (("cache_hits", "encoder_cache_hits", "items answered from the embedding cache"),
+                    ("cache_joins", "encoder_cache_joins", "items answered by an identical item encoded at the same time"),
+                    ("cache_inserts", "encoder_cache_inserts", "items added to the embedding cache"),
+                    ("cache_evictions", "encoder_cache_evictions", "items evicted from the embedding cache"),
+                    ("jobs_started", "encoder_jobs_started", "distinct items sent to preprocessing and the device"),
+                    ("device_busy_s", "encoder_device_busy_seconds", "seconds the device had a batch in flight"))
+        for key, name, help_text in gauges:
             if key in stats:
-                yield GaugeMetricFamily(f"encoder_{key}_bytes", help_text, value=stats[key])
-        for key, help_text in (("cache_entries", "items resident in the embedding cache"),
-                               ("pending_vit_tokens", "ViT tokens admitted and not yet encoded (autoscaling signal)")):
+                yield GaugeMetricFamily(name, help_text, value=stats[key])
+        for key, name, help_text in counters:
             if key in stats:
-                yield GaugeMetricFamily(f"encoder_{key}", help_text, value=stats[key])
-        for key, help_text in (("cache_hits", "items answered from the embedding cache"),
-                               ("cache_joins", "items answered by an identical item encoded at the same time"),
-                               ("cache_inserts", "items added to the embedding cache"),
-                               ("cache_evictions", "items evicted from the embedding cache"),
-                               ("jobs_started", "distinct items sent to preprocessing and the device"),
-                               ("device_busy_s", "seconds the device had a batch in flight")):
-            if key in stats:
-                name = "encoder_device_busy_seconds" if key == "device_busy_s" else f"encoder_{key}"
                 yield CounterMetricFamily(name, help_text, value=stats[key])
 
 

@@ -13,8 +13,8 @@ Mirrokni, Thorup and Zadimoghaddam): a replica takes a key only while its reques
 under `load_factor` x the pool's mean (+1), and never refuses below `min_load` (a replica batches
 several requests at once: a few in flight is not overload, and queue lengths seen by a router lag);
 otherwise the key goes to the next replica on the ring, which then caches the item too (a hot item
-ends up on as many replicas as its load needs). Requests without a key go to the least loaded
-replica, as with Serve's default router.
+ends up on as many replicas as its load needs). Requests without a key go to the less loaded of
+two replicas picked at random, as with Serve's default router.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import math
+import random
 from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -83,10 +84,11 @@ class ContentAffinityRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
                               pending_request: Optional[PendingRequest] = None) -> List[List[RunningReplica]]:
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True  # every rank full: back off, don't spin
         key = pending_request.metadata.session_id if pending_request is not None else ""
-        if not key or not candidate_replicas:
-            return [candidate_replicas]  # no key: the least loaded (the base class compares queue lengths)
-        pending_request.routing_context.should_backoff = True  # every rank full: back off, don't spin
+        if not key or not candidate_replicas:  # the less loaded of two at random (the base class compares them)
+            return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         owners = [o for o in self._ring.owners(key) if o in by_id]
         if not owners:
