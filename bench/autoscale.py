@@ -2,8 +2,9 @@
 bursty trace of mixed work, side by side.
 
 Open-loop arrivals from client processes: bursts of `--burst-s` seconds separated by idle gaps; in a
-burst, requests arrive at `--rate`/s, each light (one 256x256 thumbnail: 1 tile) or, with probability
-`--heavy`, heavy (a 24-frame clip: 24 tiles). Every item is new (the cache answers nothing). Both
+burst, requests arrive at `--rate`/s, each light (one 256x256 image: 1 tile) or, with probability
+`--heavy`, heavy (a 24-frame clip: 24 tiles), on the `tiny-512` preset (Nemotron's 512 px tiles, 256
+tokens each). Every item is new (the cache answers nothing). Both
 pools: min 1, max `--max-replicas` replicas, the same delays. The default policy aims at
 `--target-ongoing` requests per replica; the token policy at `--target-tokens` pending ViT tokens.
 Reported per policy: latency p50/p99 of light and heavy requests, replica-seconds used, the replica
@@ -19,6 +20,7 @@ import copy
 import json
 import multiprocessing as mp
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +45,7 @@ def client(address: str, app: str, seed: int, start_at: float, schedule: list[tu
 
     def one(heavy: bool) -> None:
         if heavy:
-            item = MediaInput(Modality.VIDEO, rng.integers(0, 256, (24, 64, 64, 3), dtype=np.uint8))
+            item = MediaInput(Modality.VIDEO, rng.integers(0, 256, (24, 512, 512, 3), dtype=np.uint8))
         else:
             item = MediaInput(Modality.IMAGE, rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))
         t0 = time.perf_counter()
@@ -126,31 +128,33 @@ def run_policy(policy: str, args, checkpoint: str, port: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="tiny-512")
     p.add_argument("--bursts", type=int, default=2)
     p.add_argument("--burst-s", type=float, default=20.0)
     p.add_argument("--gap-s", type=float, default=15.0)
-    p.add_argument("--rate", type=float, default=3.0, help="arrivals per second per client process in a burst")
+    p.add_argument("--rate", type=float, default=1.0, help="arrivals per second per client process in a burst")
     p.add_argument("--heavy", type=float, default=0.3, help="share of heavy requests")
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--max-replicas", type=int, default=3)
     p.add_argument("--target-ongoing", type=float, default=4)
-    p.add_argument("--target-tokens", type=int, default=1500)
+    p.add_argument("--target-tokens", type=int, default=32768)
     p.add_argument("--policies", default="default,tokens")
     args = p.parse_args()
 
     import ray
     from ray import serve
 
-    from encoder_service.models import tiny_checkpoint_dir
+    from bench.common import preset_checkpoint
     from encoder_service.serving.api.ray_app import free_port
 
     print(json.dumps({"bench": "autoscale", "cpus": os.cpu_count(), **{k: v for k, v in vars(args).items()}}), flush=True)
     ray.init(address="local", num_cpus=2 * (os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}})
     port = free_port()
+    checkpoint = preset_checkpoint(args.preset, Path(tempfile.mkdtemp(prefix="bench-autoscale-")))
     try:
         for policy in args.policies.split(","):
-            print(json.dumps(run_policy(policy, args, str(tiny_checkpoint_dir()), port)), flush=True)
+            print(json.dumps(run_policy(policy, args, str(checkpoint), port)), flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -40,7 +40,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 def _add_address_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default="127.0.0.1:50051",
-                   help="host:port of a standalone server or of a Ray Serve pool's gRPC proxy")
+                   help="host:port of a standalone server or of a Ray Serve pool's gRPC proxy (TLS and token "
+                   "from $ENCODER_SERVICE_CA, _CLIENT_CERT, _CLIENT_KEY, _TOKEN)")
+    p.add_argument("--application", default="", help="through a Serve proxy serving several applications: "
+                   "the one to reach (gRPC metadata `application`)")
 
 
 def fail(message: str, code: int) -> int:
@@ -72,6 +75,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait_ready(client, timeout: float) -> None:
+    if client.wait_ready(timeout=timeout) != "health":
+        print(f"encoder-service: note: {client.address} does not answer the gRPC health service; "
+              "readiness checked with GetModelInfo", file=sys.stderr)
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     import grpc
 
@@ -93,8 +102,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.out and not args.out.endswith((".safetensors", ".npy")):
         return fail(f"--out must end in .safetensors or .npy: {args.out}", 2)
     try:
-        with EncoderClient(args.address, timeout=args.timeout, probe=args.probe) as client:
-            client.wait_ready(timeout=args.connect_timeout)
+        with EncoderClient(args.address, timeout=args.timeout, probe=args.probe,
+                           application=args.application) as client:
+            _wait_ready(client, args.connect_timeout)
             info = client.model_info()
             with Progress(describe(items)) as progress:
                 result = client.encode(items)
@@ -129,12 +139,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from encoder_service.serving.api.client import EncoderClient
     from encoder_service.tools.loadgen import LoadConfig, run, table
 
-    metadata = (("application", args.application),) if args.application else ()
     cfg = LoadConfig(args.address, args.duration, args.concurrency, args.rate, args.images_per_request,
-                     list(args.files), args.repeat, metadata, args.timeout)
+                     list(args.files), args.repeat, args.timeout)
     try:
-        with EncoderClient(args.address, timeout=args.timeout) as client:
-            client.wait_ready(timeout=args.connect_timeout)
+        with EncoderClient(args.address, timeout=args.timeout, application=args.application) as client:
+            _wait_ready(client, args.connect_timeout)
             report = run(cfg, client)
     except grpc.FutureTimeoutError:
         return fail(f"no encoder server answering at {args.address} (waited {args.connect_timeout:g} s)", 3)
@@ -147,6 +156,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return 0 if report["requests"] else 4
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """The endpoint's standard gRPC health check, for container health checks and scripts: exit 0 when
+    SERVING, 1 when it answers anything else or nothing."""
+    import grpc
+
+    from encoder_service.serving.api.client import EncoderClient
+
+    try:
+        with EncoderClient(args.address, application=args.application) as client:
+            status = client.health(timeout=args.timeout)
+    except grpc.RpcError as e:
+        status = f"{e.code().name}: {e.details()}"
+    except (ValueError, RuntimeError) as e:  # TLS files
+        return fail(str(e), 3)
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -245,7 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="load a running deployment: closed loop or fixed rate, built-in images or yours")
     p.add_argument("files", nargs="*", help="images to send (default: new random JPEGs of a photo-like mix)")
     _add_address_arg(p)
-    p.add_argument("--application", default="", help="Serve application name (gRPC metadata), for a Serve proxy")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load")
     p.add_argument("--concurrency", type=int, default=8, help="closed loop: requests in flight")
     p.add_argument("--rate", type=float, default=0.0, help="open loop: requests per second (instead of --concurrency)")
@@ -255,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--connect-timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("health", help="the endpoint's gRPC health check: exit 0 when SERVING (container probes)")
+    _add_address_arg(p)
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("inspect", help="describe a checkpoint directory (headers only) or say why it cannot be served")
     p.add_argument("--checkpoint", required=True)

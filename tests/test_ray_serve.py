@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +18,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -24,6 +28,7 @@ from encoder_service.engine import EncoderEngine  # noqa: E402
 from encoder_service.serving.api.client import EncoderClient  # noqa: E402
 from encoder_service.processor import MediaInput, Modality  # noqa: E402
 from encoder_service.proto import encoder_pb2 as pb  # noqa: E402
+from encoder_service.serving.api import services  # noqa: E402
 from encoder_service.serving.api.ray_app import (  # noqa: E402
     deploy, free_port, load_serve_config, running_replicas, unplaceable_replicas)
 from llm_worker.actor import LLMWorkerActor  # noqa: E402
@@ -110,6 +115,71 @@ def test_bad_input_through_the_proxy_keeps_serving(pool):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "undecodable" in err.value.details()
     assert client.encode([MediaInput(Modality.IMAGE, image_bytes(64, 64))], metadata=METADATA).token_counts == [16]
+
+
+def test_health_reflection_and_cli_through_the_proxy(pool, ray_cluster, tiny_checkpoint, tmp_path):
+    """Clients meet the pool as they meet the standalone server: the standard health check (not serving
+    before a replica is up, SERVING once one is, NOT_FOUND once the application is gone), its Watch,
+    reflection, `wait_ready` and the CLI, all through Serve's gRPC proxy."""
+    address, _ = pool
+    probe = EncoderClient(address, timeout=30, application="probe")
+    cfg = _config(tiny_checkpoint, ray_cluster, min_replicas=1, max_replicas=1)
+    cfg["applications"][0].update(name="probe", route_prefix="/probe")
+    deploying = threading.Thread(target=deploy, args=(cfg,))
+    deploying.start()
+    seen = []
+    while not seen or seen[-1] != "SERVING":
+        try:
+            seen.append(probe.health(timeout=0.5))
+        except grpc.RpcError as e:
+            assert e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                grpc.StatusCode.UNAVAILABLE), e
+            seen.append(e.code().name)
+        assert len(seen) < 400, seen
+    deploying.join()
+    assert seen[0] != "SERVING" and seen[-1] == "SERVING", seen
+    assert probe.wait_ready(timeout=10) == "health"
+
+    health = health_pb2_grpc.HealthStub(probe.channel)
+    meta = (("application", "probe"),)
+    assert health.Check(health_pb2.HealthCheckRequest(service=services.ENCODER_SERVICE), metadata=meta).status == 1
+    with pytest.raises(grpc.RpcError) as err:
+        health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), metadata=meta)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    watch = health.Watch(health_pb2.HealthCheckRequest(), metadata=meta, timeout=30)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+
+    reflection = reflection_pb2_grpc.ServerReflectionStub(probe.channel)
+    listed = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                  metadata=meta, timeout=30))
+    assert {s.name for s in listed.list_services_response.service} == set(services.REFLECTED_SERVICES)
+    described = next(reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=services.ENCODER_SERVICE)]),
+        metadata=meta, timeout=30))
+    assert described.file_descriptor_response.file_descriptor_proto  # what grpcurl describe reads
+
+    image = tmp_path / "cat.png"
+    image.write_bytes(image_bytes(96, 64))
+    cli = subprocess.run([sys.executable, "-m", "encoder_service.cli", "encode", str(image), "--address", address,
+                          "--application", "probe", "--out", str(tmp_path / "rows.safetensors")],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert "cat.png: tiles=" in cli.stdout and (tmp_path / "rows.safetensors").exists()
+    assert "note:" not in cli.stderr  # readiness came from the health service, no fallback
+    health_cli = [sys.executable, "-m", "encoder_service.cli", "health", "--address", address, "--application"]
+    up = subprocess.run(health_cli + ["probe"], capture_output=True, text=True, timeout=60)
+    assert (up.returncode, up.stdout.strip()) == (0, "SERVING"), up.stderr
+
+    serve.delete("probe")
+    with pytest.raises(grpc.RpcError) as err:
+        probe.health()
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(RuntimeError, match="not serving after"):
+        probe.wait_ready(timeout=1)
+    gone = subprocess.run(health_cli + ["probe"], capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 1 and gone.stdout.startswith("NOT_FOUND")
+    probe.close()
 
 
 def test_handle_path_equals_grpc_zero_copy_and_maps_errors(pool):

@@ -1,5 +1,7 @@
 """A real grpc.aio server on loopback: batch encode, splitting by counts, errors, health, limits."""
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -55,6 +57,38 @@ def test_model_info_and_health(client, encoder_server):
     health = health_pb2_grpc.HealthStub(client.channel)
     for service in ("", "encoder_service.v1.EncoderService"):
         assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_wait_ready_falls_back_to_model_info_without_the_health_service(encoder_server):
+    """An endpoint that routes the encoder API but not grpc.health.v1 (as a Serve proxy whose config lists
+    only the encoder servicer): `wait_ready` checks readiness with GetModelInfo and says so."""
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((encoder_server.server.servicer.handler(),))  # the real servicer, no health
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    loop = encoder_server._loop
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
+    try:
+        with EncoderClient(f"127.0.0.1:{port}", timeout=30) as c:
+            with pytest.raises(grpc.RpcError) as err:
+                c.health()
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert c.wait_ready(timeout=10) == "model-info"
+            assert c.encode([MediaInput(Modality.IMAGE, image_bytes(64, 64))]).token_counts == [16]
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=30)
+
+
+def test_wait_ready_names_what_is_not_ready():
+    """Nothing listening: FutureTimeoutError (the CLI's "no encoder server answering")."""
+    from encoder_service.serving.api.ray_app import free_port
+
+    with EncoderClient(f"127.0.0.1:{free_port()}", timeout=5) as c, pytest.raises(grpc.FutureTimeoutError):
+        c.wait_ready(timeout=0.5)
 
 
 def _raw_request(*items: pb.MediaItem) -> pb.EncodeRequest:

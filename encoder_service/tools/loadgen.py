@@ -39,7 +39,6 @@ class LoadConfig:
     images_per_request: int = 2
     files: list[str] = field(default_factory=list)  # the user's images; none: the built-in mix
     repeat: bool = False  # the built-in mix: reuse a fixed set of images (measures the cache) instead of new ones
-    metadata: tuple = ()
     timeout_s: float = 120.0
 
 
@@ -102,7 +101,7 @@ def run(cfg: LoadConfig, client: EncoderClient, progress=sys.stderr) -> dict:
         items = images.request(cfg.images_per_request)
         t0 = time.perf_counter()
         try:
-            result = client.encode(items, metadata=cfg.metadata or None, timeout=cfg.timeout_s, copy=False)
+            result = client.encode(items, timeout=cfg.timeout_s, copy=False)
         except grpc.RpcError as e:
             tally.failed(e.code().name)
             return

@@ -25,7 +25,9 @@ def post_json(url: str, body: dict, timeout_s: float = 300.0) -> dict:
 
 
 def post_stream(url: str, body: dict, timeout_s: float = 300.0, on_first=None) -> str:
-    """A streamed completion's text, from its server-sent events; `on_first()` when the first text arrives."""
+    """A streamed completion's text, from its server-sent events. `on_first()` when the first chunk arrives:
+    vLLM sends it (the role) with the first generated token's output, before any text (a random tiny model's
+    first tokens are often incomplete UTF-8, which vLLM holds back)."""
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     text: list[str] = []
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -34,8 +36,8 @@ def post_stream(url: str, body: dict, timeout_s: float = 300.0, on_first=None) -
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             for choice in json.loads(line[6:]).get("choices", []):
-                piece = choice.get("delta", {}).get("content") or ""
-                if piece and not text and on_first is not None:
+                if on_first is not None:
                     on_first()
-                text.append(piece)
+                    on_first = None
+                text.append(choice.get("delta", {}).get("content") or "")
     return "".join(text)

@@ -8,6 +8,7 @@ their bytes. A repeated image costs its digest (~80 bytes) instead of its file.
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from pathlib import Path
 from typing import Callable, Sequence
@@ -49,12 +50,19 @@ def probe_then_upload(call: Callable[[list[MediaInput]], wire.EncodeResult], ite
     return call(sent)
 
 
+# While waiting for readiness, these mean "not yet" (no server, app not deployed, no replica up yet).
+NOT_READY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 class EncoderClient:
     def __init__(self, address: str, timeout: float = 60.0, max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
-                 security: ClientSecurity | None = None, probe: bool = False):
-        """`security`: TLS / mTLS / bearer token; default from the environment (`ClientSecurity.from_env`).
-        `probe`: send items by digest first, their media only if the server lacks them."""
+                 security: ClientSecurity | None = None, probe: bool = False, application: str = ""):
+        """`address`: a standalone server or a Ray Serve pool's gRPC proxy (host:port).
+        `security`: TLS / mTLS / bearer token; default from the environment (`ClientSecurity.from_env`).
+        `probe`: send items by digest first, their media only if the server lacks them.
+        `application`: the Serve application to reach through a proxy serving several (gRPC metadata)."""
         self.address, self.timeout, self.probe = address, timeout, probe
+        self.metadata: tuple[tuple[str, str], ...] = (("application", application),) if application else ()
         self.bytes_sent = 0  # serialised EncodeRequest bytes (what probing saves)
         security = security if security is not None else ClientSecurity.from_env()
         self.channel = security.channel(address, wire.channel_options(max_message_bytes))
@@ -80,21 +88,50 @@ class EncoderClient:
         def call(sent: list[MediaInput]) -> wire.EncodeResult:
             request = pb.EncodeRequest(request_id=request_id, items=[wire.media_to_proto(i) for i in sent])
             self.bytes_sent += request.ByteSize()
-            return wire.decode_response(self._encode(request, timeout=timeout or self.timeout, metadata=metadata),
-                                        copy=copy)
+            return wire.decode_response(
+                self._encode(request, timeout=timeout or self.timeout, metadata=self.metadata + tuple(metadata or ())),
+                copy=copy)
 
         return probe_then_upload(call, items, digests) if (self.probe if probe is None else probe) else call(items)
 
     def model_info(self, timeout: float | None = None, metadata=None) -> ModelInfo:
-        msg = self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout, metadata=metadata)
+        msg = self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout,
+                                     metadata=self.metadata + tuple(metadata or ()))
         return wire.model_info_from_proto(msg)
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        """Block until the server's standard health check says SERVING."""
+    def health(self, timeout: float = 5.0) -> str:
+        """The standard health check's answer (SERVING, NOT_SERVING, ...); raises grpc.RpcError when the
+        endpoint does not answer it (a Serve proxy without the health service: UNIMPLEMENTED)."""
+        answer = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout,
+                                                                metadata=self.metadata)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+    def wait_ready(self, timeout: float = 30.0) -> str:
+        """Block until the endpoint can take work: the standard health check says SERVING. An endpoint
+        that does not implement it (a Serve proxy configured without the health service) is asked for
+        GetModelInfo instead. Returns the check that answered: "health" or "model-info".
+
+        Raises grpc.FutureTimeoutError if nothing listens at the address, RuntimeError if the endpoint
+        answers but is not ready by `timeout` (NOT_SERVING, application not deployed, no replica up)."""
+        deadline = time.monotonic() + timeout
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        status = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        if status.status != health_pb2.HealthCheckResponse.SERVING:
-            raise RuntimeError(f"encoder at {self.address} is not serving: {status.status}")
+        while True:
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                status = self.health(timeout=min(left, 5.0))
+                if status == "SERVING":
+                    return "health"
+                why = f"health check says {status}"
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self.model_info(timeout=left)
+                    return "model-info"
+                if e.code() not in NOT_READY_CODES:
+                    raise
+                why = f"{e.code().name}: {e.details()}"
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"encoder at {self.address} is not serving after {timeout:g} s ({why})")
+            time.sleep(0.2)
 
     def close(self) -> None:
         self.channel.close()

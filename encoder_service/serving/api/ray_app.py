@@ -23,9 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import ray
 import yaml
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha.reflection import ReflectionServicer
 from ray import serve
 from ray.serve.config import gRPCOptions
 
@@ -34,14 +37,16 @@ from encoder_service.errors import EncodeFailed
 from encoder_service.serving.api.autoscaling import PENDING_TOKENS
 from encoder_service.serving.api.metrics import RayEncoderMetrics, request_stats
 from encoder_service.serving.api.security import cache_namespace
+from encoder_service.serving.api.services import (HEALTH_NAMES, REFLECTED_SERVICES, SERVE_SERVICER_FUNCTIONS,
+                                                  health_response)
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
 from encoder_service.serving.host.model_process import Encoded, ModelProcess
 from encoder_service.serving.host.pipeline import PipelineConfig
 
-SERVICER_FUNCTION = "encoder_service.proto.encoder_pb2_grpc.add_EncoderServiceServicer_to_server"
 DEPLOYMENT_NAME = "EncoderDeployment"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "serve_config.yaml"
+WATCH_POLL_S = 1.0
 
 log = logging.getLogger("ray.serve")
 
@@ -73,7 +78,7 @@ class EncoderDeployment:
         # One replica per CPU slot: don't let every replica's torch grab every core.
         self.model = ModelProcess(cfg, pipeline_cfg, torch_threads=cpus if cfg.device == "cpu" else 0)
         context = serve.get_replica_context()
-        self.replica = context.replica_id.unique_id
+        self.replica, self.app_name = context.replica_id.unique_id, context.app_name
         if context.rank is not None and context.rank.rank == 0:  # once per deployment, not once per replica
             config = context._deployment_config
             warning = unplaceable_replicas(
@@ -83,6 +88,7 @@ class EncoderDeployment:
             if warning:
                 log.warning(warning)
         self._model_info = pb.ModelInfo.FromString(self.model.info_bytes)
+        self._reflection = ReflectionServicer(REFLECTED_SERVICES)
         self.metrics = RayEncoderMetrics(self.replica)
 
     async def _encode(self, request: bytes, timeout_s: float | None, namespace: str) -> Encoded:
@@ -118,6 +124,48 @@ class EncoderDeployment:
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context) -> pb.ModelInfo:
         return self._model_info
+
+    # The standard health service, answered by whichever replica the proxy picks: a replica that
+    # answers is placed and not draining (Serve routes to neither kind), so the answer is its model
+    # process's state. With no replica up the proxy holds the call (a probe's deadline fails it);
+    # with the application gone the proxy answers NOT_FOUND.
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
+        unknown = self._not_here(request, grpc_context)
+        if unknown:
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(unknown)
+            return health_pb2.HealthCheckResponse()
+        return health_response(self.model.alive)
+
+    def _not_here(self, request: health_pb2.HealthCheckRequest, grpc_context) -> str | None:
+        """Why this replica cannot answer for what the probe asked, or None. A proxy serving one
+        application routes every call to it whatever `application` says: a probe for an application
+        not deployed (yet) must not read this one's state."""
+        if request.service not in HEALTH_NAMES:
+            return f"unknown service {request.service!r}"
+        asked = dict(grpc_context.invocation_metadata()).get("application")
+        if asked and asked != self.app_name:
+            return f"application {asked!r} is not deployed on this Serve proxy (it serves {self.app_name!r})"
+        return None
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, grpc_context):
+        """The status now, then each change (this replica's), until the caller or the proxy's request
+        timeout ends the stream."""
+        if self._not_here(request, grpc_context):
+            yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            return
+        last = None
+        while True:
+            now = health_response(self.model.alive)
+            if now != last:
+                yield now
+                last = now
+            await asyncio.sleep(WATCH_POLL_S)
+
+    async def ServerReflectionInfo(self, request_stream):
+        """Server reflection (grpcurl list / describe) for the services the proxy routes here."""
+        async for response in self._reflection.ServerReflectionInfo(request_stream, None):
+            yield response
 
     async def encode_native(self, request: bytes, timeout_s: float | None = None, tenant: str = ""
                             ) -> tuple[bytes, np.ndarray]:
@@ -227,7 +275,7 @@ def deploy(config: dict[str, Any], blocking_timeout_s: float = 180.0) -> str:
         http_options={"host": http_cfg.get("host", "127.0.0.1"), "port": http_cfg.get("port", 8000)},
         grpc_options=gRPCOptions(
             port=grpc_cfg.get("port", 9000),
-            grpc_servicer_functions=grpc_cfg.get("grpc_servicer_functions", [SERVICER_FUNCTION]),
+            grpc_servicer_functions=grpc_cfg.get("grpc_servicer_functions", SERVE_SERVICER_FUNCTIONS),
             request_timeout_s=grpc_cfg.get("request_timeout_s"),
         ),
     )

@@ -26,16 +26,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from encoder_service.config import EngineConfig
-from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
 from encoder_service.serving.api.metrics import EncoderMetrics, request_stats
+from encoder_service.serving.api.security import TLSConfig, TokenCheck, cache_namespace, is_loopback, tokens_from
+from encoder_service.serving.api.services import ENCODER_SERVICE, HEALTH_NAMES, REFLECTED_SERVICES
 from encoder_service.serving.host.model_process import ModelProcess
 from encoder_service.serving.host.pipeline import PipelineConfig
-from encoder_service.serving.api.security import TLSConfig, TokenCheck, cache_namespace, is_loopback, tokens_from
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EncoderService"].full_name
 
 
 @dataclass
@@ -141,7 +139,7 @@ class EncoderServicer:
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
+            ENCODER_SERVICE,
             {
                 "Encode": grpc.unary_unary_rpc_method_handler(self.Encode),
                 "GetModelInfo": grpc.unary_unary_rpc_method_handler(self.GetModelInfo),
@@ -171,7 +169,7 @@ class EncoderServer:
     def _model_exited(self) -> None:
         """The model process died (reader thread): stop advertising SERVING."""
         if self._loop is not None and not self._loop.is_closed():
-            for name in ("", SERVICE_NAME):
+            for name in HEALTH_NAMES:
                 asyncio.run_coroutine_threadsafe(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING),
                                                  self._loop)
 
@@ -186,10 +184,7 @@ class EncoderServer:
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self.server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server,
-        )
+        reflection.enable_server_reflection(REFLECTED_SERVICES, self.server)
         where = f"{self.cfg.host}:{self.cfg.port}"
         if self.cfg.tls is not None:
             self.port = self.server.add_secure_port(where, self.cfg.tls.credentials())
@@ -200,7 +195,7 @@ class EncoderServer:
         await self.server.start()
         if self.cfg.metrics_port is not None:
             self.metrics_port = self.servicer.metrics.serve_http(self.cfg.metrics_port, self.cfg.host)
-        for name in ("", SERVICE_NAME):
+        for name in HEALTH_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("encoder server on %s (%s)", self.address, self.model.info.model_name)
         return self.address
