@@ -194,16 +194,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"MLP {v['mlp']}, patch {v['patch']}, {v['prefix_tokens']} prefix tokens, "
           f"position table {v['position_table']}, final norm {'yes' if v['final_norm'] else 'no'}")
     if proj:
-        print(f"  projector: {proj['kind']}, pixel shuffle {proj['pixel_shuffle']}, hidden {proj['hidden']}")
+        print(f"  projector: {proj['kind']}, pixel shuffle {proj['pixel_shuffle']}, hidden {proj['hidden']}"
+              + (", vision LayerNorm before the shuffle (MTP checkpoint)" if proj["vision_norm"] else ""))
     print(f"  output: {info['output_size']}-wide embeddings")
     t = info["tiling"]
-    print(f"  tiling (video frames{', images' if not info['dynamic_resolution'] else ''}): {t['tile_size']} px tiles, "
+    frames = "" if info["video_frames"] else "video frames"
+    users = ", ".join(u for u in (frames, "images" if not info["dynamic_resolution"] else "") if u) or "unused"
+    print(f"  tiling ({users}): {t['tile_size']} px tiles, "
           f"{t['tiles']} per image, thumbnail {'yes' if t['thumbnail'] else 'no'}, {t['tokens_per_tile']} tokens per tile")
     if info["dynamic_resolution"]:
         d = info["dynamic_resolution"]
         print(f"  dynamic resolution (images): {d['patches']} patches per image, "
               f"at most {d['max_tokens_per_image']} tokens")
+    if info["video_frames"]:
+        f = info["video_frames"]
+        print(f"  video frames: resized to about {f['target_num_patches']} patches"
+              f"{', aspect ratio kept' if f['maintain_aspect_ratio'] else ', square'}")
     print(f"  parameters: {info['parameters']:,} read from the checkpoint ({', '.join(info['checkpoint_dtypes'])})")
+    if info["tensor_families"]:
+        print("  tensor families:")
+    for family, what in (info["tensor_families"] or {}).items():
+        print(f"    {family}: {what}")
     return 0
 
 
@@ -259,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                        "(TLS/token from $ENCODER_SERVICE_CA, _CLIENT_CERT, _CLIENT_KEY, _TOKEN)")
     p.add_argument("files", nargs="+", help="images (JPEG/PNG/WebP) and videos (.mp4 .webm .mkv .mov .avi)")
     _add_address_arg(p)
-    p.add_argument("--num-frames", type=int, default=None, help="videos: frames spread evenly over the clip")
-    p.add_argument("--fps", type=float, default=None, help="videos: one frame every 1/fps seconds")
+    p.add_argument("--num-frames", type=int, default=None, help="videos: at most this many frames, spread evenly over the clip (vLLM's rule)")
+    p.add_argument("--fps", type=float, default=None, help="videos: at most duration x fps frames, spread evenly (vLLM's rule)")
     p.add_argument("--max-frames", type=int, default=None, help="videos: at most this many frames")
     p.add_argument("--pruning-rate", type=float, default=None, help="videos: EVS rate q in [0, 1)")
     p.add_argument("--out", default=None, help="save the tensor + metadata: PATH.safetensors, or PATH.npy (+ PATH.json)")

@@ -57,6 +57,8 @@ class ProjectorConfig:
     kind "layernorm_gelu": LayerNorm -> Linear -> GELU -> Linear (with biases), this project's layout;
     kind "mlp1": Nemotron Nano VL's RMSNorm -> Linear -> squared ReLU -> Linear (no biases).
     ps_version "v2" keeps the token grid row-major; "v1" (InternVL's original) leaves it transposed.
+    vision_norm_eps: when set, a LayerNorm over the ViT's features (prefix tokens dropped) before the
+    pixel shuffle: Nemotron Nano VL checkpoints trained with MTP (`vision_final_layernorm`).
     """
 
     downsample: int = 2
@@ -65,6 +67,7 @@ class ProjectorConfig:
     layer_norm_eps: float = 1e-5
     kind: str = "layernorm_gelu"
     ps_version: str = "v2"
+    vision_norm_eps: float | None = None
 
     def __post_init__(self):
         if self.kind not in PROJECTOR_KINDS:
@@ -109,11 +112,33 @@ class DynamicResolution:
 
 
 @dataclass(frozen=True)
+class VideoFrameGeometry:
+    """Video frames resized to a patch budget instead of one square tile (Nemotron Nano VL's
+    `video_target_num_patches`, or `video_target_img_size` as ceil(size / patch)^2 patches).
+
+    Square: side = floor(sqrt(N)) patches, floored to a multiple of `downsample` (at least it).
+    Aspect kept: ph = round(sqrt(N / aspect)), pw = round(sqrt(N * aspect)) (aspect = w / h, at
+    least 1 each), both raised to a multiple of `downsample` if that stays within N, else both
+    lowered (at least `downsample`). Tokens per frame = (ph / downsample) * (pw / downsample).
+    """
+
+    target_num_patches: int
+    maintain_aspect_ratio: bool = False
+    patch_size: int = 16
+    downsample: int = 2
+
+    def __post_init__(self):
+        if self.target_num_patches <= 0:
+            raise ValueError(f"video target_num_patches must be positive, got {self.target_num_patches}")
+
+
+@dataclass(frozen=True)
 class ProcessorConfig:
     tiling: TilingSpec = field(default_factory=TilingSpec)
-    # Images only: when set, each image is one variable-size sequence instead of tiles
-    # (video frames stay one tile each).
+    # Images only: when set, each image is one variable-size sequence instead of tiles.
     dynamic: DynamicResolution | None = None
+    # Video frames: when set, each frame is resized to this patch budget (else one square tile).
+    video_frames: VideoFrameGeometry | None = None
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     # Guards against decompression bombs and absurd inputs.
@@ -138,11 +163,13 @@ class ProcessorConfig:
         raw_tiling = d.pop("tiling", {})
         spec = tiling or TilingSpec(**raw_tiling)
         raw_dynamic = d.pop("dynamic", None)
+        raw_frames = d.pop("video_frames", None)
         for key in ("image_mean", "image_std"):
             if key in d:
                 d[key] = tuple(d[key])
         dynamic = DynamicResolution(**raw_dynamic) if raw_dynamic else None
-        return ProcessorConfig(tiling=spec, dynamic=dynamic, **d)
+        frames = VideoFrameGeometry(**raw_frames) if raw_frames else None
+        return ProcessorConfig(tiling=spec, dynamic=dynamic, video_frames=frames, **d)
 
 
 @dataclass(frozen=True)

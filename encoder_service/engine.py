@@ -22,12 +22,13 @@ import torch
 
 from encoder_service.attention import AttentionSpec, get_backend
 from encoder_service.batching import TileQueue
-from encoder_service.config import DynamicResolution, EngineConfig, TilingSpec
+from encoder_service.config import DynamicResolution, EngineConfig, TilingSpec, VideoFrameGeometry
 from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput, ItemError
 from encoder_service.fingerprint import ModelFingerprint, of_checkpoint
 from encoder_service.models import load_checkpoint, tiny_checkpoint_dir
 from encoder_service.models.vit import KernelOptions, PackedTiles, patchify_hwc
 from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, ProcessedItem, Size, byte_range
+from encoder_service.video.decode import SampledFrames
 from encoder_service.video.evs import check_rate, prune
 
 
@@ -38,7 +39,7 @@ class EncodeOutput:
     num_tiles: list[int]
     tokens_per_frame: list[list[int]]  # [] for images; of a pruned video, tokens each frame kept
     stats: dict[str, float] = field(default_factory=dict)
-    frame_timestamps: list[list[float]] = field(default_factory=list)  # a video container's frames (s)
+    video_frames: list[SampledFrames | None] = field(default_factory=list)  # a video container's sampled frames
     digests: list[str] = field(default_factory=list)  # media digests (`digest.media_digest`), when computed
     cache_hits: list[bool] = field(default_factory=list)  # rows that came from the pool's cache
 
@@ -83,6 +84,7 @@ class ModelInfo:
     video_pruning_rate: float = 0.0  # EVS rate for videos whose request does not set one
     default_video_frames: int = 16  # frames sampled from a video container when the request does not say
     fingerprint: ModelFingerprint | None = None  # what produces the rows
+    video_frames: VideoFrameGeometry | None = None  # video frames resized to a patch budget, when set
 
 
 def resolve_device(device: str) -> torch.device:
@@ -130,6 +132,8 @@ class EncoderEngine:
         if proc.dynamic is not None:
             largest = max(largest, proc.dynamic.max_num_patches + vision.num_prefix_tokens)
             shortest = min(shortest, proc.dynamic.min_num_patches + vision.num_prefix_tokens)
+        if proc.video_frames is not None:  # frames near the patch budget (extreme aspects: per request)
+            largest = max(largest, proc.video_frames.target_num_patches + vision.num_prefix_tokens)
         if cfg.max_tokens_per_batch < largest:
             raise ValueError(
                 f"max_tokens_per_batch={cfg.max_tokens_per_batch} is below the longest sequence this model "
@@ -179,6 +183,7 @@ class EncoderEngine:
             video_pruning_rate=self.processor.cfg.video_pruning_rate,
             default_video_frames=self.processor.cfg.default_video_frames,
             fingerprint=self.fingerprint,
+            video_frames=self.processor.cfg.video_frames,
         )
 
     # ------------------------------------------------------------------ request checks
@@ -343,7 +348,7 @@ class EncoderEngine:
             num_tiles=[p.num_tiles for p in processed],
             tokens_per_frame=frames,
             stats={"forward_ms": 1e3 * (time.perf_counter() - t0), "batches": batches},
-            frame_timestamps=[p.frame_times for p in processed],
+            video_frames=[p.frames for p in processed],
         )
 
     @staticmethod

@@ -30,7 +30,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-PROCESSING_VERSION = 1
+PROCESSING_VERSION = 2  # 2: video frames sampled by index with vLLM's rule
 
 
 @dataclass(frozen=True)

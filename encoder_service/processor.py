@@ -28,10 +28,10 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from encoder_service.config import DynamicResolution, ProcessorConfig, TilingSpec
+from encoder_service.config import DynamicResolution, ProcessorConfig, TilingSpec, VideoFrameGeometry
 from encoder_service.errors import InvalidInput
 from encoder_service.video import decode as video_decode
-from encoder_service.video.decode import VideoSampling
+from encoder_service.video.decode import SampledFrames, VideoSampling
 from encoder_service.video.evs import retained_token_count
 
 
@@ -69,7 +69,7 @@ class ItemPlan:
     tokens: int  # embedding rows (of a pruned video: after pruning)
     tokens_per_frame: tuple[int, ...] = ()  # video only; of a pruned video: before pruning
     pruning_rate: float = 0.0  # EVS rate q of a video (0: every token kept)
-    frame_times: tuple[float, ...] = ()  # a video container's sampled times (s), before decoding
+    frames: SampledFrames | None = None  # a video container's sampled frames (indices, rate), before decoding
     decode_pixels: int = 0  # pixels decoding will produce (all frames), from the headers: its CPU/memory cost
 
     @property
@@ -91,7 +91,7 @@ class ProcessedItem:
     sizes: tuple[Size, ...]
     tokens_per_frame: list[int] = field(default_factory=list)  # video only
     plan: ItemPlan | None = None
-    frame_times: list[float] = field(default_factory=list)  # a video container's frames (s)
+    frames: SampledFrames | None = None  # a video container's sampled frames, with their decoded times
 
     @property
     def num_tiles(self) -> int:
@@ -160,9 +160,30 @@ def count_image_tokens(width: int, height: int, spec: TilingSpec) -> int:
     return count_image_tiles(width, height, spec) * spec.tokens_per_tile
 
 
-def count_video_tokens(num_frames: int, spec: TilingSpec) -> list[int]:
-    """Embedding rows per frame of a video (one tile per frame)."""
-    return [spec.tokens_per_tile] * num_frames
+def video_frame_size(width: int, height: int, spec: TilingSpec, geometry: VideoFrameGeometry | None) -> Size:
+    """(height, width) in pixels every frame of a width x height video is resized to: one square tile,
+    or the patch budget of `geometry` (vLLM's `get_video_target_size_and_feature_size`)."""
+    if geometry is None:
+        return spec.tile_size, spec.tile_size
+    n, step, p = geometry.target_num_patches, geometry.downsample, geometry.patch_size
+    if not geometry.maintain_aspect_ratio:
+        side = max(step, math.isqrt(n) // step * step)
+        return side * p, side * p
+    aspect = width / max(height, 1)
+    rows, cols = max(1, round(math.sqrt(n / aspect))), max(1, round(math.sqrt(n * aspect)))
+    if step > 1:
+        up_rows, up_cols = -(-rows // step) * step, -(-cols // step) * step
+        if up_rows * up_cols <= n:
+            rows, cols = up_rows, up_cols
+        else:
+            rows, cols = max(step, rows // step * step), max(step, cols // step * step)
+    return rows * p, cols * p
+
+
+def count_frame_tokens(size: Size, patch_size: int, downsample: int) -> int:
+    """Embedding rows of one video frame of `size` pixels."""
+    h, w = size
+    return (h // patch_size // downsample) * (w // patch_size // downsample)
 
 
 def _round_to_multiple(n: int, other: int, budget: int, step: int) -> int:
@@ -237,24 +258,27 @@ class ImageProcessor:
             w, h = self.image_size(item.data)
             return dataclasses.replace(self.plan_image(w, h), decode_pixels=w * h)
         if item.modality == Modality.VIDEO:
-            times = ()
+            sampled = None
             if isinstance(item.data, (bytes, bytearray)):
                 probe = video_decode.probe(item.data, item.sampling or VideoSampling(),
                                            self.cfg.default_video_frames, self.cfg.max_video_frames)
                 self._check_size(probe.width, probe.height)
-                times, num_frames = probe.targets, len(probe.targets)
-                decode_pixels = probe.width * probe.height * num_frames
+                sampled, num_frames = SampledFrames(probe.indices, probe.fps), len(probe.indices)
+                (width, height), decode_pixels = (probe.width, probe.height), probe.width * probe.height * num_frames
             else:
                 num_frames = self._num_frames(item.data)
-                decode_pixels = sum(w * h for w, h in map(self._frame_size, item.data))
-            frames = count_video_tokens(num_frames, self.tiling)
+                sizes = list(map(self._frame_size, item.data))
+                (width, height), decode_pixels = sizes[0], sum(w * h for w, h in sizes)
+            size = video_frame_size(width, height, self.tiling, self.cfg.video_frames)
+            geometry = self.cfg.video_frames
+            per_frame = (self.tiling.tokens_per_tile if geometry is None
+                         else count_frame_tokens(size, geometry.patch_size, geometry.downsample))
             q = self.cfg.video_pruning_rate if item.pruning_rate is None else item.pruning_rate
             try:
-                tokens = retained_token_count(frames[0], num_frames, q)
+                tokens = retained_token_count(per_frame, num_frames, q)
             except ValueError as e:
                 raise InvalidInput(str(e)) from None
-            return ItemPlan(((self.tiling.tile_size,) * 2,) * num_frames, tokens, tuple(frames), q, times,
-                            decode_pixels)
+            return ItemPlan((size,) * num_frames, tokens, (per_frame,) * num_frames, q, sampled, decode_pixels)
         raise InvalidInput(f"unknown modality {item.modality!r}")
 
     def plan_image(self, width: int, height: int) -> ItemPlan:
@@ -269,7 +293,8 @@ class ImageProcessor:
         plan = self.plan(item)
         pixels = np.empty(plan.nbytes, dtype=np.uint8)
         times = self.process_into(item, pixels, plan)
-        return ProcessedItem(pixels, plan.sizes, list(plan.tokens_per_frame), plan, times)
+        frames = dataclasses.replace(plan.frames, times=tuple(times)) if plan.frames else None
+        return ProcessedItem(pixels, plan.sizes, list(plan.tokens_per_frame), plan, frames)
 
     def process_into(self, item: MediaInput, out: np.ndarray, plan: ItemPlan | None = None) -> list[float]:
         """Decode `item` into `out` (flat uint8 of the plan's `nbytes`, e.g. shared memory), piece by piece.
@@ -282,15 +307,14 @@ class ImageProcessor:
             image = self.load_image(item.data)
             np.copyto(out.reshape(h, w, 3), self.resize(image, w, h))
             return []
-        tiles = out.reshape(plan.num_tiles, *self.tile_shape)
         times: list[float] = []
         if item.modality == Modality.IMAGE:
-            written = self.tile_image_into(self.load_image(item.data), tiles)
+            written = self.tile_image_into(self.load_image(item.data), out.reshape(plan.num_tiles, *self.tile_shape))
         elif item.modality == Modality.VIDEO and isinstance(item.data, (bytes, bytearray)):
-            times = self.container_into(item.data, plan.frame_times, tiles)
+            times = self.container_into(item.data, plan.frames.indices, out.reshape(plan.num_tiles, *plan.sizes[0], 3))
             written = len(times)
         elif item.modality == Modality.VIDEO:
-            written = self.frames_into(item.data, tiles)
+            written = self.frames_into(item.data, out.reshape(plan.num_tiles, *plan.sizes[0], 3))
         else:
             raise InvalidInput(f"unknown modality {item.modality!r}")
         if written != plan.num_tiles:
@@ -327,27 +351,27 @@ class ImageProcessor:
             n += 1
         return n
 
-    def container_into(self, data: bytes, times: tuple[float, ...], out: np.ndarray) -> list[float]:
-        """Decode the sampled frames of a video container, each resized to a tile as it is decoded;
-        returns the frames' actual times (s)."""
-        t = self.tiling.tile_size
-        actual = [0.0] * len(times)
+    def container_into(self, data: bytes, indices: tuple[int, ...], out: np.ndarray) -> list[float]:
+        """Decode the sampled frames of a video container into `out` [F, h, w, 3], each resized as it
+        is decoded; returns the frames' presentation times (s)."""
+        h, w = out.shape[1:3]
+        actual = [0.0] * len(indices)
 
         def consume(i: int, rgb: np.ndarray, seconds: float) -> None:
-            out[i] = self.resize(Image.fromarray(rgb, "RGB"), t, t)
+            out[i] = self.resize(Image.fromarray(rgb, "RGB"), w, h)
             actual[i] = seconds
 
-        video_decode.decode_sampled(data, times, consume)
+        video_decode.decode_sampled(data, indices, consume)
         return actual
 
     def frames_into(self, data: np.ndarray | list[bytes], out: np.ndarray) -> int:
-        """One tile per frame, each decoded and resized to the tile size before the next is
-        decoded (one full-size frame in memory at a time); returns frames written."""
-        t = self.tiling.tile_size
+        """Frames into `out` [F, h, w, 3], each decoded and resized before the next is decoded (one
+        full-size frame in memory at a time); returns frames written."""
+        h, w = out.shape[1:3]
         count = self._num_frames(data)
         for i, frame in enumerate(data):
             image = Image.fromarray(frame, "RGB") if isinstance(frame, np.ndarray) else self.load_image(frame)
-            out[i] = self.resize(image, t, t)
+            out[i] = self.resize(image, w, h)
         return count
 
     # -- validation + decoding: every failure is the caller's, so InvalidInput

@@ -115,7 +115,8 @@ class LLMEngine:
             )
         # Token counts from sizes alone: the same pure function the encoder uses.
         self.media_counter = ImageProcessor(ProcessorConfig(
-            tiling=info.tiling, dynamic=info.dynamic, video_pruning_rate=info.video_pruning_rate,
+            tiling=info.tiling, dynamic=info.dynamic, video_frames=info.video_frames,
+            video_pruning_rate=info.video_pruning_rate,
             default_video_frames=info.default_video_frames or ProcessorConfig.default_video_frames))
         self.cache = EmbeddingCache(cfg.cache_bytes)
         self.encode_calls = 0

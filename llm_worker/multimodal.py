@@ -23,7 +23,7 @@ from encoder_service.fingerprint import ModelFingerprint
 from encoder_service.processor import ItemPlan, MediaInput, Modality
 from encoder_service.serving.wire import EncodeResult
 from llm_worker.mm_cache import EmbeddingCache
-from llm_worker.prompt import MediaRegion, MediaSpan, PromptLayout
+from llm_worker.prompt import MediaRegion, MediaSpan, PromptLayout, nemotron_frame_time
 
 
 class Encoder(Protocol):
@@ -117,7 +117,8 @@ def media_region(item: MediaInput, plan: ItemPlan) -> MediaRegion:
     if item.modality != Modality.VIDEO:
         return MediaRegion([plan.tokens])
     counts = [plan.tokens] + [0] * (plan.num_tiles - 1) if plan.pruned else list(plan.tokens_per_frame)
-    return MediaRegion(counts, list(plan.frame_times) or None, video=True)
+    times = [nemotron_frame_time(i, plan.frames.fps) for i in plan.frames.indices] if plan.frames else None
+    return MediaRegion(counts, times, video=True)
 
 
 def relayout_frames(layout: PromptLayout, index: int, tokens_per_frame: list[int], pruned: bool) -> PromptLayout:

@@ -3,8 +3,10 @@
 Each media item's embedding rows map, in order, onto its placeholder positions.
 - an image is one run: `<img> ctx*n </img>`;
 - a video is one run per frame, each after its own separator, as Nemotron Nano VL's processor
-  lays videos out: `Frame 1 sampled at 0.50 seconds: <img> ctx*n1 </img>Frame 2 sampled at ...`
-  (`Frame 1: ` when the frames carry no timestamps).
+  (vLLM's `NanoNemotronVLProcessor.get_video_repl`) lays videos out:
+  `Frame 1 sampled at 0.00 seconds: <img> ctx*n1 </img>\nFrame 2 sampled at 0.49 seconds: ...`
+  (`Frame 1: `, `\nFrame 2: ` when the frames carry no timestamps). The time printed is the
+  processor's, `nemotron_frame_time`: from the frame's index in the stream and the stream's rate.
 
 Every separator and every `<img>`/`</img>` is tokenized on its own, so a video's region has the
 same length however its rows split over frames. That is what EVS needs: before encoding only a
@@ -87,10 +89,19 @@ def count_markers(text: str) -> list[str]:
 
 
 def frame_separator(index: int, time_s: float | None) -> str:
-    """The text before frame `index` (0-based) of a video, as Nemotron Nano VL's processor writes it."""
+    """The text before frame `index` (0-based) of a video, as Nemotron Nano VL's processor writes it:
+    every separator after the first starts a new line ("to match training format")."""
+    newline = "\n" if index > 0 else ""
     if time_s is None:
-        return f"Frame {index + 1}: "
-    return f"Frame {index + 1} sampled at {time_s:.2f} seconds: "
+        return f"{newline}Frame {index + 1}: "
+    return f"{newline}Frame {index + 1} sampled at {time_s:.2f} seconds: "
+
+
+def nemotron_frame_time(frame_index: int, fps: float) -> float:
+    """The time Nemotron Nano VL's prompt gives a frame: its index in the stream times the frame
+    duration in whole milliseconds (`int(1000 / fps)`, as vLLM's model file computes it), so
+    frame 150 of a 30 fps video is 4.95 s, not 5.00."""
+    return frame_index * int(1000 / fps) / 1000.0
 
 
 @dataclass(frozen=True)
@@ -98,7 +109,7 @@ class MediaRegion:
     """What the prompt needs of one media item before encoding."""
 
     counts: list[int]  # placeholder rows per run (one run for an image; per frame for a video)
-    frame_times: list[float] | None = None  # a video's sampled times (s), when known
+    frame_times: list[float] | None = None  # the times a video's separators print (s), when known
     video: bool = False
 
 

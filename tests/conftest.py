@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
+from pathlib import Path
 
 # A Serve handle router left in this process after its cluster shut down must not start a new Ray
 # instance behind the next test's back (Ray connects automatically on any call otherwise).
@@ -16,6 +19,9 @@ from PIL import Image
 from encoder_service.config import EngineConfig
 from encoder_service.engine import EncoderEngine
 from encoder_service.models import tiny_checkpoint_dir
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int | None = None) -> bytes:
@@ -48,3 +54,23 @@ def encoder_server(engine_config):
 
     with BackgroundServer(ServerConfig(port=0, engine=engine_config)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The vLLM test environment's Python (built once: ~2 min, 3.5 GB; kept in .venv-vllm)."""
+    done = subprocess.run([str(ROOT / "scripts" / "vllm_env.sh")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1800)
+    assert done.returncode == 0, f"scripts/vllm_env.sh failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return str(ROOT / ".venv-vllm" / "bin" / "python")
+
+
+def vllm_answers(vllm_python: str, cases: dict, tmp_path: Path) -> dict:
+    """vLLM's own answers to `cases` (tests/vllm_reference.py, run in the vLLM test environment)."""
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    out = tmp_path / "answers.json"
+    done = subprocess.run([vllm_python, str(ROOT / "tests" / "vllm_reference.py"), str(tmp_path / "cases.json"),
+                           str(out)], capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert out.exists(), f"vllm_reference.py died (code {done.returncode}):\n{done.stderr[-4000:]}"
+    return json.loads(out.read_text())

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 VIT = {  # timm name -> (hidden, layers, heads, mlp hidden)
+    "vit_small_patch16_224": (384, 12, 6, 1536),
     "vit_tiny_patch16_224": (192, 12, 3, 768),
     "vit_huge_patch16_224": (1280, 32, 16, 5120),
 }
@@ -32,7 +33,11 @@ def nemotron_config(
     dynamic: tuple[int, int] | None = (16, 64),
     teachers: int = 3,
     register_multiple: int = 8,
+    mtp: bool = False,
+    video: dict | None = None,
 ) -> dict:
+    """`mtp`: a checkpoint trained with MTP (text_config.num_nextn_predict_layers 1, with the vision
+    final LayerNorm); `video`: vision_config video options (video_target_num_patches, ...)."""
     args = {
         "model": model,
         "cpe_max_size": cpe_max_size,
@@ -77,6 +82,8 @@ def nemotron_config(
             "feature_normalizer_config": None,
             "inter_feature_normalizer_config": None,
             "video_temporal_patch_size": 1,
+            "layer_norm_eps": 1e-6,
+            **(video or {}),
         },
         "llm_config": {
             "architectures": ["NemotronHForCausalLM"],
@@ -85,6 +92,7 @@ def nemotron_config(
             "num_hidden_layers": 2,
             "vocab_size": 1000,
             "rms_norm_eps": 1e-5,
+            "num_nextn_predict_layers": 1 if mtp else 0,
         },
     }
 
@@ -125,6 +133,9 @@ def vision_tensors(config: dict, generator: torch.Generator, dtype: torch.dtype 
         "mlp1.1.weight": rand(config["projector_hidden_size"], width, scale=0.03),
         "mlp1.3.weight": rand(config["llm_config"]["hidden_size"], config["projector_hidden_size"], scale=0.03),
     }
+    if config["llm_config"]["num_nextn_predict_layers"]:
+        t |= {"vision_projector.vision_final_layernorm.weight": rand(hidden, scale=0.2, offset=1.0),
+              "vision_projector.vision_final_layernorm.bias": rand(hidden, scale=0.2)}
     return t
 
 

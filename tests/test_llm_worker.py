@@ -226,7 +226,8 @@ def test_chunked_prefill_with_pruned_videos_equals_one_shot(client, llm_dir, enc
         assert chunked.shape[0] == seq.prompt_len
         torch.testing.assert_close(chunked, _one_shot_logits(engine, client, seq), rtol=1e-4, atol=1e-4)
     text = engine.tokenizer.decode(seqs[1].layout.token_ids)  # placeholders decode to nothing
-    assert "".join(f"Frame {f + 1} sampled at {f / 10:.2f} seconds: <img></img>" for f in range(6)) in text
+    # vLLM's layout (get_video_repl): a new line before every frame but the first; index x int(1000 / fps) ms.
+    assert "\n".join(f"Frame {f + 1} sampled at {f / 10:.2f} seconds: <img></img>" for f in range(6)) in text
     if chunk_size in (7, 64):  # a pruned video really straddles a chunk boundary
         spans = [r.span for s in seqs for r in s.media if r.pruned]
         assert any(sp.offset // chunk_size != (sp.end - 1) // chunk_size for sp in spans)
@@ -266,12 +267,12 @@ def test_real_hf_tokenizer_lays_out_pruned_videos_from_its_own_ids(client, llm_d
     seq = seqs[0]
     assert seq.layout.token_ids[0] == tok.bos_id
     assert seq.media[2].span.frame_counts == [16, 0, 0, 16, 0, 0]
-    separator = tok.encode("Frame 4 sampled at 0.30 seconds: ")
+    separator = tok.encode("\nFrame 4 sampled at 0.30 seconds: ")
     start = seq.media[2].span.runs[3].offset - 1 - len(separator)
     assert seq.layout.token_ids[start : start + len(separator)] == separator
     for s in seqs:
         torch.testing.assert_close(torch.cat(s.prompt_logits), _one_shot_logits(engine, client, s), rtol=1e-4, atol=1e-4)
-    assert "Frame 6 sampled at 0.50 seconds: <img></img>" in tok.decode(seq.layout.token_ids)
+    assert "</img>\nFrame 6 sampled at 0.50 seconds: <img></img>" in tok.decode(seq.layout.token_ids)
 
 
 def test_a_client_supplied_content_hash_never_shares_cached_rows(client, llm_dir, encoder_server):

@@ -85,6 +85,10 @@ def reference_embeddings(tensors: dict[str, torch.Tensor], config: dict, pixels:
         seq = layer.eval()(seq)
         i += 1
     feat = seq[0, prefix.shape[0]:].reshape(1, gh, gw, hidden)
+    if config["llm_config"].get("num_nextn_predict_layers"):  # MTP checkpoints: LayerNorm before the shuffle
+        norm = "vision_projector.vision_final_layernorm."
+        feat = F.layer_norm(feat, (hidden,), d[norm + "weight"], d[norm + "bias"],
+                            config["vision_config"].get("layer_norm_eps", 1e-6))
     # InternVL/Nemotron pixel_shuffle, step by step as published (n, w, h, c naming kept).
     n, ww, hh, c = feat.shape
     s = config["downsample_ratio"]
@@ -93,8 +97,8 @@ def reference_embeddings(tensors: dict[str, torch.Tensor], config: dict, pixels:
     if config["ps_version"] != "v1":
         y = y.permute(0, 2, 1, 3)
     y = y.reshape(-1, y.shape[-1])
-    # mlp1: RMSNorm (eps from the LLM config) -> Linear -> squared ReLU -> Linear, no biases.
-    eps = config["llm_config"]["rms_norm_eps"]
+    # mlp1: RMSNorm (eps 1e-5, as the model's code builds it) -> Linear -> squared ReLU -> Linear, no biases.
+    eps = 1e-5
     y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + eps) * d["mlp1.0.weight"]
     y = torch.relu(y @ d["mlp1.1.weight"].T) ** 2
     return y @ d["mlp1.3.weight"].T
@@ -219,6 +223,109 @@ def test_served_model_info_lets_an_llm_worker_count_dynamic_tokens(nemotron_dir)
         assert result.embeddings.shape == (sum(result.token_counts), 96)
 
 
+# ---------------------------------------------------------------- variants: MTP norm, video geometry, refusals
+
+
+def test_mtp_checkpoint_applies_the_vision_norm_and_inspect_says_so(tmp_path, capsys):
+    from encoder_service.cli import main
+
+    path = write_nemotron_checkpoint(tmp_path / "mtp", seed=7, dynamic=(16, 96), mtp=True)
+    engine = EncoderEngine(EngineConfig(checkpoint=str(path), max_tokens_per_batch=512))
+    rng = np.random.default_rng()
+    items = [MediaInput(Modality.IMAGE, image_bytes(120, 70, seed=int(rng.integers(1 << 30)))),
+             MediaInput(Modality.VIDEO, rng.integers(0, 256, (2, 50, 40, 3), dtype=np.uint8))]
+    out = _assert_matches_reference(engine, path, items)
+    # The same tensors without the MTP field: vLLM does not apply the norm, nor do we (rows differ).
+    config = json.loads((path / "config.json").read_text())
+    config["llm_config"]["num_nextn_predict_layers"] = 0
+    (path / "config.json").write_text(json.dumps(config))
+    plain = EncoderEngine(EngineConfig(checkpoint=str(path), max_tokens_per_batch=512)).encode(items)
+    assert (out.embeddings - plain.embeddings).norm() > 0.05 * out.embeddings.norm()
+    config["llm_config"]["num_nextn_predict_layers"] = 1
+    (path / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", "--checkpoint", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "vision LayerNorm before the shuffle" in printed
+    assert "vision_projector.vision_final_layernorm: read (MTP vision norm)" in printed
+    assert "language_model: skipped: language model" in printed
+
+
+@pytest.mark.parametrize("video", [
+    {"video_target_num_patches": 36},  # square: floor(sqrt(36)) = 6 patches a side
+    {"video_target_num_patches": 40, "video_maintain_aspect_ratio": True},
+    {"video_target_img_size": 72, "video_maintain_aspect_ratio": True},  # ceil(72 / 16)^2 = 25 patches
+])
+def test_video_frames_follow_the_checkpoints_geometry(tmp_path, video):
+    from encoder_service.processor import count_frame_tokens, video_frame_size
+
+    path = write_nemotron_checkpoint(tmp_path / "video", seed=9, dynamic=None, video=video)
+    engine = EncoderEngine(EngineConfig(checkpoint=str(path), max_tokens_per_batch=512))
+    geometry = engine.info().video_frames
+    from encoder_service.serving.wire import model_info_from_proto, model_info_to_proto
+    assert model_info_from_proto(model_info_to_proto(engine.info())).video_frames == geometry  # GetModelInfo carries it
+    patches = video.get("video_target_num_patches") or math.ceil(video["video_target_img_size"] / 16) ** 2
+    assert geometry.target_num_patches == patches
+    assert geometry.maintain_aspect_ratio == video.get("video_maintain_aspect_ratio", False)
+    rng = np.random.default_rng()
+    items = [MediaInput(Modality.VIDEO, rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8)) for w, h in
+             [(160, 90), (40, 120), (64, 64)]]
+    items.insert(1, MediaInput(Modality.IMAGE, image_bytes(150, 70, seed=int(rng.integers(1 << 30)))))
+    out = _assert_matches_reference(engine, path, items)
+    for item, frames in zip(items, out.tokens_per_frame):
+        if item.modality == Modality.VIDEO:
+            size = video_frame_size(item.data.shape[2], item.data.shape[1], engine.tiling, geometry)
+            assert engine.processor.plan(item).sizes == (size,) * 3
+            assert frames == [count_frame_tokens(size, 16, 2)] * 3
+            h, w = size
+            assert h % 32 == 0 and w % 32 == 0 and (h // 16) * (w // 16) <= patches
+            if not geometry.maintain_aspect_ratio:
+                assert h == w == 6 * 16 if patches == 36 else h == w
+    # EVS works on such frames: K rows kept over the video, the first frame whole.
+    pruned = engine.encode([MediaInput(Modality.VIDEO, items[0].data, pruning_rate=0.5)])
+    assert pruned.tokens_per_frame[0][0] == out.tokens_per_frame[0][0]
+    assert sum(pruned.tokens_per_frame[0]) == pruned.token_counts[0] < out.token_counts[0]
+
+
+def test_variants_this_loader_does_not_implement_are_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    def with_extra(name: str, tensors: dict[str, torch.Tensor], **overrides):
+        path = write_nemotron_checkpoint(tmp_path / name, dynamic=None, **overrides)
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        save_file(tensors, str(path / "extra.safetensors"))
+        index["weight_map"] |= {k: "extra.safetensors" for k in tensors}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+        return path
+
+    for key in ("vision_projector.other_norm.weight", "vision_model.siglip.embed.weight",
+                "vision_model.radio_model.model.blocks.0.attn.q_norm.weight", "mlp1.2.weight"):
+        with pytest.raises(ValueError, match="vision-side tensors this loader cannot apply") as refused:
+            load_checkpoint(with_extra(key.replace(".", "_"), {key: torch.ones(4)}))
+        assert key in str(refused.value)
+    # Families skipped on purpose load, and say so.
+    path = with_extra("skipped", {"sound_encoder.conv.weight": torch.ones(4),
+                                  "vision_model.radio_model.adaptors.clip.mlp.weight": torch.ones(4)})
+    load_checkpoint(path)
+    families = inspect_checkpoint(path)["tensor_families"]
+    assert families["sound"].startswith("skipped: audio")
+    assert families["vision_model.radio_model.adaptors"].startswith("skipped: teacher adaptors")
+    # MTP without its norm; video options that are unknown or contradictory.
+    with pytest.raises(ValueError, match="num_nextn_predict_layers.*no vision_projector.vision_final_layernorm"):
+        load_checkpoint(_mtp_without_norm(tmp_path))
+    for video, message in [({"video_target_num_patches": 64, "video_target_img_size": 128}, "both"),
+                           ({"video_frame_stride": 2}, "video_frame_stride")]:
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint(write_nemotron_checkpoint(tmp_path / message, dynamic=None, video=video))
+
+
+def _mtp_without_norm(tmp_path):
+    path = write_nemotron_checkpoint(tmp_path / "mtp-no-norm", dynamic=None)
+    config = json.loads((path / "config.json").read_text())
+    config["llm_config"]["num_nextn_predict_layers"] = 2
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 # ---------------------------------------------------------------- the dynamic-resolution algorithm
 
 
@@ -247,3 +354,28 @@ def test_dynamic_grid_properties():
             assert abs(math.log((cols / rows) / (w / h))) < 0.2
     # A 1-pixel strip scaled below one patch across (where the published code divides by zero).
     assert dynamic_patch_grid(1, 300_000, NEMOTRON_SPEC) == (15798, 2)
+
+
+def test_served_videos_with_a_frame_geometry_equal_the_engine(tmp_path):
+    """Through the real gRPC server (preprocessing workers, shared arenas): an MP4 and raw frames resized
+    to the checkpoint's aspect-preserving frame geometry give the engine's rows, bit for bit."""
+    from encoder_service.serving.api.client import EncoderClient
+    from encoder_service.serving.api.server import BackgroundServer, ServerConfig
+    from encoder_service.video.decode import VideoSampling
+    from tests.video_fixture import mp4_bytes
+
+    path = write_nemotron_checkpoint(tmp_path / "served", seed=13, dynamic=None,
+                                     video={"video_target_num_patches": 40, "video_maintain_aspect_ratio": True})
+    rng = np.random.default_rng()
+    frames = rng.integers(0, 256, (6, 48, 96, 3), dtype=np.uint8)
+    items = [MediaInput(Modality.VIDEO, mp4_bytes(frames), sampling=VideoSampling(num_frames=3)),
+             MediaInput(Modality.VIDEO, frames[:2]),
+             MediaInput(Modality.VIDEO, mp4_bytes(frames), sampling=VideoSampling(num_frames=4), pruning_rate=0.5)]
+    cfg = EngineConfig(checkpoint=str(path), max_tokens_per_batch=512)
+    expected = EncoderEngine(cfg).encode(items)
+    with BackgroundServer(ServerConfig(port=0, engine=cfg)) as server, EncoderClient(server.address) as client:
+        result = client.encode(items)
+    torch.testing.assert_close(result.embeddings, expected.embeddings, rtol=0, atol=0)
+    assert [i.tokens_per_frame for i in result.items] == expected.tokens_per_frame
+    assert result.items[0].frame_indices == [0, 2, 5] and result.items[0].video_fps == 10.0
+    assert expected.tokens_per_frame[0] == [10] * 3  # 48x96 at 40 patches: 4 x 10 patches -> 2 x 5 tokens

@@ -28,7 +28,7 @@ def test_layout_expands_markers_with_frames():
             assert ids[run.offset - 1] == tok.IMG_START and ids[run.offset + run.length] == tok.IMG_END
             assert set(ids[run.offset : run.offset + run.length]) == {tok.IMG_CONTEXT}
     assert tok.decode(ids) == ("a<img></img>bFrame 1 sampled at 0.00 seconds: <img></img>"
-                               "Frame 2 sampled at 1.50 seconds: <img></img>c")
+                               "\nFrame 2 sampled at 1.50 seconds: <img></img>c")
     assert layout.markers == ["image", "video"]
 
 
@@ -114,7 +114,8 @@ def test_pruned_video_relayout_keeps_the_region_length_and_moves_nothing_else(se
     text = tok.decode(after.token_ids[video.start : region_end])
     assert text.count("<img>") == text.count("</img>") == frames
     for f in range(frames):
-        assert (f"Frame {f + 1} sampled at {0.5 * f:.2f} seconds: " if times else f"Frame {f + 1}: ") in text
+        newline = "\n" if f else ""
+        assert (f"{newline}Frame {f + 1} sampled at {0.5 * f:.2f} seconds: " if times else f"{newline}Frame {f + 1}: ") in text
     for run in video.runs:
         assert after.token_ids[run.offset - 1] == tok.IMG_START and after.token_ids[run.offset + run.length] == tok.IMG_END
         assert set(after.token_ids[run.offset : run.offset + run.length]) <= {tok.IMG_CONTEXT}

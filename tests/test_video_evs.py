@@ -102,10 +102,11 @@ def test_mp4_round_trips_through_grpc_pruned_and_not_mixed_with_images(encoder_s
     assert whole.token_count == 5 * n and whole.tokens_per_frame == [n] * 5
     assert pruned.token_count == retained_token_count(n, 5, 0.6) == sum(pruned.tokens_per_frame)
     assert pruned.tokens_per_frame[0] == n
-    # 5 frames spread over 2 s: targets 0, 0.4, 0.8, 1.2, 1.6 s -> frames 0, 4, 8, 12, 16 at 10 fps
-    assert whole.frame_timestamps == pytest.approx([0.0, 0.4, 0.8, 1.2, 1.6])
+    # 5 of 20 frames (2 s at 10 fps), vLLM's rule: linspace(0, 19, 5) as ints -> 0, 4, 9, 14, 19
+    assert whole.frame_indices == [0, 4, 9, 14, 19] and whole.video_fps == 10.0
+    assert whole.frame_timestamps == pytest.approx([0.0, 0.4, 0.9, 1.4, 1.9])
     # The same frames given as pixels, encoded unpruned, then EVS by the reference rule: the same rows.
-    picked = np.stack([frames[i] for i in (0, 4, 8, 12, 16)])
+    picked = np.stack([frames[i] for i in (0, 4, 9, 14, 19)])
     reference = engine.encode([MediaInput(Modality.VIDEO, picked)]).embeddings
     rows = result.split()
     torch.testing.assert_close(rows[2], reference, rtol=0, atol=0)

@@ -35,15 +35,6 @@ SIZES = [(150, 100), (64, 64), (300, 80), (90, 250), (500, 375), (128, 64), (70,
 
 
 @pytest.fixture(scope="module")
-def vllm_python() -> str:
-    """The vLLM test environment's Python (built once: ~2 min, 3.5 GB; kept in .venv-vllm)."""
-    done = subprocess.run([str(ROOT / "scripts" / "vllm_env.sh")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=1800)
-    assert done.returncode == 0, f"scripts/vllm_env.sh failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return str(ROOT / ".venv-vllm" / "bin" / "python")
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     """The checkpoint, and two the pool must not be trusted with: other tiling, another width."""
     root = tmp_path_factory.mktemp("vlm")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+from fractions import Fraction
 
 import av
 import numpy as np
 
 
-def mp4_bytes(frames: np.ndarray, fps: int = 10) -> bytes:
+def mp4_bytes(frames: np.ndarray, fps: int | Fraction = 10) -> bytes:
     """frames [T, H, W, 3] uint8 as an H.264 MP4 (qp 0: static frames decode identical)."""
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:

@@ -47,10 +47,13 @@ class Family:
     wanted: Callable[[str], bool]
     encoder_config: Callable[[dict, dict[str, tuple[int, ...]]], EncoderConfig]
     convert_state: Callable[[dict[str, torch.Tensor], EncoderConfig], dict[str, torch.Tensor]]
+    # Each tensor family of a checkpoint -> what the loader does with it (read / skipped: why), for `inspect`.
+    tensor_families: Callable[[list[str], dict], dict[str, str]] | None = None
 
 
 def _family(name: str, module: ModuleType) -> Family:
-    return Family(name, module.matches, module.wanted, module.encoder_config, module.convert_state)
+    return Family(name, module.matches, module.wanted, module.encoder_config, module.convert_state,
+                  getattr(module, "tensor_families", None))
 
 
 OWN = Family(
@@ -166,10 +169,12 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
     family, model, state = _build(path, meta=True)
     cfg, v = model.cfg, model.cfg.vision
     proc = cfg.processor
+    raw = read_config(path)
+    keys = [k for shard_keys_ in shard_keys(path, lambda k: True).values() for k in shard_keys_]
     info = {
         "path": str(path),
         "family": family.name,
-        "model_type": read_config(path).get("model_type"),
+        "model_type": raw.get("model_type"),
         "name": cfg.name,
         "vision": {"hidden": v.hidden_size, "layers": v.num_layers, "heads": v.num_heads, "head_dim": v.head_dim,
                    "mlp": v.intermediate_size, "patch": v.patch_size, "prefix_tokens": v.num_prefix_tokens,
@@ -177,13 +182,18 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict:
                    "final_norm": v.post_layernorm},
         "projector": None if cfg.projector is None else {
             "kind": cfg.projector.kind, "pixel_shuffle": f"{cfg.projector.downsample}x{cfg.projector.downsample} "
-            f"{cfg.projector.ps_version}", "hidden": cfg.projector.hidden_size},
+            f"{cfg.projector.ps_version}", "hidden": cfg.projector.hidden_size,
+            "vision_norm": cfg.projector.vision_norm_eps is not None},
         "output_size": cfg.output_size,
         "tiling": {"tile_size": proc.tiling.tile_size, "tiles": f"{proc.tiling.min_tiles}..{proc.tiling.max_tiles}",
                    "thumbnail": proc.tiling.use_thumbnail, "tokens_per_tile": proc.tiling.tokens_per_tile},
         "dynamic_resolution": None if proc.dynamic is None else {
             "patches": f"{proc.dynamic.min_num_patches}..{proc.dynamic.max_num_patches}",
             "max_tokens_per_image": proc.dynamic.max_num_patches // proc.dynamic.downsample**2},
+        "video_frames": None if proc.video_frames is None else {
+            "target_num_patches": proc.video_frames.target_num_patches,
+            "maintain_aspect_ratio": proc.video_frames.maintain_aspect_ratio},
+        "tensor_families": family.tensor_families(keys, raw) if family.tensor_families else None,
         "parameters": sum(t.numel() for t in state.values()),
         "checkpoint_dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in state.values()}),
     }

@@ -1,8 +1,11 @@
 """Nemotron Nano VL checkpoints as published: the RADIO vision tower and the `mlp1` projector.
 
 A Nemotron Nano VL directory holds the whole VLM (config.json with `model_type`
-"NemotronH_Nano_VL_V2", sharded safetensors + index). Only `vision_model.radio_model.*` and
-`mlp1.*` are read; the language model's tensors are never loaded. Layout, as the model's own
+"NemotronH_Nano_VL_V2", sharded safetensors + index). Only the vision side is read
+(`vision_model.*`, `vision_projector.*`, `mlp1.*`); the language model's tensors are never loaded.
+Every tensor family of the checkpoint is accounted for (`FAMILIES`, `tensor_families`): read, or
+skipped on purpose (language model, audio encoder, teacher adaptors, summary heads, the input
+normaliser), and any other vision-side tensor refuses the checkpoint. Layout, as the model's own
 code and vLLM (`radio.py`, `nano_nemotron_vl.py`) / TensorRT-LLM (`modeling_radio.py`,
 `modeling_nemotron_nano.py`) read it:
 
@@ -11,13 +14,20 @@ code and vLLM (`radio.py`, `nano_nemotron_vl.py`) / TensorRT-LLM (`modeling_radi
   radio_model.model.patch_generator.cls_token.token   [K, D]      class + register tokens
   radio_model.model.blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.{weight,bias}
   radio_model.model.norm.{weight,bias}                 only used when args.model_norm
-  mlp1.0.weight (RMSNorm), mlp1.1.weight, mlp1.3.weight (Linear, no bias; squared ReLU between)
+  mlp1.0.weight (RMSNorm, eps 1e-5 as vLLM builds it), mlp1.1.weight, mlp1.3.weight (Linear, no
+      bias; squared ReLU between)
+  vision_projector.vision_final_layernorm.{weight,bias}  checkpoints trained with MTP
+      (`text_config.num_nextn_predict_layers` > 0): a LayerNorm (eps `vision_config.layer_norm_eps`,
+      default 1e-6) over the ViT's features, prefix tokens dropped, before the pixel shuffle
 
 Geometry comes from config.json: `vision_config.args.model` (a timm ViT name), `patch_size`,
 `force_image_size`, `downsample_ratio`, `ps_version`, `vit_hidden_size`,
 `projector_hidden_size`, `llm_config.hidden_size` / `rms_norm_eps`, `norm_mean`/`norm_std`,
 `min/max_dynamic_patch` + `use_thumbnail` (fixed tiling) and `min_num_patches` /
-`max_num_patches` (dynamic resolution, when present).
+`max_num_patches` (dynamic resolution, when present); video frames from `vision_config`'s
+`video_target_num_patches` or `video_target_img_size` (at most one) and
+`video_maintain_aspect_ratio`, else one square tile per frame. Any other `video_*` option of
+`vision_config` refuses the checkpoint.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from encoder_service.config import (
     ProcessorConfig,
     ProjectorConfig,
     TilingSpec,
+    VideoFrameGeometry,
     VisionConfig,
     with_derived_tokens,
 )
@@ -43,6 +54,10 @@ TOWER = "vision_model.radio_model."
 PATCH_GEN = TOWER + "model.patch_generator."
 BLOCKS = TOWER + "model.blocks."
 FINAL_NORM = TOWER + "model.norm."
+VISION_NORM = "vision_projector.vision_final_layernorm."
+VIDEO_OPTIONS = ("video_temporal_patch_size", "video_target_num_patches", "video_target_img_size",
+                 "video_maintain_aspect_ratio")
+MLP1_RMS_EPS = 1e-5  # vLLM (and the model's own code) build mlp1's RMSNorm with it, whatever the LLM's eps
 
 # timm ViT names RADIO is built on: (hidden, layers, heads, mlp hidden).
 TIMM_VIT_DIMS = {
@@ -56,11 +71,24 @@ BLOCK_TENSORS = tuple(
     f"{layer}.{kind}" for layer in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
     for kind in ("weight", "bias")
 )
-# Vision-tower tensors that do not take part in the embeddings a VLM consumes.
-IGNORED = tuple(TOWER + p for p in (
-    "input_conditioner.", "summary_idxs", "adaptors.", "feature_normalizer.", "inter_feature_normalizer.",
-    "model.head.", "model.fc_norm.", "model.patch_generator.video_embedder.",
-))
+# Tensor families of a Nemotron Nano VL checkpoint this loader skips on purpose, and why (the README
+# lists them). Vision-side ones are prefixes of the tower; the others are whole top-level families.
+SKIPPED_VISION = {
+    TOWER + "input_conditioner.": "input normaliser (the preprocessing normalises with norm_mean/std)",
+    TOWER + "summary_idxs": "summary heads (the VLM uses patch features)",
+    TOWER + "adaptors.": "teacher adaptors (distillation heads)",
+    TOWER + "feature_normalizer.": "teacher feature normaliser",
+    TOWER + "inter_feature_normalizer.": "teacher feature normaliser",
+    TOWER + "model.head.": "summary heads (the VLM uses patch features)",
+    TOWER + "model.fc_norm.": "summary heads (the VLM uses patch features)",
+    TOWER + "model.patch_generator.video_embedder.": "tubelet video embedder (video_temporal_patch_size 1 only)",
+}
+SKIPPED_OTHER = {
+    "language_model.": "language model",
+    "sound": "audio encoder and its projection",
+}
+VISION_SIDE = ("vision_model.", "vision_projector.", "mlp1.")
+IGNORED = tuple(SKIPPED_VISION)
 
 
 def matches(raw: dict) -> bool:
@@ -68,7 +96,45 @@ def matches(raw: dict) -> bool:
 
 
 def wanted(key: str) -> bool:
-    return key.startswith((TOWER, "mlp1."))
+    """Every vision-side tensor (headers suffice to refuse unknown ones; they are read as the model is)."""
+    return key.startswith(VISION_SIDE)
+
+
+def family_of(key: str) -> str:
+    """A tensor's family, as `inspect` lists them: blocks collapse to one entry."""
+    if key.startswith(BLOCKS):
+        return BLOCKS + "*"
+    for prefix in (*SKIPPED_VISION, *SKIPPED_OTHER, VISION_NORM, PATCH_GEN, FINAL_NORM, "mlp1."):
+        if key.startswith(prefix):
+            return prefix.rstrip(".")
+    return ".".join(key.split(".")[:2])
+
+
+def tensor_families(keys, raw: dict) -> dict[str, str]:
+    """Each tensor family of a checkpoint (from its index or headers) and what this loader does with it."""
+    mtp = _mtp(raw)
+    out: dict[str, str] = {}
+    for key in keys:
+        family = family_of(key)
+        if family in out:
+            continue
+        skipped = next((why for p, why in (*SKIPPED_VISION.items(), *SKIPPED_OTHER.items()) if key.startswith(p)), None)
+        if skipped:
+            out[family] = f"skipped: {skipped}"
+        elif key.startswith(VISION_NORM):
+            out[family] = "read (MTP vision norm)" if mtp else "skipped: num_nextn_predict_layers is 0 (as vLLM)"
+        elif key.startswith(FINAL_NORM) and not (raw.get("vision_config", {}).get("args") or {}).get("model_norm"):
+            out[family] = "skipped: args.model_norm is off"
+        elif key.startswith(VISION_SIDE):
+            out[family] = "read"
+        else:
+            out[family] = "skipped: not part of the vision side"
+    return out
+
+
+def _mtp(raw: dict) -> bool:
+    llm = raw.get("llm_config") or raw.get("text_config") or {}
+    return int(llm.get("num_nextn_predict_layers") or 0) > 0
 
 
 def _require(raw: dict, key: str, where: str = "config.json"):
@@ -89,6 +155,10 @@ def encoder_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> EncoderConf
         raise ValueError(f"vit_hidden_size {raw['vit_hidden_size']} does not match {name} ({hidden})")
     if vision_cfg.get("video_temporal_patch_size", 1) != 1:
         raise ValueError("video_temporal_patch_size > 1 (tubelet video embedding) is not supported")
+    unknown_video = sorted(k for k in vision_cfg if k.startswith("video_") and k not in VIDEO_OPTIONS)
+    if unknown_video:
+        raise ValueError(f"vision_config has video options this loader does not implement: {unknown_video} "
+                         f"(implemented: {', '.join(VIDEO_OPTIONS)})")
     patch = int(vision_cfg.get("patch_size") or _require(raw, "patch_size"))
 
     embedder = _shape(shapes, PATCH_GEN + "embedder.weight")
@@ -119,10 +189,14 @@ def encoder_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> EncoderConf
         downsample=downsample,
         hidden_size=int(_require(raw, "projector_hidden_size")),
         output_size=int(_require(llm, "hidden_size", "config.json's llm_config")),
-        layer_norm_eps=float(llm.get("rms_norm_eps", 1e-5)),
+        layer_norm_eps=MLP1_RMS_EPS,
         kind="mlp1",
         ps_version=_require(raw, "ps_version"),
+        vision_norm_eps=float(vision_cfg.get("layer_norm_eps", 1e-6)) if _mtp(raw) else None,
     )
+    if projector.vision_norm_eps is not None and VISION_NORM + "weight" not in shapes:
+        raise ValueError(f"text_config.num_nextn_predict_layers > 0 (a checkpoint trained with MTP) but the "
+                         f"checkpoint has no {VISION_NORM}weight")
     tiling = TilingSpec(
         tile_size=int(_require(raw, "force_image_size")),
         min_tiles=int(raw.get("min_dynamic_patch", 1)),
@@ -134,6 +208,7 @@ def encoder_config(raw: dict, shapes: dict[str, tuple[int, ...]]) -> EncoderConf
         image_mean=tuple(raw.get("norm_mean", CLIP_MEAN)),
         image_std=tuple(raw.get("norm_std", CLIP_STD)),
         dynamic=_dynamic_resolution(vision_cfg, args, patch, downsample, side),
+        video_frames=_video_frames(vision_cfg, int(raw.get("patch_size") or patch), downsample),
     )
     return EncoderConfig(raw.get("_name_or_path") or "nemotron-nano-vl", vision, projector, processor)
 
@@ -150,6 +225,21 @@ def _dynamic_resolution(vision_cfg: dict, args: dict, patch: int, downsample: in
         return None
     cap = int(source.get("max_num_patches", 0)) or side * side
     return DynamicResolution(patch, downsample, int(source["min_num_patches"]), cap)
+
+
+def _video_frames(vision_cfg: dict, patch: int, downsample: int) -> VideoFrameGeometry | None:
+    """vLLM's processor: exactly one of video_target_num_patches / video_target_img_size (the latter as
+    ceil(size / patch)^2 patches, with the top-level patch_size), else None (one square tile per frame)."""
+    patches, size = vision_cfg.get("video_target_num_patches"), vision_cfg.get("video_target_img_size")
+    if patches is not None and size is not None:
+        raise ValueError("vision_config sets both video_target_num_patches and video_target_img_size (exactly one "
+                         "may be set)")
+    if size is not None:
+        patches = math.ceil(size / patch) ** 2
+    if patches is None:
+        return None
+    return VideoFrameGeometry(int(patches), bool(vision_cfg.get("video_maintain_aspect_ratio", False)), patch,
+                              downsample)
 
 
 def _shape(shapes: dict[str, tuple[int, ...]], key: str) -> tuple[int, ...]:
@@ -180,8 +270,16 @@ def convert_state(state: dict[str, torch.Tensor], cfg: EncoderConfig) -> dict[st
         for kind in ("weight", "bias"):
             out[f"vit.post_norm.{kind}"] = state[FINAL_NORM + kind]
             used.add(FINAL_NORM + kind)
+    mtp = cfg.projector.vision_norm_eps is not None
+    if mtp:
+        for kind in ("weight", "bias"):
+            out[f"projector.vision_norm.{kind}"] = state[VISION_NORM + kind]
+            used.add(VISION_NORM + kind)
     unknown = sorted(k for k in state if k not in used and not k.startswith(IGNORED)
-                     and not (k.startswith(FINAL_NORM) and not v.post_layernorm))
+                     and not (k.startswith(FINAL_NORM) and not v.post_layernorm)
+                     and not (k.startswith(VISION_NORM) and not mtp))
     if unknown:
-        raise ValueError(f"tensors this loader cannot apply (unsupported RADIO variant?): {unknown[:8]}")
+        families = sorted({family_of(k) for k in unknown})
+        raise ValueError(f"vision-side tensors this loader cannot apply (unsupported variant; families "
+                         f"{families}): {unknown[:8]}")
     return out

@@ -1,6 +1,7 @@
 """The VLM projector: pixel shuffle (f x f neighbouring patches -> one token f^2 x wider), then an MLP
 to the LLM width. Two MLP layouts (ProjectorConfig.kind): this project's LayerNorm-GELU one and
-Nemotron Nano VL's `mlp1` (RMSNorm, squared ReLU, no biases)."""
+Nemotron Nano VL's `mlp1` (RMSNorm, squared ReLU, no biases); optionally a LayerNorm over the ViT's
+features first (Nemotron checkpoints trained with MTP)."""
 
 from __future__ import annotations
 
@@ -47,8 +48,12 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(width, cfg.hidden_size, bias=not mlp1)
         self.fc2 = nn.Linear(cfg.hidden_size, cfg.output_size, bias=not mlp1)
         self.act = _squared_relu if mlp1 else F.gelu
+        if cfg.vision_norm_eps is not None:  # Nemotron's MTP checkpoints: LayerNorm before the shuffle
+            self.vision_norm = nn.LayerNorm(vision_hidden, eps=cfg.vision_norm_eps)
 
     def forward(self, x: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
+        if self.cfg.vision_norm_eps is not None:
+            x = self.vision_norm(x)
         x = pixel_shuffle(x, grids, self.cfg.downsample, self.cfg.ps_version)
         return self.fc2(self.act(self.fc1(self.norm(x))))
 

@@ -29,7 +29,7 @@ import torch
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from encoder_service.config import DynamicResolution, TilingSpec
+from encoder_service.config import DynamicResolution, TilingSpec, VideoFrameGeometry
 from encoder_service.digest import MediaDigest
 from encoder_service.engine import EncodeOutput, ModelInfo
 from encoder_service.errors import (
@@ -245,33 +245,33 @@ def media_from_proto(msg: pb.MediaItem) -> MediaInput:
     modality = _MODALITIES[msg.modality]
     source = msg.WhichOneof("source")
     if source is None:
-        raise InvalidInput(f"no media data")
+        raise InvalidInput("no media data")
     if source == "raw_pixels":
         if msg.raw_pixels.dtype != pb.DTYPE_UINT8:
-            raise InvalidInput(f"raw pixels must be uint8")
+            raise InvalidInput("raw pixels must be uint8")
         data = tensor_from_proto(msg.raw_pixels).numpy()  # shape and byte count checked first
     elif source == "encoded_frames":
         if modality != Modality.VIDEO:
-            raise InvalidInput(f"encoded_frames is only for VIDEO items")
+            raise InvalidInput("encoded_frames is only for VIDEO items")
         data = list(msg.encoded_frames.frames)
     elif source == "encoded_video":
         if modality != Modality.VIDEO:
-            raise InvalidInput(f"encoded_video is only for VIDEO items")
+            raise InvalidInput("encoded_video is only for VIDEO items")
         data = msg.encoded_video
     elif source == "digest":
         data = MediaDigest(msg.digest.sha256)
     else:
         if modality != Modality.IMAGE:
-            raise InvalidInput(f"encoded_image is only for IMAGE items")
+            raise InvalidInput("encoded_image is only for IMAGE items")
         data = msg.encoded_image
     sampling = None
     if msg.HasField("sampling"):
         if source not in ("encoded_video", "digest") or modality != Modality.VIDEO:
-            raise InvalidInput(f"sampling applies to encoded_video only")
+            raise InvalidInput("sampling applies to encoded_video only")
         sampling = VideoSampling(msg.sampling.num_frames, msg.sampling.fps, msg.sampling.max_frames)
     rate = msg.pruning_rate if msg.HasField("pruning_rate") else None
     if rate is not None and modality != Modality.VIDEO:
-        raise InvalidInput(f"pruning_rate applies to VIDEO items only")
+        raise InvalidInput("pruning_rate applies to VIDEO items only")
     return MediaInput(modality, data, item_id=msg.item_id, content_hash=msg.content_hash,
                       sampling=sampling, pruning_rate=rate)
 
@@ -291,13 +291,15 @@ def response_header(request: pb.EncodeRequest, out, extras: dict | None = None) 
             offset=offset,
             num_tiles=tiles,
             tokens_per_frame=frames,
-            frame_timestamps=times,
+            frame_timestamps=video.times if video else (),
+            frame_indices=video.indices if video else (),
+            video_fps=video.fps if video else 0.0,
             digest=digest,
             cache_hit=hit,
         )
-        for src, n, offset, tiles, frames, times, digest, hit in zip(
+        for src, n, offset, tiles, frames, video, digest, hit in zip(
             request.items, out.token_counts, out.offsets, out.num_tiles, out.tokens_per_frame,
-            out.frame_timestamps or [[]] * count, out.digests or [""] * count, out.cache_hits or [False] * count,
+            out.video_frames or [None] * count, out.digests or [""] * count, out.cache_hits or [False] * count,
         )
     ]
     return pb.EncodeResponse(
@@ -385,6 +387,8 @@ class ItemEmbedding:
     frame_timestamps: list[float] = dataclasses.field(default_factory=list)
     digest: str = ""  # the media digest the server computed (send it instead of the bytes next time)
     cache_hit: bool = False
+    frame_indices: list[int] = dataclasses.field(default_factory=list)  # encoded_video: in the stream
+    video_fps: float = 0.0  # encoded_video: the stream's average rate
 
 
 @dataclass
@@ -480,7 +484,7 @@ def decode_response(data: bytes, copy: bool = True) -> EncodeResult:
 def result_from_parts(header: pb.EncodeResponse, embeddings: torch.Tensor) -> EncodeResult:
     items = [
         ItemEmbedding(m.item_id, m.content_hash, m.offset, m.token_count, m.num_tiles, list(m.tokens_per_frame),
-                      list(m.frame_timestamps), m.digest, m.cache_hit)
+                      list(m.frame_timestamps), m.digest, m.cache_hit, list(m.frame_indices), m.video_fps)
         for m in header.items
     ]
     if sum(i.token_count for i in items) != embeddings.shape[0]:
@@ -533,6 +537,8 @@ def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
         video_pruning_rate=info.video_pruning_rate,
         default_video_frames=info.default_video_frames,
         fingerprint=None if info.fingerprint is None else fingerprint_to_proto(info.fingerprint),
+        video_frame_geometry=None if info.video_frames is None
+        else pb.VideoFrameGeometry(**dataclasses.asdict(info.video_frames)),
     )
 
 
@@ -573,4 +579,10 @@ def model_info_from_proto(msg: pb.ModelInfo) -> ModelInfo:
         video_pruning_rate=msg.video_pruning_rate,
         default_video_frames=msg.default_video_frames,
         fingerprint=fingerprint_from_proto(msg.fingerprint) if msg.HasField("fingerprint") else None,
+        video_frames=VideoFrameGeometry(
+            target_num_patches=msg.video_frame_geometry.target_num_patches,
+            maintain_aspect_ratio=msg.video_frame_geometry.maintain_aspect_ratio,
+            patch_size=msg.video_frame_geometry.patch_size,
+            downsample=msg.video_frame_geometry.downsample,
+        ) if msg.HasField("video_frame_geometry") else None,
     )

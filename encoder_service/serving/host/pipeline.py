@@ -44,6 +44,7 @@ from encoder_service.processor import ItemPlan, MediaInput, Modality, byte_range
 from encoder_service.serving.host.arena import SharedArena
 from encoder_service.serving.host.preprocess import PreprocessPool
 from encoder_service.serving.host.rows import OUTPUTS, Region, RowStore
+from encoder_service.video.decode import SampledFrames
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ class Encoding:
         return [r.tokens_per_frame for r in self.regions]
 
     @property
-    def frame_timestamps(self) -> list[list[float]]:
-        return [r.frame_times for r in self.regions]
+    def video_frames(self) -> list[SampledFrames | None]:
+        return [r.frames for r in self.regions]
 
     @property
     def digests(self) -> list[str]:
@@ -422,7 +423,7 @@ class EncodePipeline:
         for region, offset in zip(encoding.regions, encoding.offsets):
             out[offset : offset + region.rows].copy_(self.rows(region))
         return EncodeOutput(out, encoding.token_counts, encoding.num_tiles, encoding.tokens_per_frame,
-                            encoding.stats, encoding.frame_timestamps, encoding.digests, encoding.cache_hits)
+                            encoding.stats, encoding.video_frames, encoding.digests, encoding.cache_hits)
 
     def _preprocessed(self, job: _Job, offset: int | None, error: BaseException | None, times: list[float]) -> None:
         """A worker finished (or dropped) a job's item: queue its tiles for the device."""
@@ -466,7 +467,8 @@ class EncodePipeline:
     def _finish_job(self, job: _Job) -> None:
         """A job's rows are complete: published to the cache, handed to every request still waiting."""
         region = job.region
-        region.frame_times = list(job.frame_times)
+        if job.plan.frames:
+            region.frames = dataclasses.replace(job.plan.frames, times=tuple(job.frame_times))
         with self._lock:
             self.store.publish(region)
             if self._jobs.get(job.key) is job:

@@ -38,6 +38,7 @@ from encoder_service.config import ProcessorConfig
 from encoder_service.errors import InvalidInput, Unavailable
 from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, Modality
 from encoder_service.serving.host.framing import read_frame, write_frame
+from encoder_service.video.decode import SampledFrames
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ log = logging.getLogger(__name__)
 
 def _job_message(item: MediaInput, offset: int, nbytes: int, plan: ItemPlan) -> dict:
     msg = {"offset": offset, "nbytes": nbytes, "modality": item.modality.value}
-    if plan.frame_times:  # the sampled times the plan (and the token count) was made for
-        msg["times"] = list(plan.frame_times)
+    if plan.frames:  # the sampled frames the plan (and the token count) was made for
+        msg["frame_indices"] = list(plan.frames.indices)
+        msg["frame_size"] = list(plan.sizes[0])
     if isinstance(item.data, np.ndarray):
         data = np.ascontiguousarray(item.data)
         msg.update(kind="pixels", shape=list(data.shape), data=memoryview(data).cast("B"))
@@ -217,9 +219,9 @@ def worker_main(argv: list[str] | None = None) -> int:
         try:
             pixels = np.ndarray((job["nbytes"],), np.uint8, buffer=arena, offset=job["offset"])
             plan = None
-            if "times" in job:  # a video container: decode the frames the server planned for
-                tile = (processor.tiling.tile_size,) * 2
-                plan = ItemPlan((tile,) * len(job["times"]), 0, frame_times=tuple(job["times"]))
+            if "frame_indices" in job:  # a video container: decode the frames the server planned for
+                indices, size = tuple(job["frame_indices"]), tuple(job["frame_size"])
+                plan = ItemPlan((size,) * len(indices), 0, frames=SampledFrames(indices, 0.0))
             reply = {"ok": True, "times": processor.process_into(_job_item(job), pixels, plan)}
         except InvalidInput as e:
             reply = {"ok": False, "invalid": True, "error": str(e)}

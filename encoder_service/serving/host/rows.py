@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from encoder_service.serving.host.arena import SharedArena
+from encoder_service.video.decode import SampledFrames
 
 OUTPUTS, CACHE = 0, 1  # arena ids, as segments name them to the transport
 
@@ -38,7 +39,7 @@ class Region:
     rows: int = 0
     num_tiles: int = 0
     tokens_per_frame: list[int] = field(default_factory=list)
-    frame_times: list[float] = field(default_factory=list)
+    frames: SampledFrames | None = None  # a video container's sampled frames
     digest: str = ""
 
 
