@@ -247,10 +247,10 @@ def engine_baseline(cfg: EngineConfig, requests, repeats: int) -> tuple[dict, di
 
 
 @contextlib.contextmanager
-def standalone_server(checkpoint: str, args, cache_mb: int = 0):
+def standalone_server(checkpoint: str, args, cache_mb: int = 0, stream_chunk_mb: float = 16.0):
     cmd = [sys.executable, "-m", "encoder_service.cli", "serve", "--port", "0", "--checkpoint", checkpoint,
            "--device", args.device, "--dtype", args.dtype, "--max-tokens-per-request", str(1 << 20),
-           "--cache-mb", str(cache_mb),
+           "--cache-mb", str(cache_mb), "--stream-chunk-mb", str(stream_chunk_mb),
            "--preprocess-workers", str(args.preprocess_workers)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:

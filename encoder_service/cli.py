@@ -65,7 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = ServerConfig(host=args.host, port=args.port, engine=engine_config(args), pipeline=pipeline, tls=tls,
                        auth_token_file=args.auth_token_file, insecure=args.insecure,
                        max_request_bytes=args.max_request_mb << 20, drain_grace_s=args.drain_grace_s,
-                       metrics_port=args.metrics_port, cache_per_token=not args.shared_cache)
+                       metrics_port=args.metrics_port, cache_per_token=not args.shared_cache,
+                       stream_chunk_bytes=int(args.stream_chunk_mb * (1 << 20)))
     try:
         asyncio.run(serve_forever(cfg))
     except KeyboardInterrupt:
@@ -255,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="one cache for every bearer token (default: entries per token, so tenants cannot probe "
                         "each other's images)")
     p.add_argument("--max-request-mb", type=int, default=64, help="largest request accepted")
+    p.add_argument("--stream-chunk-mb", type=float, default=16.0,
+                   help="EncodeStream: rows per message at most (a large item streams as several messages)")
     p.add_argument("--drain-grace-s", type=float, default=30.0, help="on SIGTERM, time for calls in flight")
     p.add_argument("--tls-cert", help="PEM certificate chain file (TLS on)")
     p.add_argument("--tls-key", help="PEM private key file")

@@ -1,9 +1,11 @@
 """Reference LLM engine: any HF causal LM that takes `inputs_embeds`, chunked prefill, greedy decode.
 
 A scheduler step:
-1. admits waiting requests: ONE Encode call for all their uncached media, pinned in the cache;
+1. admits waiting requests: ONE Encode call for all their uncached media, pinned in the cache; with
+   `progressive_prefill` a streamed one (`StreamedFetch`) that does not wait for the rows;
 2. spends a per-step token budget on running requests in arrival order: a prefill chunk
-   (at most `chunk_size` prompt tokens) or one decode token each;
+   (at most `chunk_size` prompt tokens, and never past the region of an item whose rows have not
+   arrived yet) or one decode token each;
 3. releases a request's pins once its prefill is over.
 Media rows reach each chunk by slicing cached embeddings (`merge_chunk`), never by re-encoding.
 """
@@ -26,6 +28,7 @@ from encoder_service.fingerprint import of_checkpoint
 from llm_worker.multimodal import (CheckedEncoder, Encoder, MediaRef, fetch_embeddings, media_region, merge_chunk,
                                    relayout_frames)
 from llm_worker.prompt import PromptLayout, count_markers, layout_prompt
+from llm_worker.streamed_fetch import StreamedFetch
 from llm_worker.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 
@@ -37,10 +40,14 @@ class LLMWorkerConfig:
     step_token_budget: int = 512  # tokens (prefill + decode) one scheduler step may process
     cache_bytes: int = 1 << 30  # media embedding cache budget
     device: str = "cpu"
+    dtype: str = "float32"  # the LLM's weights and activations (bfloat16 on GPUs)
     record_prompt_logits: bool = False  # keep every prompt position's logits (tests, debugging)
     # The checkpoint directory the pool must serve (its vision tower, preprocessing and width, by fingerprint):
     # a pool serving anything else is refused at connect and on any answer. None: not checked.
     encoder_checkpoint: str | None = None
+    # Prefill text and the first items while later ones are still encoded (the pool streams items as they
+    # are ready); False: the whole Encode answer first, then prefill.
+    progressive_prefill: bool = True
 
 
 @dataclass
@@ -71,6 +78,8 @@ class Sequence:
     last_logits: torch.Tensor | None = None
     prompt_logits: list[torch.Tensor] = field(default_factory=list)
     prefill_chunks: int = 0
+    fetch: StreamedFetch | None = None  # its media still arriving (progressive prefill)
+    laid_out: set[int] = field(default_factory=set)  # media items whose rows are in and whose region is final
 
     @property
     def prompt_len(self) -> int:
@@ -103,7 +112,7 @@ class LLMEngine:
         model_dir = cfg.model_dir or tiny_llm_dir()
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"LLM checkpoint dir {model_dir} does not exist (no hub downloads)")
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype)).to(self.device).eval()
         self.embed_tokens = self.model.get_input_embeddings()
         vocab = getattr(self.tokenizer, "vocab_size", None)
         if vocab is not None and vocab > self.embed_tokens.num_embeddings:
@@ -120,6 +129,7 @@ class LLMEngine:
             default_video_frames=info.default_video_frames or ProcessorConfig.default_video_frames))
         self.cache = EmbeddingCache(cfg.cache_bytes)
         self.encode_calls = 0
+        self._fetches: list[StreamedFetch] = []  # streamed Encodes still delivering
         self._sequences: list[Sequence] = []
         self._arrivals = itertools.count()
 
@@ -167,6 +177,7 @@ class LLMEngine:
         waiting = [s for s in self._sequences if s.status == Status.WAITING]
         if waiting:
             self._admit(waiting)
+        self._receive()
         budget = self.cfg.step_token_budget
         finished = []
         for seq in sorted((s for s in self._sequences if s.status in (Status.PREFILL, Status.DECODE)), key=lambda s: s.arrival):
@@ -174,7 +185,9 @@ class LLMEngine:
                 break
             try:
                 if seq.status == Status.PREFILL:
-                    n = min(self.cfg.chunk_size, seq.prompt_len - seq.num_prefilled, budget)
+                    n = min(self.cfg.chunk_size, self._prefillable_until(seq) - seq.num_prefilled, budget)
+                    if n <= 0:  # its next chunk needs rows still on their way
+                        continue
                     self._prefill_chunk(seq, n)
                     budget -= n
                 else:
@@ -186,9 +199,21 @@ class LLMEngine:
             if seq.status == Status.DONE:
                 finished.append(seq)
         self._sequences = [s for s in self._sequences if s.status != Status.DONE]
+        if budget == self.cfg.step_token_budget and self._fetches:  # nothing could run: wait for rows
+            self._receive(wait_s=0.05)
         return finished
 
     def _admit(self, seqs: list[Sequence]) -> None:
+        if self.cfg.progressive_prefill and hasattr(self.encoder, "encode_stream"):
+            fetch = StreamedFetch([s.media for s in seqs], self.encoder, self.cache)
+            self.encode_calls += fetch.calls
+            if not fetch.finished:
+                self._fetches.append(fetch)
+            for seq in seqs:
+                seq.fetch = fetch
+            self._start_prefill(seqs)
+            self._receive()
+            return
         try:
             self.encode_calls += fetch_embeddings([s.media for s in seqs], self.encoder, self.cache)
         except Exception:
@@ -202,7 +227,41 @@ class LLMEngine:
         except Exception:
             self._abort(seqs, release=True)
             raise
+        for seq in seqs:
+            seq.laid_out = set(range(len(seq.media)))
         self._start_prefill(seqs)
+
+    def _receive(self, wait_s: float = 0.0) -> None:
+        """Streamed rows into the cache; each item that arrived gets its final region (a pruned video's
+        per-frame layout) before any chunk reaches it. A failed stream fails the requests waiting on it."""
+        for fetch in list(self._fetches):
+            try:
+                fetch.drain(wait_s)
+            except Exception:
+                self._fetches.remove(fetch)
+                self._abort([s for s in self._sequences if s.fetch is fetch], release=True)
+                raise
+            if fetch.finished:
+                self._fetches.remove(fetch)
+            wait_s = 0.0
+        for seq in self._sequences:
+            if seq.status != Status.PREFILL or len(seq.laid_out) == len(seq.media):
+                continue
+            for i, ref in enumerate(seq.media):
+                if i in seq.laid_out or not seq.fetch.ready(ref.key):
+                    continue
+                try:
+                    seq.layout = relayout_frames(seq.layout, i, self.cache.get(ref.key).tokens_per_frame, ref.pruned)
+                except Exception:
+                    self._abort([seq], release=True)
+                    raise
+                ref.span = seq.layout.spans[i]
+                seq.laid_out.add(i)
+
+    def _prefillable_until(self, seq: Sequence) -> int:
+        """Prompt positions before the region of the first item not in yet (all of it once every item is)."""
+        waiting = [ref.span.start for i, ref in enumerate(seq.media) if i not in seq.laid_out]
+        return min(waiting, default=seq.prompt_len)
 
     def _start_prefill(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -241,7 +300,8 @@ class LLMEngine:
         return self.cache.get(ref.key).embeddings
 
     def _release(self, seq: Sequence) -> None:
-        for key in seq.distinct_keys():
+        keys = seq.distinct_keys()
+        for key in seq.fetch.abandon(keys) if seq.fetch is not None else keys:
             self.cache.unpin(key)
 
     @torch.inference_mode()

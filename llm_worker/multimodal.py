@@ -64,6 +64,15 @@ class CheckedEncoder:
             raise WrongEncoder("a replica of the encoder pool answered for another model than this LLM expects")
         return result
 
+    def encode_stream(self, items: list[MediaInput], on_item) -> EncodeResult:
+        """Each streamed item is checked before it is passed on (its rows are used before the stream ends)."""
+        def checked(index, item, rows, model: str) -> None:
+            if model != self.expected.contract:
+                raise WrongEncoder("a replica of the encoder pool answered for another model than this LLM expects")
+            on_item(index, item, rows, model)
+
+        return self.encoder.encode_stream(items, checked)
+
 
 @dataclass
 class MediaRef:

@@ -19,14 +19,17 @@ digest first and their bytes only if the replica lacks them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 
 from encoder_service.digest import media_digest
 from encoder_service.engine import ModelInfo
@@ -34,7 +37,8 @@ from encoder_service.errors import EncodeFailed
 from encoder_service.processor import MediaInput
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
-from encoder_service.serving.api.client import EncoderClient, probe_then_upload
+from encoder_service.serving.api.client import EncoderClient, RemoteCallError, probe_then_upload
+from encoder_service.serving.streaming import StreamAssembler
 from encoder_service.serving.wire import EncodeResult
 
 log = logging.getLogger(__name__)
@@ -59,25 +63,6 @@ class PoolClientConfig:
     tenant: str = ""  # handle transport: the cache namespace (gRPC: derived from the bearer token)
 
 
-class RemoteCallError(grpc.RpcError):
-    """A failed call on the Ray-native transport, shaped like a gRPC error (`code()`, `details()`, the
-    same `trailing_metadata()` status details)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, failure: EncodeFailed | None = None):
-        super().__init__(f"{code.name}: {details}")
-        self._code, self._details = code, details
-        self._trailers = wire.status_trailers(failure) if failure is not None else ()
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self):
-        return self._trailers
-
-
 class GrpcTransport:
     def __init__(self, address: str, application: str, timeout_s: float):
         self.name = address
@@ -90,6 +75,9 @@ class GrpcTransport:
         metadata = (*(self.metadata or ()), ("session_id", routing_key)) if routing_key else self.metadata
         return self.client.encode(items, timeout=timeout_s, metadata=metadata, copy=False, probe=probe,
                                   digests=digests)
+
+    def encode_stream(self, items: list[MediaInput], timeout_s: float, on_item) -> EncodeResult:
+        return self.client.encode_stream(items, on_item, timeout=timeout_s, metadata=self.metadata)
 
     def model_info(self, timeout_s: float) -> ModelInfo:
         return self.client.model_info(timeout=timeout_s, metadata=self.metadata)
@@ -109,6 +97,7 @@ class ServeHandleTransport:
         # One router for every call, made here: handles create theirs on first use, and threads calling
         # at once would each make one (left running, unreachable by `close`).
         self.methods = {m: self.handle.options(method_name=m) for m in ("encode_native", "model_info_native")}
+        self.methods["encode_stream_native"] = self.handle.options(method_name="encode_stream_native", stream=True)
         self.tenant = tenant
 
     def encode(self, items: list[MediaInput], timeout_s: float, routing_key: str = "", probe: bool = False,
@@ -121,17 +110,45 @@ class ServeHandleTransport:
 
         return probe_then_upload(call, items, digests) if probe else call(items)
 
+    def encode_stream(self, items: list[MediaInput], timeout_s: float, on_item) -> EncodeResult:
+        """`encode` through `encode_stream_native`: items as they are ready, then the whole result."""
+        request = pb.EncodeRequest(request_id=uuid.uuid4().hex, items=[wire.media_to_proto(i) for i in items])
+        stream = self.methods["encode_stream_native"].remote(request.SerializeToString(), timeout_s, self.tenant)
+        assembler = StreamAssembler()
+        deadline = time.monotonic() + timeout_s
+        with self._errors(timeout_s, stream):
+            for event in stream:
+                if event[0] == "start":
+                    _, request_id, counts, model, dtype, hidden = event
+                    assembler.start(request_id, getattr(torch, dtype), hidden, counts, model)
+                elif event[0] == "item":
+                    _, index, metadata, rows = event
+                    meta = pb.ItemMetadata.FromString(metadata)
+                    for done in assembler.rows(index, meta, meta.offset, meta.token_count, rows):
+                        on_item(done, *assembler.item(done), assembler.model)
+                else:
+                    assembler.end(pb.EncodeResponse.FromString(event[1]))
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+        return assembler.result()
+
     def model_info(self, timeout_s: float) -> ModelInfo:
         return wire.model_info_from_proto(pb.ModelInfo.FromString(self._result("model_info_native", timeout_s, "")))
 
     def _result(self, method: str, timeout_s: float, routing_key: str, *args):
+        handle = self.methods[method]
+        response = (handle.options(session_id=routing_key) if routing_key else handle).remote(*args)
+        with self._errors(timeout_s, response):
+            return response.result(timeout_s=timeout_s)
+
+    @contextlib.contextmanager
+    def _errors(self, timeout_s: float, response):
+        """Ray's and Serve's failures as the grpc.RpcError the gRPC transport would raise."""
         from ray import exceptions as ray_errors
         from ray.serve import exceptions as serve_errors
 
-        handle = self.methods[method]
-        response = (handle.options(session_id=routing_key) if routing_key else handle).remote(*args)
         try:
-            return response.result(timeout_s=timeout_s)
+            yield
         except EncodeFailed as e:  # the replica's verdict, with the status the gRPC path would give
             raise RemoteCallError(grpc.StatusCode[e.code], e.message, e) from None
         except TimeoutError:
@@ -176,6 +193,33 @@ class PoolEncoderClient:
         parts = self._fanout.map(lambda pair: self._call(
             lambda t, timeout: t.encode([pair[0]], timeout, pair[1], self.cfg.probe, [pair[1]])), zip(items, digests))
         return wire.assemble(list(parts), uuid.uuid4().hex)
+
+    def encode_stream(self, items: list[MediaInput], on_item) -> EncodeResult:
+        """`encode`, with `on_item(index, item, rows, model)` as each item's rows arrive (completion order;
+        `item.offset` is meaningful in the returned result only). With affinity each item is its own call
+        and arrives when that call returns; else one EncodeStream. A retried call does not announce an
+        item twice."""
+        announced: set[int] = set()
+        lock = threading.Lock()
+
+        def once(index: int, item, rows, model: str) -> None:
+            with lock:
+                if index in announced:
+                    return
+                announced.add(index)
+            on_item(index, item, rows, model)
+
+        if not self.cfg.affinity:
+            return self._call(lambda t, timeout: t.encode_stream(items, timeout, once))
+        digests = [media_digest(item.data) for item in items]
+
+        def one(index: int) -> EncodeResult:
+            part = self._call(lambda t, timeout: t.encode([items[index]], timeout, digests[index], self.cfg.probe,
+                                                          [digests[index]]))
+            once(index, part.items[0], part.embeddings, part.extras.get("model", ""))
+            return part
+
+        return wire.assemble(list(self._fanout.map(one, range(len(items)))), uuid.uuid4().hex)
 
     def model_info(self) -> ModelInfo:
         return self._call(lambda t, timeout: t.model_info(timeout))

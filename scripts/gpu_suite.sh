@@ -13,9 +13,9 @@
 #                                                    scripts/gpu_suite.sh test [pytest args...]
 # `test` installs .whl-ray itself, says whether FlashInfer made it (the flashinfer tests skip
 # without it), and writes $OUT/suite.log (nanobind leak noise filtered) and $OUT/summary.txt
-# (device, date, counts, wall time). tests/test_vllm.py is left out there: it builds vLLM's CPU
-# environment from the package registry, which the GPU machine cannot reach (vLLM work is verified
-# on CPU machines; the CPU suite runs it).
+# (device, date, counts, wall time). tests/test_vllm.py and tests/test_nemotron_vllm.py are left out
+# there: they build vLLM's CPU environment from the package registry, which the GPU machine cannot
+# reach (vLLM work is verified on CPU machines; the CPU suite runs it).
 # One device call runs at most 10 minutes and the whole suite takes longer on the GPU machine (every
 # GPU engine builds its FlashInfer graphs at start): run it in shards, passing test files as pytest
 # args, e.g. `test tests/test_gpu.py tests/test_ray_serve.py`, then `test --ignore=tests/test_gpu.py ...`.
@@ -39,7 +39,7 @@ case ${1:-} in
     export PYTHONPATH=$SITE:$PWD RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
     fi=$(python3 -c 'import flashinfer; print(flashinfer.__version__)' 2>/dev/null || echo "absent (flashinfer tests skip)")
     started=$(date +%s)
-    python3 -m pytest -q -p no:cacheprovider --ignore=tests/test_vllm.py "$@" 2>&1 | grep --line-buffered -v -i nanobind > "$OUT/suite.log"
+    python3 -m pytest -q -p no:cacheprovider --ignore=tests/test_vllm.py --ignore=tests/test_nemotron_vllm.py "$@" 2>&1 | grep --line-buffered -v -i nanobind > "$OUT/suite.log"
     code=${PIPESTATUS[0]}
     {
       echo "device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) cores"

@@ -1,5 +1,8 @@
 """LLM worker against the tiny encoder served over real gRPC: chunked prefill, cache, merge."""
 
+import random
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -62,10 +65,13 @@ def _one_shot_logits(engine: LLMEngine, client: EncoderClient, seq) -> torch.Ten
         return engine.model(inputs_embeds=embeds[None]).logits[0]
 
 
+@pytest.mark.parametrize("progressive", [False, True])
 @pytest.mark.parametrize("chunk_size", [1, 7, 64, 100_000])
-def test_chunked_prefill_equals_one_shot(client, llm_dir, chunk_size):
-    # Budget for a full chunk of each of the two requests, so every chunk is exactly chunk_size.
-    engine = _engine(client, llm_dir, chunk_size=chunk_size, step_token_budget=2 * chunk_size)
+def test_chunked_prefill_equals_one_shot(client, llm_dir, chunk_size, progressive):
+    # Budget for a full chunk of each of the two requests, so every chunk is exactly chunk_size (without
+    # progressive prefill; with it, a chunk may stop early at an item whose rows are still streaming).
+    engine = _engine(client, llm_dir, chunk_size=chunk_size, step_token_budget=2 * chunk_size,
+                     progressive_prefill=progressive)
     requests = _requests()
     seqs = [engine.add_request(r) for r in requests]
     while engine.has_work():
@@ -74,10 +80,58 @@ def test_chunked_prefill_equals_one_shot(client, llm_dir, chunk_size):
         chunked = torch.cat(seq.prompt_logits)
         assert chunked.shape[0] == seq.prompt_len
         torch.testing.assert_close(chunked, _one_shot_logits(engine, client, seq), rtol=1e-4, atol=1e-4)
-        assert seq.prefill_chunks == -(-seq.prompt_len // chunk_size)
+        if progressive:
+            assert seq.prefill_chunks >= -(-seq.prompt_len // chunk_size)
+        else:
+            assert seq.prefill_chunks == -(-seq.prompt_len // chunk_size)
     if chunk_size in (7, 64):  # some image really straddles a chunk boundary
         spans = [r.span for s in seqs for r in s.media]
         assert any(sp.offset // chunk_size != (sp.end - 1) // chunk_size for sp in spans)
+
+
+class LateAndShuffled:
+    """The real pool (EncodeStream over gRPC), its items handed on in a random order, each late: prefill
+    must wait exactly for the rows its chunk needs."""
+
+    def __init__(self, client: EncoderClient, engine_chunks):
+        self.client, self.rng = client, random.Random()
+        self.engine_chunks = engine_chunks  # () -> prefill chunks run so far
+        self.chunks_before_last_item = 0
+
+    def model_info(self):
+        return self.client.model_info()
+
+    def encode(self, items):
+        return self.client.encode(items)
+
+    def encode_stream(self, items, on_item):
+        arrived = []
+        result = self.client.encode_stream(items, lambda *event: arrived.append(event))
+        self.rng.shuffle(arrived)
+        for event in arrived:
+            time.sleep(self.rng.uniform(0.02, 0.06))
+            on_item(*event)
+        self.chunks_before_last_item = self.engine_chunks()
+        return result
+
+
+@pytest.mark.parametrize("chunk_size", [3, 16, 64])
+def test_progressive_prefill_with_items_late_and_in_any_order_equals_one_shot(client, llm_dir, chunk_size):
+    """Items arrive in random order, each late: text and the items already in are prefilled meanwhile, and
+    the logits equal one shot over the final layout (pruned videos re-laid out on arrival included)."""
+    seqs = []
+    late = LateAndShuffled(client, lambda: sum(s.prefill_chunks for s in seqs))
+    engine = LLMEngine(LLMWorkerConfig(model_dir=llm_dir, record_prompt_logits=True, chunk_size=chunk_size,
+                                       step_token_budget=2 * chunk_size), late)
+    frames, clip = _pruned_videos()
+    seqs += [engine.add_request(r) for r in _requests() + _pruned_requests(frames, clip)[:1]]
+    while engine.has_work():
+        engine.step()
+    assert late.chunks_before_last_item > 0  # prefill really started before the last item arrived
+    for seq in seqs:
+        torch.testing.assert_close(torch.cat(seq.prompt_logits), _one_shot_logits(engine, client, seq),
+                                   rtol=1e-4, atol=1e-4)
+    assert not engine.cache.pinned_keys()
 
 
 def test_outputs_do_not_depend_on_chunk_size(client, llm_dir):
@@ -124,8 +178,9 @@ def test_tiny_cache_never_evicts_pinned_and_never_changes_results(client, llm_di
         engine.step()
         for seq in seqs:
             if seq.status == Status.PREFILL:
-                for key in seq.distinct_keys():
-                    assert key in engine.cache and engine.cache.get(key).pins > 0
+                for key in seq.distinct_keys():  # every item in (a streamed one once it arrived) is pinned
+                    if seq.fetch is None or seq.fetch.ready(key):
+                        assert key in engine.cache and engine.cache.get(key).pins > 0
     assert [engine.output(s).token_ids for s in seqs] == [o.token_ids for o in reference]
     assert engine.cache.stats.evictions > 0 and len(engine.cache) == 0
     assert engine.cache.pinned_keys() == set()
@@ -163,8 +218,9 @@ def test_unreachable_encoder_fails_the_batch_cleanly(client, llm_dir):
     engine.generate([GenerationRequest("<image>", [cached], 1)])  # now in the cache, unpinned
     engine.encoder = EncoderClient("127.0.0.1:1", timeout=2)  # nothing listens there
     engine.add_request(GenerationRequest("<image> <image>", [cached, _image(80, 64)], 1))
-    with pytest.raises(grpc.RpcError):
-        engine.step()
+    with pytest.raises(grpc.RpcError):  # on the step that learns of it (streamed: a later one)
+        while engine.has_work():
+            engine.step()
     assert not engine.has_work() and engine.cache.pinned_keys() == set()
 
 

@@ -178,7 +178,7 @@ def test_unservable_directories_fail_clearly(tmp_path, capsys):
 
 def test_tiled_images_and_video_match_the_reference(tmp_path):
     path = write_nemotron_checkpoint(tmp_path / "tiled", seed=3, dynamic=None)
-    engine = EncoderEngine(EngineConfig(checkpoint=str(path), max_tokens_per_batch=64))  # forces splitting
+    engine = EncoderEngine(EngineConfig(checkpoint=str(path), device="cpu", max_tokens_per_batch=64))  # forces splitting
     rng = np.random.default_rng(0)
     items = [
         MediaInput(Modality.IMAGE, image_bytes(150, 70, seed=1)),  # 2x1 tiles + thumbnail
@@ -192,7 +192,7 @@ def test_tiled_images_and_video_match_the_reference(tmp_path):
 @pytest.mark.parametrize("ps_version", ["v1", "v2"])
 def test_dynamic_resolution_mixed_with_video_matches_the_reference(tmp_path, ps_version):
     path = write_nemotron_checkpoint(tmp_path / ps_version, seed=5, ps_version=ps_version, dynamic=(16, 160))
-    engine = EncoderEngine(EngineConfig(checkpoint=str(path), max_tokens_per_batch=256))
+    engine = EncoderEngine(EngineConfig(checkpoint=str(path), device="cpu", max_tokens_per_batch=256))
     rng = np.random.default_rng(1)
     sizes = [(300, 120), (90, 200), (33, 17), (640, 480)]  # wide, tall, tiny (raised to min), large (capped)
     items = [MediaInput(Modality.IMAGE, image_bytes(w, h, seed=i)) for i, (w, h) in enumerate(sizes)]
@@ -230,7 +230,7 @@ def test_mtp_checkpoint_applies_the_vision_norm_and_inspect_says_so(tmp_path, ca
     from encoder_service.cli import main
 
     path = write_nemotron_checkpoint(tmp_path / "mtp", seed=7, dynamic=(16, 96), mtp=True)
-    engine = EncoderEngine(EngineConfig(checkpoint=str(path), max_tokens_per_batch=512))
+    engine = EncoderEngine(EngineConfig(checkpoint=str(path), device="cpu", max_tokens_per_batch=512))
     rng = np.random.default_rng()
     items = [MediaInput(Modality.IMAGE, image_bytes(120, 70, seed=int(rng.integers(1 << 30)))),
              MediaInput(Modality.VIDEO, rng.integers(0, 256, (2, 50, 40, 3), dtype=np.uint8))]
@@ -239,7 +239,7 @@ def test_mtp_checkpoint_applies_the_vision_norm_and_inspect_says_so(tmp_path, ca
     config = json.loads((path / "config.json").read_text())
     config["llm_config"]["num_nextn_predict_layers"] = 0
     (path / "config.json").write_text(json.dumps(config))
-    plain = EncoderEngine(EngineConfig(checkpoint=str(path), max_tokens_per_batch=512)).encode(items)
+    plain = EncoderEngine(EngineConfig(checkpoint=str(path), device="cpu", max_tokens_per_batch=512)).encode(items)
     assert (out.embeddings - plain.embeddings).norm() > 0.05 * out.embeddings.norm()
     config["llm_config"]["num_nextn_predict_layers"] = 1
     (path / "config.json").write_text(json.dumps(config))
@@ -259,7 +259,7 @@ def test_video_frames_follow_the_checkpoints_geometry(tmp_path, video):
     from encoder_service.processor import count_frame_tokens, video_frame_size
 
     path = write_nemotron_checkpoint(tmp_path / "video", seed=9, dynamic=None, video=video)
-    engine = EncoderEngine(EngineConfig(checkpoint=str(path), max_tokens_per_batch=512))
+    engine = EncoderEngine(EngineConfig(checkpoint=str(path), device="cpu", max_tokens_per_batch=512))
     geometry = engine.info().video_frames
     from encoder_service.serving.wire import model_info_from_proto, model_info_to_proto
     assert model_info_from_proto(model_info_to_proto(engine.info())).video_frames == geometry  # GetModelInfo carries it
@@ -362,6 +362,7 @@ def test_served_videos_with_a_frame_geometry_equal_the_engine(tmp_path):
     from encoder_service.serving.api.client import EncoderClient
     from encoder_service.serving.api.server import BackgroundServer, ServerConfig
     from encoder_service.video.decode import VideoSampling
+    pytest.importorskip("av")
     from tests.video_fixture import mp4_bytes
 
     path = write_nemotron_checkpoint(tmp_path / "served", seed=13, dynamic=None,

@@ -209,6 +209,33 @@ def test_handle_path_equals_grpc_zero_copy_and_maps_errors(pool):
     native.close()
 
 
+def test_encode_stream_through_the_proxy_and_the_handle(pool):
+    """EncodeStream on both ways into the pool: the same rows as Encode, items announced as they are
+    ready, a failing item ends the stream with Encode's status (and the pool keeps serving)."""
+    _, client = pool
+    rng = np.random.default_rng()
+    items = _items(rng, 3) + [MediaInput(Modality.VIDEO, rng.integers(0, 256, (4, 40, 60, 3), dtype=np.uint8),
+                                         pruning_rate=0.5)]
+    unary = client.encode(items, metadata=METADATA)
+    native = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle", affinity=False))
+    try:
+        for encode_stream in (lambda its, on_item: client.encode_stream(its, on_item, metadata=METADATA),
+                              native.encode_stream):
+            arrived = {}
+            streamed = encode_stream(items, lambda i, item, rows, model: arrived.setdefault(i, rows.clone()))
+            assert torch.equal(streamed.embeddings, unary.embeddings)
+            assert streamed.token_counts == unary.token_counts and sorted(arrived) == [0, 1, 2, 3]
+            assert all(torch.equal(arrived[i], rows) for i, rows in enumerate(streamed.split()))
+            truncated = [items[0], MediaInput(Modality.IMAGE, image_bytes(80, 80, "PNG")[:60], item_id="broken")]
+            with pytest.raises(grpc.RpcError) as err:
+                encode_stream(truncated, lambda *event: None)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "item 1 ('broken')" in err.value.details()
+        assert native.retries == 0
+    finally:
+        native.close()
+    assert client.encode(items[:1], metadata=METADATA).token_counts == unary.token_counts[:1]
+
+
 def _load(client, stop: threading.Event, results: list, errors: list):
     """Requests of 3 new 600x450 images each (new: the pool's cache must not answer them)."""
     rng = np.random.default_rng()

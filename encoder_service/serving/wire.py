@@ -43,7 +43,7 @@ from encoder_service.errors import (
     clean_message,
 )
 from encoder_service.processor import MediaInput, Modality
-from encoder_service.video.decode import VideoSampling
+from encoder_service.video.decode import SampledFrames, VideoSampling
 from encoder_service.fingerprint import ModelFingerprint
 from encoder_service.proto import encoder_pb2 as pb
 
@@ -284,19 +284,7 @@ def response_header(request: pb.EncodeRequest, out, extras: dict | None = None) 
     EncodeOutput, or the pipeline's Encoding (the same per-item fields, rows left where they are)."""
     count = len(out.token_counts)
     items = [
-        pb.ItemMetadata(
-            item_id=src.item_id,
-            content_hash=src.content_hash,
-            token_count=n,
-            offset=offset,
-            num_tiles=tiles,
-            tokens_per_frame=frames,
-            frame_timestamps=video.times if video else (),
-            frame_indices=video.indices if video else (),
-            video_fps=video.fps if video else 0.0,
-            digest=digest,
-            cache_hit=hit,
-        )
+        item_metadata(src, n, offset, tiles, frames, video, digest, hit)
         for src, n, offset, tiles, frames, video, digest, hit in zip(
             request.items, out.token_counts, out.offsets, out.num_tiles, out.tokens_per_frame,
             out.video_frames or [None] * count, out.digests or [""] * count, out.cache_hits or [False] * count,
@@ -307,6 +295,24 @@ def response_header(request: pb.EncodeRequest, out, extras: dict | None = None) 
         embeddings=pb.Tensor(dtype=_TORCH_TO_PB[out.dtype], shape=list(out.shape)),
         items=items,
         extras=msgpack.packb(extras if extras is not None else out.stats),
+    )
+
+
+def item_metadata(src: pb.MediaItem, rows: int, offset: int, num_tiles: int, tokens_per_frame: list[int],
+                  video: SampledFrames | None, digest: str, cache_hit: bool) -> pb.ItemMetadata:
+    """What a response says about one item (`src`: the request's item) whose rows start at `offset`."""
+    return pb.ItemMetadata(
+        item_id=src.item_id,
+        content_hash=src.content_hash,
+        token_count=rows,
+        offset=offset,
+        num_tiles=num_tiles,
+        tokens_per_frame=tokens_per_frame,
+        frame_timestamps=video.times if video else (),
+        frame_indices=video.indices if video else (),
+        video_fps=video.fps if video else 0.0,
+        digest=digest,
+        cache_hit=cache_hit,
     )
 
 
@@ -340,7 +346,7 @@ def response_bytes(header: pb.EncodeResponse, segments: list[torch.Tensor]) -> b
     data_field = _DATA_TAG + _varint(size)
     embeddings_len = len(tensor_meta) + len(data_field) + size
     prefix = header.SerializeToString() + _EMBEDDINGS_TAG + _varint(embeddings_len) + tensor_meta + data_field
-    return _bytes_of(prefix, segments)
+    return bytes_of(prefix, segments)
 
 
 _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
@@ -348,7 +354,7 @@ _new_bytes.restype = ctypes.py_object
 _new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
 
 
-def _bytes_of(prefix: bytes, segments: list[torch.Tensor]) -> bytes:
+def bytes_of(prefix: bytes, segments: list[torch.Tensor]) -> bytes:
     """`prefix + the segments` as one new `bytes` object, the tensor bytes copied with the GIL released.
 
     gRPC's Python layer sends only `bytes`, and every CPython way of building a large `bytes`
@@ -482,14 +488,15 @@ def decode_response(data: bytes, copy: bool = True) -> EncodeResult:
 
 
 def result_from_parts(header: pb.EncodeResponse, embeddings: torch.Tensor) -> EncodeResult:
-    items = [
-        ItemEmbedding(m.item_id, m.content_hash, m.offset, m.token_count, m.num_tiles, list(m.tokens_per_frame),
-                      list(m.frame_timestamps), m.digest, m.cache_hit, list(m.frame_indices), m.video_fps)
-        for m in header.items
-    ]
+    items = [item_embedding(m) for m in header.items]
     if sum(i.token_count for i in items) != embeddings.shape[0]:
         raise ValueError("response token counts do not add up to the embedding rows")
     return EncodeResult(header.request_id, embeddings, items, msgpack.unpackb(header.extras) if header.extras else {})
+
+
+def item_embedding(m: pb.ItemMetadata) -> ItemEmbedding:
+    return ItemEmbedding(m.item_id, m.content_hash, m.offset, m.token_count, m.num_tiles, list(m.tokens_per_frame),
+                         list(m.frame_timestamps), m.digest, m.cache_hit, list(m.frame_indices), m.video_fps)
 
 
 def assemble(parts: list[EncodeResult], request_id: str = "") -> EncodeResult:

@@ -10,21 +10,29 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from encoder_service.digest import MediaDigest, media_digest
 from encoder_service.engine import ModelInfo
+from encoder_service.errors import EncodeFailed
 from encoder_service.processor import MediaInput, Modality
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.proto import encoder_pb2_grpc as pb_grpc
 from encoder_service.serving import wire
 from encoder_service.serving.api.security import ClientSecurity
+from encoder_service.serving.streaming import StreamAssembler
 
 ENCODE_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EncoderService'].full_name}/Encode"
+ENCODE_STREAM_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EncoderService'].full_name}/EncodeStream"
+# An item's rows as they arrive on a stream: its index, metadata, rows (a view of the tensor being assembled)
+# and the contract digest of the model that produced them (check it before using the rows).
+OnItem = Callable[[int, wire.ItemEmbedding, "torch.Tensor", str], None]
 
 
 def by_digest(item: MediaInput, digest: str | None = None) -> MediaInput:
@@ -50,25 +58,70 @@ def probe_then_upload(call: Callable[[list[MediaInput]], wire.EncodeResult], ite
     return call(sent)
 
 
+class RemoteCallError(grpc.RpcError):
+    """A failure raised here rather than by a gRPC call (the Ray-native transport, a request split over
+    connections), shaped like a gRPC error: `code()`, `details()` and the same `trailing_metadata()`
+    status details (`wire.status_trailers`)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, failure: EncodeFailed | None = None):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+        self._trailers = wire.status_trailers(failure) if failure is not None else ()
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailers
+
+
+def _renumbered(error: grpc.RpcError, indices: list[int]) -> grpc.RpcError:
+    """A failure of a call that carried items `indices` of a request, naming them by their request index."""
+    item = wire.item_from_status(error)
+    if item is None:
+        return error
+    local, item_id = item
+    details = error.details().replace(f"item {local} ('{item_id}')", f"item {indices[local]} ('{item_id}')", 1)
+    missing = wire.cache_misses_from_status(error) or []
+    failure = EncodeFailed(error.code().name, details, indices[local], item_id,
+                           [(indices[i], "") for i in missing])
+    return RemoteCallError(error.code(), details, failure)
+
+
 # While waiting for readiness, these mean "not yet" (no server, app not deployed, no replica up yet).
 NOT_READY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class EncoderClient:
     def __init__(self, address: str, timeout: float = 60.0, max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
-                 security: ClientSecurity | None = None, probe: bool = False, application: str = ""):
+                 security: ClientSecurity | None = None, probe: bool = False, application: str = "",
+                 extra_options: Sequence[tuple[str, int | str]] = (), connections: int = 1):
         """`address`: a standalone server or a Ray Serve pool's gRPC proxy (host:port).
         `security`: TLS / mTLS / bearer token; default from the environment (`ClientSecurity.from_env`).
         `probe`: send items by digest first, their media only if the server lacks them.
-        `application`: the Serve application to reach through a proxy serving several (gRPC metadata)."""
+        `application`: the Serve application to reach through a proxy serving several (gRPC metadata).
+        `connections`: TCP connections `encode_stream` spreads a request's items over (one call each,
+        items dealt round-robin): one gRPC connection moves a few hundred MB/s, so a large answer
+        arrives sooner over several (bench/RESULTS.md, progressive_prefill). The calls may be batched
+        apart, so rows can differ from a one-call answer by floating-point rounding."""
         self.address, self.timeout, self.probe = address, timeout, probe
         self.metadata: tuple[tuple[str, str], ...] = (("application", application),) if application else ()
         self.bytes_sent = 0  # serialised EncodeRequest bytes (what probing saves)
         security = security if security is not None else ClientSecurity.from_env()
-        self.channel = security.channel(address, wire.channel_options(max_message_bytes))
+        options = wire.channel_options(max_message_bytes) + list(extra_options)
+        if connections > 1:  # channels sharing the global subchannel pool would share one connection
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        self.channels = [security.channel(address, options) for _ in range(max(1, connections))]
+        self.channel = self.channels[0]
         self.stub = pb_grpc.EncoderServiceStub(self.channel)
         # Responses arrive as bytes and are parsed in place (`wire.decode_response`).
         self._encode = self.channel.unary_unary(ENCODE_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)
+        self._streams = [channel.unary_stream(ENCODE_STREAM_METHOD, request_serializer=pb.EncodeRequest.SerializeToString,
+                                              response_deserializer=pb.EncodeStreamResponse.FromString)
+                         for channel in self.channels]
 
     def encode(
         self,
@@ -93,6 +146,62 @@ class EncoderClient:
                 copy=copy)
 
         return probe_then_upload(call, items, digests) if (self.probe if probe is None else probe) else call(items)
+
+    def encode_stream(
+        self,
+        items: list[MediaInput],
+        on_item: OnItem | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+        probe: bool | None = None,
+        digests: Sequence[str] | None = None,
+    ) -> wire.EncodeResult:
+        """`encode` through EncodeStream: `on_item(index, item, rows, model)` as each item's rows arrive (in
+        completion order), then the same result `encode` gives (bit for bit over one connection). A
+        stream cut short raises `streaming.IncompleteStream`; a failure raises the grpc.RpcError `encode`
+        would, naming the item by its index in `items`."""
+        request_id = request_id or uuid.uuid4().hex
+        probe = self.probe if probe is None else probe
+        digests = digests or ([media_digest(item.data) for item in items] if probe else None)
+        lanes = min(len(self._streams), len(items))
+        if lanes <= 1:
+            return self._stream_call(self._streams[0], items, on_item, request_id, timeout, metadata, probe, digests)
+        groups = [list(range(k, len(items), lanes)) for k in range(lanes)]
+
+        def lane(k: int) -> wire.EncodeResult:
+            group = groups[k]
+            relay = None if on_item is None else (lambda j, *rest: on_item(group[j], *rest))
+            return self._stream_call(self._streams[k], [items[i] for i in group], relay, f"{request_id}/{k}", timeout,
+                                     metadata, probe, [digests[i] for i in group] if digests else None)
+
+        with ThreadPoolExecutor(lanes, thread_name_prefix="encode-lane") as pool:
+            futures = [pool.submit(lane, k) for k in range(lanes)]
+            parts = []
+            for group, future in zip(groups, futures):
+                try:
+                    parts.append(future.result())
+                except grpc.RpcError as e:
+                    raise _renumbered(e, group) from None
+        return _merge(parts, groups, request_id)
+
+    def _stream_call(self, stream, items, on_item, request_id, timeout, metadata, probe, digests) -> wire.EncodeResult:
+        def call(sent: list[MediaInput]) -> wire.EncodeResult:
+            request = pb.EncodeRequest(request_id=request_id, items=[wire.media_to_proto(i) for i in sent])
+            self.bytes_sent += request.ByteSize()
+            responses = stream(request, timeout=timeout or self.timeout, metadata=self.metadata + tuple(metadata or ()))
+            assembler = StreamAssembler()
+            try:
+                for message in responses:
+                    for index in assembler.add(message):
+                        if on_item is not None:
+                            on_item(index, *assembler.item(index), assembler.model)
+            except BaseException:
+                responses.cancel()
+                raise
+            return assembler.result()
+
+        return probe_then_upload(call, items, digests) if probe else call(items)
 
     def model_info(self, timeout: float | None = None, metadata=None) -> ModelInfo:
         msg = self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout,
@@ -134,13 +243,29 @@ class EncoderClient:
             time.sleep(0.2)
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self.channels:
+            channel.close()
 
     def __enter__(self) -> "EncoderClient":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _merge(parts: list[wire.EncodeResult], groups: list[list[int]], request_id: str) -> wire.EncodeResult:
+    """Results of calls that each carried items `groups[k]` of one request, as that request's result."""
+    count = sum(len(g) for g in groups)
+    rows: list[torch.Tensor | None] = [None] * count
+    items: list[wire.ItemEmbedding | None] = [None] * count
+    for part, group in zip(parts, groups):
+        for j, i in enumerate(group):
+            rows[i], items[i] = part.split()[j], part.items[j]
+    offsets = [0]
+    for item in items[:-1]:
+        offsets.append(offsets[-1] + item.token_count)
+    items = [dataclasses.replace(item, offset=offset) for item, offset in zip(items, offsets)]
+    return wire.EncodeResult(request_id, torch.cat(rows), items, {**parts[0].extras, "parts": [p.extras for p in parts]})
 
 
 def image_file(path: str | Path, item_id: str | None = None) -> MediaInput:

@@ -16,6 +16,7 @@ requests; the replica process only transports):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import os
@@ -40,7 +41,7 @@ from encoder_service.serving.api.security import cache_namespace
 from encoder_service.serving.api.services import (HEALTH_NAMES, REFLECTED_SERVICES, SERVE_SERVICER_FUNCTIONS,
                                                   health_response)
 from encoder_service.proto import encoder_pb2 as pb
-from encoder_service.serving import wire
+from encoder_service.serving import streaming, wire
 from encoder_service.serving.host.model_process import Encoded, ModelProcess
 from encoder_service.serving.host.pipeline import PipelineConfig
 
@@ -121,6 +122,71 @@ class EncoderDeployment:
             grpc_context.set_trailing_metadata(list(wire.status_trailers(e)))
             return pb.EncodeResponse()
         return PreSerialized(data)
+
+    async def _stream(self, request: bytes, timeout_s: float | None, namespace: str, started: float):
+        """The streamed call's events (`streaming.model_events`), with this replica's metrics."""
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        nbytes = 0
+        async with contextlib.aclosing(streaming.model_events(self.model, request, deadline, namespace,
+                                                              {"replica": self.replica})) as events:
+            async for event in events:
+                if isinstance(event, Encoded):
+                    self.metrics.record("OK", time.perf_counter() - started, request_stats(event.header),
+                                        event.items, event.rows, nbytes, 0.0)
+                elif event.rows is not None:
+                    nbytes += event.rows.numel()
+                yield event
+
+    async def EncodeStream(self, request: pb.EncodeRequest, grpc_context):
+        """EncodeStream through Serve's proxy: the messages the standalone server sends (`streaming`);
+        a failure ends the stream with Encode's status."""
+        started = time.perf_counter()
+        info = self.model.info
+        row_bytes = info.hidden_size * info.dtype.itemsize
+        try:
+            namespace = cache_namespace(grpc_context.invocation_metadata(), self.cache_per_token)
+            async for event in self._stream(request.SerializeToString(), None, namespace, started):
+                if isinstance(event, Encoded):
+                    yield PreSerialized(streaming.end_message(event.header))
+                elif event.token_counts is not None:
+                    yield PreSerialized(streaming.start_message(event.request_id, info.dtype, info.hidden_size,
+                                                                event.token_counts, event.model))
+                else:
+                    messages = await asyncio.get_running_loop().run_in_executor(
+                        None, streaming.item_messages, event.index, event.metadata, event.rows, row_bytes)
+                    for message in messages:
+                        yield PreSerialized(message)
+        except Exception as e:
+            self.metrics.record(wire.status_for(e).name, time.perf_counter() - started)
+            grpc_context.set_code(wire.status_for(e))
+            grpc_context.set_details(wire.status_message(e))
+            grpc_context.set_trailing_metadata(list(wire.status_trailers(e)))
+            # Serve's proxy takes the status from the context that comes with a message: one empty
+            # message carries it (clients skip empty messages).
+            yield PreSerialized(b"")
+
+    async def encode_stream_native(self, request: bytes, timeout_s: float | None = None, tenant: str = ""):
+        """Ray-native EncodeStream (a streaming handle call: `handle.options(stream=True)`): yields
+        ("start", request_id, token_counts, model, dtype name, hidden size), ("item", index, serialised
+        ItemMetadata, rows as uint8),
+        then ("end", serialised EncodeResponse header). Failures raise EncodeFailed as `encode_native`'s."""
+        started = time.perf_counter()
+        try:
+            async for event in self._stream(request, timeout_s, tenant, started):
+                if isinstance(event, Encoded):
+                    yield ("end", event.header)
+                elif event.token_counts is not None:
+                    info = self.model.info
+                    yield ("start", event.request_id, event.token_counts, event.model,
+                           str(info.dtype).removeprefix("torch."), info.hidden_size)
+                else:  # a copy of its own (GIL-free): the item's rows go back when the stream ends
+                    rows = await asyncio.get_running_loop().run_in_executor(None, lambda r=event.rows: r.clone().numpy())
+                    yield ("item", event.index, event.metadata, rows)
+        except Exception as e:
+            self.metrics.record(wire.status_for(e).name, time.perf_counter() - started)
+            index, item_id = wire.failing_item(e) or (None, "")
+            raise EncodeFailed(wire.status_for(e).name, wire.status_message(e), index, item_id,
+                               wire.missing_items(e)) from None
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context) -> pb.ModelInfo:
         return self._model_info

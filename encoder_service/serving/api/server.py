@@ -14,6 +14,7 @@ UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -26,11 +27,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from encoder_service.config import EngineConfig
-from encoder_service.serving import wire
+from encoder_service.serving import streaming, wire
 from encoder_service.serving.api.metrics import EncoderMetrics, request_stats
 from encoder_service.serving.api.security import TLSConfig, TokenCheck, cache_namespace, is_loopback, tokens_from
 from encoder_service.serving.api.services import ENCODER_SERVICE, HEALTH_NAMES, REFLECTED_SERVICES
-from encoder_service.serving.host.model_process import ModelProcess
+from encoder_service.serving.host.model_process import Encoded, ModelProcess
 from encoder_service.serving.host.pipeline import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ServerConfig:
     drain_grace_s: float = 30.0  # on SIGTERM: NOT_SERVING, no new calls, in-flight ones get this long
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one); None: off
     serialize_threads: int = 4
+    stream_chunk_bytes: int = streaming.DEFAULT_CHUNK_BYTES  # EncodeStream: rows per message at most
     tls: TLSConfig | None = None
     # Accepted tokens, one per line (a tenant each, or old + new while rotating); else $ENCODER_SERVICE_TOKEN_FILE /
     # $ENCODER_SERVICE_TOKEN; none: no token.
@@ -89,10 +91,9 @@ class EncoderServicer:
         self.metrics = EncoderMetrics(model.stats, lambda: (self.inflight_requests, self.inflight_bytes))
         self._serialize = ThreadPoolExecutor(cfg.serialize_threads, thread_name_prefix="encoder-serialize")
 
-    async def Encode(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        started = time.perf_counter()
+    async def _admit(self, request: bytes, context: grpc.aio.ServicerContext, started: float) -> float | None:
+        """Admission control (refuses with UNAVAILABLE + retry-after-ms); returns the call's deadline."""
         remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
         if (self.inflight_requests >= self.cfg.max_inflight_requests
                 or self.inflight_bytes + len(request) > self.cfg.max_inflight_request_bytes):
             self.counters.refused += 1
@@ -104,8 +105,23 @@ class EncoderServicer:
                 f"retry after {self.cfg.retry_after_ms} ms or on another replica",
                 (("retry-after-ms", str(self.cfg.retry_after_ms)),),
             )
+        return time.monotonic() + remaining if remaining is not None else None
+
+    async def _failed(self, e: Exception, context: grpc.aio.ServicerContext, started: float,
+                      deadline: float | None) -> None:
+        """Every failure becomes a status; the server keeps serving."""
+        self.counters.errors += 1
+        self.metrics.record(wire.status_for(e).name, time.perf_counter() - started)
+        if context.cancelled() or (deadline is not None and time.monotonic() >= deadline):
+            raise asyncio.CancelledError from None  # the caller is gone: no status to send
+        await context.abort(wire.status_for(e), wire.status_message(e), wire.status_trailers(e))
+
+    async def Encode(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        started = time.perf_counter()
+        deadline = await self._admit(request, context, started)
         self.inflight_requests += 1
         self.inflight_bytes += len(request)
+        failure = None
         try:
             namespace = cache_namespace(context.invocation_metadata(), self.cfg.cache_per_token)
             encoded = await asyncio.wrap_future(self.model.submit(request, deadline, namespace=namespace))
@@ -118,21 +134,63 @@ class EncoderServicer:
         except asyncio.CancelledError:  # the client went away; cancelling the call drops its work
             self.metrics.record("CANCELLED", time.perf_counter() - started)
             raise
-        except Exception as e:  # every failure becomes a status; the server keeps serving
-            self.counters.errors += 1
-            self.metrics.record(wire.status_for(e).name, time.perf_counter() - started)
-            if context.cancelled() or (deadline is not None and time.monotonic() >= deadline):
-                raise asyncio.CancelledError from None  # the caller is gone: no status to send
-            await context.abort(wire.status_for(e), wire.status_message(e), wire.status_trailers(e))
+        except Exception as e:
+            failure = e
         finally:
-            self.inflight_requests -= 1
+            self.inflight_requests -= 1  # before any status goes out: a caller told of it sees the gauge drop
             self.inflight_bytes -= len(request)
+        if failure is not None:
+            await self._failed(failure, context, started, deadline)
+        self._succeeded(encoded, started, len(response), serialize_s)
+        return response
+
+    def _succeeded(self, encoded, started: float, nbytes: int, serialize_s: float) -> None:
         self.counters.encode_calls += 1
         self.counters.items_encoded += encoded.items
         self.counters.tokens_out += encoded.rows
         self.metrics.record("OK", time.perf_counter() - started, request_stats(encoded.header), encoded.items,
-                            encoded.rows, len(response), serialize_s)
-        return response
+                            encoded.rows, nbytes, serialize_s)
+
+    async def EncodeStream(self, request: bytes, context: grpc.aio.ServicerContext):
+        """Encode, each item's rows sent as soon as they are ready (`streaming`): a StreamStart, the items
+        in completion order, a StreamEnd; a failure ends the stream with Encode's status."""
+        started = time.perf_counter()
+        deadline = await self._admit(request, context, started)
+        self.inflight_requests += 1
+        self.inflight_bytes += len(request)
+        loop = asyncio.get_running_loop()
+        sent, serialize_s, info, failure = 0, 0.0, self.model.info, None
+        row_bytes = info.hidden_size * info.dtype.itemsize
+        try:
+            namespace = cache_namespace(context.invocation_metadata(), self.cfg.cache_per_token)
+            async with contextlib.aclosing(streaming.model_events(self.model, request, deadline, namespace)) as events:
+                async for event in events:
+                    if isinstance(event, Encoded):
+                        encoded = event
+                        yield streaming.end_message(encoded.header)
+                    elif event.token_counts is not None:
+                        yield streaming.start_message(event.request_id, info.dtype, info.hidden_size,
+                                                      event.token_counts, event.model)
+                    else:
+                        serialize_from = time.perf_counter()
+                        messages = await loop.run_in_executor(self._serialize, streaming.item_messages, event.index,
+                                                              event.metadata, event.rows, row_bytes,
+                                                              self.cfg.stream_chunk_bytes)
+                        serialize_s += time.perf_counter() - serialize_from
+                        for message in messages:
+                            sent += len(message)
+                            yield message
+        except asyncio.CancelledError:
+            self.metrics.record("CANCELLED", time.perf_counter() - started)
+            raise
+        except Exception as e:
+            failure = e
+        finally:
+            self.inflight_requests -= 1
+            self.inflight_bytes -= len(request)
+        if failure is not None:
+            await self._failed(failure, context, started, deadline)
+        self._succeeded(encoded, started, sent, serialize_s)
 
     async def GetModelInfo(self, request: bytes, context) -> bytes:
         return self.model.info_bytes
@@ -142,6 +200,7 @@ class EncoderServicer:
             ENCODER_SERVICE,
             {
                 "Encode": grpc.unary_unary_rpc_method_handler(self.Encode),
+                "EncodeStream": grpc.unary_stream_rpc_method_handler(self.EncodeStream),
                 "GetModelInfo": grpc.unary_unary_rpc_method_handler(self.GetModelInfo),
             },
         )

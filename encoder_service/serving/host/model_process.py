@@ -44,6 +44,7 @@ from typing import Any, Callable
 import torch
 
 from encoder_service.config import EngineConfig
+from encoder_service.engine import running_offsets
 from encoder_service.errors import EncodeFailed, InvalidInput, Unavailable
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
@@ -80,6 +81,20 @@ class Encoded:
         return torch.cat(self.segments) if self.segments else torch.empty(0, dtype=torch.uint8)
 
 
+@dataclass
+class StreamEvent:
+    """A streamed call's progress: its start (every item's row count, the model's contract digest), or one
+    item ready (its serialised ItemMetadata and its rows as flat uint8 in the arena, held for the caller)."""
+
+    call: int
+    token_counts: list[int] | None = None
+    model: str = ""
+    request_id: str = ""
+    index: int = -1
+    metadata: bytes = b""
+    rows: torch.Tensor | None = None
+
+
 class ModelProcess:
     """Starts the child and is its only client: `submit` serialised requests, `release` their rows."""
 
@@ -106,7 +121,8 @@ class ModelProcess:
         self._on_exit = on_exit
         self._ids = itertools.count()
         self._pending: dict[int, Future] = {}
-        self._lock = threading.Lock()  # guards _pending and writes to the pipe
+        self._streams: dict[int, Callable[[StreamEvent], None]] = {}  # streamed calls' event callbacks
+        self._lock = threading.Lock()  # guards _pending, _streams and writes to the pipe
         self.alive = True
         self._reader = threading.Thread(target=self._read_replies, name="model-process-reader", daemon=True)
         self._reader.start()
@@ -123,26 +139,36 @@ class ModelProcess:
     # ------------------------------------------------------------------ calls
 
     def submit(self, request: bytes, deadline: float | None = None, extras: dict[str, Any] | None = None,
-               namespace: str = "") -> Future[Encoded]:
+               namespace: str = "", on_event: Callable[[StreamEvent], None] | None = None) -> Future[Encoded]:
         """Encode a serialised EncodeRequest; `deadline` is a time.monotonic() instant (the clock is
         shared by the processes of one host); `namespace` keeps cache entries apart (a tenant).
         Cancelling the future drops the request's work. Failures arrive as EncodeFailed carrying the
-        gRPC status name."""
+        gRPC status name. `on_event` (streaming): called on the reader thread with the request's start
+        and then each item as its rows are ready, before the future resolves; every item event holds
+        the item's rows until `release_items` (call it once the call is over, whatever its outcome)."""
         future, call = self._call({"op": "encode", "request": request, "deadline": deadline, "extras": extras,
-                                   "namespace": namespace})
+                                   "namespace": namespace, "stream": on_event is not None}, on_event)
         future.add_done_callback(lambda f: f.cancelled() and self._send({"op": "cancel", "id": call}))
+        future.call_id = call  # type: ignore[attr-defined]
         return future
 
     def release(self, encoded: Encoded) -> None:
         """Give a finished request's rows back; `encoded.segments` must not be read afterwards."""
         self._send({"op": "release", "id": encoded.id})
 
+    def release_items(self, call: int) -> None:
+        """Give back the rows every item event of a streamed call held (their segments must not be read
+        afterwards), and stop its events."""
+        with self._lock:
+            self._streams.pop(call, None)
+        self._send({"op": "release_items", "id": call})
+
     def stats(self, timeout: float = 10.0) -> dict[str, int]:
         """Bytes in use in the child's arenas (tests and metrics: nothing may leak), its cache, the ViT
         tokens of its unfinished work (autoscaling) and its GPU memory."""
         return self._call({"op": "stats"})[0].result(timeout)
 
-    def _call(self, message: dict) -> tuple[Future, int]:
+    def _call(self, message: dict, on_event: Callable[[StreamEvent], None] | None = None) -> tuple[Future, int]:
         """Send a message that the child answers once (by its id); the future resolves with the answer."""
         future: Future = Future()
         with self._lock:
@@ -150,6 +176,8 @@ class ModelProcess:
                 raise Unavailable("the encoder model process is not running")
             call = next(self._ids)
             self._pending[call] = future
+            if on_event is not None:
+                self._streams[call] = on_event
             try:
                 write_frame(self._in, {**message, "id": call})
             except OSError:
@@ -169,8 +197,12 @@ class ModelProcess:
 
     def _read_replies(self) -> None:
         while (msg := read_frame(self._out)) is not None:
+            if "event" in msg:
+                self._stream_event(msg)
+                continue
             with self._lock:
                 future = self._pending.pop(msg["id"], None)
+                self._streams.pop(msg["id"], None)
             if "stats" in msg:
                 future.set_result(msg["stats"])
             elif msg["ok"]:
@@ -201,6 +233,19 @@ class ModelProcess:
                 pass
         if self._on_exit is not None:
             self._on_exit()
+
+    def _stream_event(self, msg: dict) -> None:
+        with self._lock:
+            on_event = self._streams.get(msg["id"])
+        if msg["event"] == "started":
+            event = StreamEvent(msg["id"], token_counts=msg["counts"], model=msg["model"],
+                                request_id=msg["request_id"])
+        else:
+            arena, offset, nbytes = msg["segment"]
+            event = StreamEvent(msg["id"], index=msg["index"], metadata=msg["meta"],
+                                rows=self._arena_bytes[arena][offset : offset + nbytes])
+        if on_event is not None:
+            on_event(event)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -237,8 +282,40 @@ class _Call:
     deadline: float | None
     extras: dict | None
     namespace: str = ""
+    stream: bool = False
     cancelled: bool = False
+    items_released: bool = False  # the parent gave a streamed call's items back while it still ran
     future: Future | None = None
+
+
+class _StreamListener:
+    """A streamed call's items, told to the parent as they are ready; each keeps a reader of its region
+    until the parent sends `release_items` for the call."""
+
+    def __init__(self, child: "_Child", call: _Call, request: pb.EncodeRequest):
+        self.child, self.call, self.request = child, call, request
+        self.offsets: list[int] = []
+
+    def started(self, token_counts: list[int]) -> None:
+        self.offsets = running_offsets(token_counts)
+        self.child._reply({"id": self.call.id, "event": "started", "counts": token_counts,
+                           "model": self.child.pipeline.engine.fingerprint.contract,
+                           "request_id": self.request.request_id})
+
+    def item(self, index: int, region, cache_hit: bool) -> None:
+        with self.child._lock:
+            late = self.call.items_released  # the parent stopped listening: nobody will read these rows
+            if not late:
+                self.child._holds.setdefault(self.call.id, []).append(region)
+        if late:
+            self.child.pipeline.store.release(region)
+            return
+        engine = self.child.pipeline.engine
+        meta = wire.item_metadata(self.request.items[index], region.rows, self.offsets[index], region.num_tiles,
+                                  region.tokens_per_frame, region.frames, region.digest, cache_hit)
+        nbytes = region.rows * engine.hidden_size * engine.dtype.itemsize
+        self.child._reply({"id": self.call.id, "event": "item", "index": index, "meta": meta.SerializeToString(),
+                           "segment": (region.arena, region.offset, nbytes)})
 
 
 class _Child:
@@ -252,6 +329,7 @@ class _Child:
         self._lock = threading.Lock()
         self._calls: dict[int, _Call] = {}
         self._responses: dict[int, Any] = {}  # replies whose rows the parent still reads, by call id
+        self._holds: dict[int, list] = {}  # streamed items' regions the parent still reads, by call id
         self._admissions: queue.Queue[_Call | None] = queue.Queue()
         self._admitter = threading.Thread(target=self._admit_loop, name="model-process-admission", daemon=True)
         self._admitter.start()
@@ -264,7 +342,8 @@ class _Child:
         while (msg := read_frame(in_fd)) is not None:
             op = msg["op"]
             if op == "encode":
-                call = _Call(msg["id"], msg["request"], msg["deadline"], msg["extras"], msg.get("namespace", ""))
+                call = _Call(msg["id"], msg["request"], msg["deadline"], msg["extras"], msg.get("namespace", ""),
+                             msg.get("stream", False))
                 with self._lock:
                     self._calls[call.id] = call
                 self._admissions.put(call)
@@ -281,6 +360,13 @@ class _Child:
                     encoding = self._responses.pop(msg["id"], None)
                 if encoding is not None:
                     self.pipeline.release(encoding)
+            elif op == "release_items":
+                with self._lock:
+                    held = self._holds.pop(msg["id"], [])
+                    if (call := self._calls.get(msg["id"])) is not None:
+                        call.items_released = True
+                for region in held:
+                    self.pipeline.store.release(region)
             elif op == "stats":
                 store = self.pipeline.store
                 stats = {"outputs_in_use": store.arenas[OUTPUTS].bytes_in_use,
@@ -304,7 +390,8 @@ class _Child:
                 continue
             try:
                 items = wire.media_items_from_proto(request)
-                future = self.pipeline.submit(items, call.deadline, call.namespace)
+                listener = _StreamListener(self, call, request) if call.stream else None
+                future = self.pipeline.submit(items, call.deadline, call.namespace, listener)
             except Exception as e:  # what headers reveal: the call fails, the process goes on
                 self._fail(call, e)
                 continue

@@ -33,6 +33,7 @@ import threading
 import time
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -90,6 +91,16 @@ def cache_arena(cfg: PipelineConfig) -> SharedArena | None:
     return SharedArena(mb << 20, "encoder-cache") if mb > 0 else None
 
 
+class ItemListener(Protocol):
+    """Told about a request's items as they become ready (EncodeStream): `started` once, with every
+    item's row count, before any `item`; `item` in completion order, with the item's region and one
+    reader of it taken for the listener (it gives it back with `EncodePipeline.store.release`)."""
+
+    def started(self, token_counts: list[int]) -> None: ...
+
+    def item(self, index: int, region: Region, cache_hit: bool) -> None: ...
+
+
 @dataclass
 class Encoding:
     """A finished request: each item's rows where they live, and what its response says about them.
@@ -135,9 +146,10 @@ class Encoding:
 
 
 class _Request:
-    def __init__(self, item_ids: list[str], deadline: float | None):
+    def __init__(self, item_ids: list[str], deadline: float | None, listener: ItemListener | None = None):
         count = len(item_ids)
         self.item_ids = item_ids  # errors name the item
+        self.listener = listener
         self.regions: list[Region | None] = [None] * count
         self.hits = [False] * count
         self.left = count
@@ -233,11 +245,13 @@ class EncodePipeline:
 
     # ------------------------------------------------------------------ admission
 
-    def submit(self, items: list[MediaInput], deadline: float | None = None, namespace: str = "") -> Future[Encoding]:
+    def submit(self, items: list[MediaInput], deadline: float | None = None, namespace: str = "",
+               listener: ItemListener | None = None) -> Future[Encoding]:
         """Start encoding one request; `deadline` is a time.monotonic() instant; `namespace` keeps cache
         entries apart (a tenant). Raises at once for what headers and the cache reveal (InvalidInput,
         BudgetExceeded, CacheMiss); everything later arrives through the future. Cancelling the future
-        drops the request's work (and any job nobody else waits for)."""
+        drops the request's work (and any job nobody else waits for). `listener` hears of each item as
+        its rows are ready (streaming)."""
         self.engine.check_item_count(len(items))
         if self._closed:
             raise Unavailable("the encoder is shutting down")
@@ -245,8 +259,10 @@ class EncodePipeline:
         keys = [self._key(item, digest, namespace) for item, digest in zip(items, digests)]
         plans = {i: self.engine.plan_item(i, item) for i, item in enumerate(items)
                  if not isinstance(item.data, MediaDigest)}
-        request = _Request([item.item_id for item in items], deadline)
-        hits, started = self._admit(request, items, digests, keys, plans)
+        request = _Request([item.item_id for item in items], deadline, listener)
+        hits, started, counts = self._admit(request, items, digests, keys, plans)
+        if listener is not None:
+            listener.started(counts)
         for i, region in hits.items():
             self._deliver(request, i, region)
         with self._admission:  # all of one request's rows before the next request's: no two wait on each other
@@ -255,7 +271,7 @@ class EncodePipeline:
         return request.future
 
     def _admit(self, request: _Request, items: list[MediaInput], digests: list[str], keys: list[str],
-               plans: dict[int, ItemPlan]) -> tuple[dict[int, Region], list[_Job]]:
+               plans: dict[int, ItemPlan]) -> tuple[dict[int, Region], list[_Job], list[int]]:
         """Each item a hit (its region, read for this request), a join (the job encoding it now) or a new
         job; budgets checked before any job starts (hits found are given back on refusal)."""
         with self._lock:
@@ -295,7 +311,9 @@ class EncodePipeline:
                 self.store.stats.joins += 1
             for i in [*hits, *joins]:
                 request.hits[i] = True
-        return hits, list(started.values())
+        counts = [hits[i].rows if i in hits else joins[i].plan.tokens if i in joins else plans[new[i]].tokens
+                  for i in range(len(items))]
+        return hits, list(started.values()), counts
 
     def encode(self, items: list[MediaInput], deadline: float | None = None, namespace: str = "") -> Future[EncodeOutput]:
         """`submit`, with the rows gathered into one tensor of the caller's own (the in-process path)."""
@@ -374,10 +392,14 @@ class EncodePipeline:
                 request.regions[index] = region
                 request.left -= 1
                 complete = request.left == 0
+                if request.listener is not None:  # its own reader: a failure meanwhile cannot free the rows
+                    self.store.acquire(region)
         if not live:
             self.store.release(region)
             self._fail(request, None)
             return
+        if request.listener is not None:
+            request.listener.item(index, region, request.hits[index])
         if complete:
             self._complete(request)
 

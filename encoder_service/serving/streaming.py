@@ -1,0 +1,194 @@
+"""EncodeStream on the wire: an Encode answered item by item, and put back together.
+
+The server sends a StreamStart (every item's row count, so the whole tensor can be allocated at
+once, and the model's contract digest, checked before any row is used), then each item's rows as
+soon as they are ready (in completion order, in chunks of at most `chunk_bytes`, the first carrying
+the item's metadata), then a StreamEnd with Encode's response minus the tensor bytes.
+`StreamAssembler` gives back exactly what `Encode` gives (one tensor, split by counts), bit for
+bit, and refuses a stream that ended early or whose chunks do not tile the tensor.
+
+Item chunks are framed by hand (`item_messages`): the rows are copied once, GIL-free, from where
+they live into the message bytes, as `wire.response_bytes` does for the unary response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from encoder_service.engine import running_offsets
+from encoder_service.proto import encoder_pb2 as pb
+from encoder_service.serving import wire
+from encoder_service.serving.wire import EncodeResult, ItemEmbedding
+
+# Rows per message at most this many bytes: large items stream as several messages, so the first rows
+# of a long video move while the rest are framed. Per-message costs dominate small messages: on the
+# H200 an 8-image answer took 0.76x unary's time in 16 MB messages, 1.04x in 4 MB, 2.4x in 1 MB.
+DEFAULT_CHUNK_BYTES = 16 << 20
+
+_ROWS_TAG = wire._varint(2 << 3 | wire._LEN)  # EncodeStreamResponse.rows
+
+
+class IncompleteStream(RuntimeError):
+    """The stream ended (or broke) before every row and the StreamEnd arrived, or was inconsistent."""
+
+
+# ------------------------------------------------------------------ server side
+
+
+def start_message(request_id: str, dtype: torch.dtype, hidden_size: int, token_counts: list[int],
+                  model: str) -> bytes:
+    start = pb.StreamStart(request_id=request_id, dtype=wire._TORCH_TO_PB[dtype], hidden_size=hidden_size,
+                           token_counts=token_counts, model=model)
+    return pb.EncodeStreamResponse(start=start).SerializeToString()
+
+
+def item_messages(index: int, metadata: bytes, rows: torch.Tensor, row_bytes: int,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:
+    """Serialised EncodeStreamResponse messages carrying one item's rows (`rows`: flat uint8, where they
+    live; `metadata`: its serialised ItemMetadata, whose offset is the item's first row)."""
+    start = pb.ItemMetadata.FromString(metadata).offset
+    total = rows.numel() // row_bytes
+    per_chunk = max(1, chunk_bytes // row_bytes)
+    out = []
+    for first in range(0, max(total, 1), per_chunk):
+        count = min(per_chunk, total - first)
+        head = pb.ItemRows(item_index=index, row_start=start + first, row_count=count)
+        if first == 0:
+            head.item.ParseFromString(metadata)
+        size = count * row_bytes
+        data_field = wire._varint(5 << 3 | wire._LEN) + wire._varint(size)
+        inner = head.SerializeToString() + data_field
+        prefix = _ROWS_TAG + wire._varint(len(inner) + size) + inner
+        out.append(wire.bytes_of(prefix, [rows[first * row_bytes : first * row_bytes + size]]))
+    return out
+
+
+def end_message(header: bytes) -> bytes:
+    """`header`: the serialised EncodeResponse without tensor bytes that Encode would send."""
+    return pb.EncodeStreamResponse(end=pb.StreamEnd(response=pb.EncodeResponse.FromString(header))).SerializeToString()
+
+
+async def model_events(model, request: bytes, deadline: float | None, namespace: str = "",
+                       extras: dict | None = None) -> AsyncIterator:
+    """A streamed call on a `ModelProcess`, as an async iterator: the start event, each item's event (its
+    `rows` readable until the iterator is closed), then the finished `Encoded` (its rows already given
+    back: read its header only). Failures raise as `ModelProcess.submit`'s future would; closing the
+    iterator early cancels the call. Every item's rows go back when it ends, whatever the outcome."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    future = model.submit(request, deadline, extras, namespace,
+                          on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+    future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, None))
+    try:
+        while (event := await events.get()) is not None:
+            yield event
+        encoded = await asyncio.wrap_future(future)
+        model.release(encoded)
+        yield encoded
+    finally:
+        future.cancel()  # a no-op once it is done
+        model.release_items(future.call_id)
+
+
+# ------------------------------------------------------------------ client side
+
+
+@dataclass
+class _Item:
+    meta: pb.ItemMetadata | None = None
+    filled: int = 0  # rows received
+
+
+@dataclass
+class StreamAssembler:
+    """Feed it the stream's messages in order (`add`); each call says which items became complete."""
+
+    embeddings: torch.Tensor | None = None
+    starts: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    model: str = ""
+    request_id: str = ""
+    _items: list[_Item] = field(default_factory=list)
+    _end: pb.EncodeResponse | None = None
+
+    def add(self, msg: pb.EncodeStreamResponse) -> list[int]:
+        """One message of the stream; returns the items it completed."""
+        part = msg.WhichOneof("part")
+        if part == "start":
+            s = msg.start
+            self.start(s.request_id, wire._PB_TO_TORCH[s.dtype], s.hidden_size, list(s.token_counts), s.model)
+            return []
+        if part == "rows":
+            r = msg.rows
+            return self.rows(r.item_index, r.item if r.HasField("item") else None, r.row_start, r.row_count, r.data)
+        if part == "end":
+            return self.end(msg.end.response)
+        return []  # an empty message: what carries a failure's status through Serve's proxy
+
+    def start(self, request_id: str, dtype: torch.dtype, hidden_size: int, token_counts: list[int], model: str) -> None:
+        if self.embeddings is not None:
+            raise IncompleteStream("a second StreamStart")
+        self.counts = list(token_counts)
+        self.starts = running_offsets(self.counts)
+        self.embeddings = torch.empty((sum(self.counts), hidden_size), dtype=dtype)
+        self._items = [_Item() for _ in self.counts]
+        self.model, self.request_id = model, request_id
+
+    def rows(self, index: int, meta: pb.ItemMetadata | None, row_start: int, row_count: int, data) -> list[int]:
+        """Rows [row_start, row_start + row_count) of the tensor, for item `index` (its metadata with its first
+        chunk); `data`: their bytes (any buffer)."""
+        if self.embeddings is None:
+            raise IncompleteStream("rows before StreamStart")
+        if not 0 <= index < len(self._items):
+            raise IncompleteStream(f"rows for item {index} of {len(self._items)}")
+        item = self._items[index]
+        if meta is not None:
+            item.meta = meta
+        if (item.meta is None or row_start != self.starts[index] + item.filled
+                or item.filled + row_count > self.counts[index]):
+            raise IncompleteStream(f"item {index}: rows {row_start}+{row_count} out of order or out of its range")
+        rows = self.embeddings[row_start : row_start + row_count]
+        raw = memoryview(data).cast("B")
+        if raw.nbytes != rows.numel() * rows.element_size():
+            raise IncompleteStream(f"item {index}: {raw.nbytes} bytes for {row_count} rows")
+        if row_count:
+            rows.view(-1).view(torch.uint8).copy_(torch.frombuffer(raw, dtype=torch.uint8))
+        item.filled += row_count
+        return [index] if item.filled == self.counts[index] else []
+
+    def end(self, response: pb.EncodeResponse) -> list[int]:
+        if self.embeddings is None:
+            raise IncompleteStream("StreamEnd before StreamStart")
+        self._end = response
+        return []
+
+    def complete(self, index: int) -> bool:
+        return self._items[index].meta is not None and self._items[index].filled == self.counts[index]
+
+    def item(self, index: int) -> tuple[ItemEmbedding, torch.Tensor]:
+        """A complete item's metadata and rows (a view of the tensor being assembled)."""
+        if not self.complete(index):
+            raise IncompleteStream(f"item {index} is not complete")
+        meta = self._items[index].meta
+        return wire.item_embedding(meta), self.embeddings[self.starts[index] : self.starts[index] + self.counts[index]]
+
+    def result(self) -> EncodeResult:
+        """The whole result, as Encode gives it; raises IncompleteStream unless the stream is whole."""
+        if self.embeddings is None or self._end is None:
+            raise IncompleteStream("the stream ended before its StreamEnd")
+        missing = [i for i in range(len(self._items)) if not self.complete(i)]
+        if missing:
+            raise IncompleteStream(f"items {missing} incomplete at the stream's end")
+        header = self._end
+        if [m.token_count for m in header.items] != self.counts or list(header.embeddings.shape) != list(self.embeddings.shape):
+            raise IncompleteStream("the StreamEnd does not match the rows streamed")
+        result = wire.result_from_parts(header, self.embeddings)
+        streamed = [wire.item_embedding(item.meta) for item in self._items]
+        if [dataclasses.astuple(a) for a in streamed] != [dataclasses.astuple(b) for b in result.items]:
+            raise IncompleteStream("the StreamEnd's item metadata differs from what was streamed")
+        return result

@@ -1,0 +1,167 @@
+"""EncodeStream over real gRPC: items arrive as they are ready and reassemble, bit for bit, into what
+Encode returns; failures end the stream with Encode's status; a stream cut short is never taken for a
+whole one; the rows every streamed item held go back, whatever happened to the call."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from encoder_service.processor import MediaInput, Modality
+from encoder_service.proto import encoder_pb2 as pb
+from encoder_service.serving import wire
+from encoder_service.serving.api.client import ENCODE_STREAM_METHOD, EncoderClient
+from encoder_service.serving.api.server import BackgroundServer, ServerConfig
+from encoder_service.serving.host.pipeline import PipelineConfig
+from encoder_service.serving.streaming import IncompleteStream, StreamAssembler
+from encoder_service.video.decode import VideoSampling
+from tests.conftest import image_bytes
+from tests.test_model_process import _wait_until_returned
+
+try:
+    from tests.video_fixture import mp4_bytes
+except ImportError:  # no PyAV (the GPU machine): the video container item is left out
+    mp4_bytes = None
+
+
+@pytest.fixture(scope="module")
+def server(engine_config):
+    """Small chunks (16 KiB): every item of a few tiles streams as several messages."""
+    cfg = ServerConfig(port=0, engine=engine_config, stream_chunk_bytes=16 << 10,
+                       pipeline=PipelineConfig(preprocess_workers=2, cache_mb=0))
+    with BackgroundServer(cfg) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with EncoderClient(server.address, timeout=60) as c:
+        yield c
+
+
+def _mixed_items(rng) -> list[MediaInput]:
+    frames = rng.integers(0, 256, (6, 48, 64, 3), dtype=np.uint8)
+    image = MediaInput(Modality.IMAGE, image_bytes(300, 200, seed=int(rng.integers(1 << 30))), item_id="big")
+    clip = (MediaInput(Modality.VIDEO, mp4_bytes(frames), item_id="clip", sampling=VideoSampling(num_frames=4))
+            if mp4_bytes else MediaInput(Modality.VIDEO, frames[:4], item_id="clip"))
+    return [
+        image,
+        MediaInput(Modality.IMAGE, image_bytes(64, 48, seed=int(rng.integers(1 << 30))), item_id="small"),
+        clip,
+        MediaInput(Modality.VIDEO, frames, item_id="pruned", pruning_rate=0.5),
+        dataclasses.replace(image, item_id="big again"),  # the same item twice: encoded once, sent twice
+    ]
+
+
+def _without_hits(items):
+    return [dataclasses.replace(i, cache_hit=False) for i in items]
+
+
+def test_streamed_items_reassemble_bit_for_bit_into_encodes_answer(client):
+    rng = np.random.default_rng()
+    items = _mixed_items(rng)
+    arrived = {}
+    streamed = client.encode_stream(items, lambda i, item, rows, model: arrived.setdefault(i, (item, rows.clone(), model)))
+    unary = client.encode(items)
+    assert torch.equal(streamed.embeddings, unary.embeddings)
+    assert _without_hits(streamed.items) == _without_hits(unary.items)
+    assert streamed.extras["model"] == unary.extras["model"]
+    assert sorted(arrived) == list(range(len(items)))  # every item announced once, rows as in the result
+    for i, (item, rows, model) in arrived.items():
+        assert item == streamed.items[i] and torch.equal(rows, streamed.split()[i])
+        assert model == unary.extras["model"]
+
+
+def test_the_stream_is_start_items_in_chunks_end(client):
+    rng = np.random.default_rng()
+    request = pb.EncodeRequest(request_id="r1", items=[wire.media_to_proto(i) for i in _mixed_items(rng)[:3]])
+    call = client.channel.unary_stream(ENCODE_STREAM_METHOD, request_serializer=pb.EncodeRequest.SerializeToString,
+                                       response_deserializer=pb.EncodeStreamResponse.FromString)
+    messages = list(call(request, timeout=60))
+    parts = [m.WhichOneof("part") for m in messages]
+    assert parts[0] == "start" and parts[-1] == "end" and set(parts[1:-1]) == {"rows"}
+    assert messages[0].start.request_id == "r1" and len(messages[0].start.token_counts) == 3
+    chunks = [m.rows for m in messages[1:-1]]
+    assert len(chunks) > 3  # 16 KiB chunks: the 300x200 image (7 tiles) alone is several
+    for index in range(3):  # an item's chunks are consecutive, the first with its metadata
+        mine = [k for k, c in enumerate(chunks) if c.item_index == index]
+        assert mine == list(range(mine[0], mine[-1] + 1))
+        assert chunks[mine[0]].HasField("item") and not any(chunks[k].HasField("item") for k in mine[1:])
+    assembler = StreamAssembler()
+    for m in messages:
+        assembler.add(m)
+    whole = assembler.result()
+    # Cut anywhere before the end, or with a chunk lost or repeated: refused, never short.
+    for broken in (messages[:-1], messages[:len(messages) // 2], messages[:2] + messages[3:],
+                   messages[:3] + messages[2:]):
+        with pytest.raises(IncompleteStream):
+            assembler = StreamAssembler()
+            for m in broken:
+                assembler.add(m)
+            assembler.result()
+    assert whole.embeddings.shape[0] == sum(messages[0].start.token_counts)
+
+
+def test_a_failing_item_ends_the_stream_with_encodes_status(client, server):
+    rng = np.random.default_rng()
+    truncated = image_bytes(80, 80, "PNG")[:60]  # its header plans; its pixels fail to decode
+    items = [MediaInput(Modality.IMAGE, image_bytes(400, 300, seed=int(rng.integers(1 << 30)))),
+             MediaInput(Modality.IMAGE, truncated, item_id="broken")]
+    arrived = []
+    with pytest.raises(grpc.RpcError) as streamed:
+        client.encode_stream(items, lambda i, *rest: arrived.append(i))
+    with pytest.raises(grpc.RpcError) as unary:
+        client.encode(items)
+    assert streamed.value.code() == unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert streamed.value.details() == unary.value.details() and "item 1 ('broken')" in streamed.value.details()
+    assert wire.item_from_status(streamed.value) == (1, "broken")
+    assert 1 not in arrived
+    ok = client.encode_stream([MediaInput(Modality.IMAGE, image_bytes(40, 30))], None)  # still serving
+    assert ok.embeddings.shape[0] == ok.token_counts[0] > 0
+    assert _wait_until_returned(server.server.model) == {"outputs_in_use": 0, "tiles_in_use": 0}
+
+
+def test_rows_go_back_after_cancelled_and_expired_streams(client, server):
+    rng = np.random.default_rng()
+    items = [MediaInput(Modality.IMAGE, image_bytes(int(w), int(h))) for w, h in rng.integers(200, 500, (8, 2))]
+    request = pb.EncodeRequest(items=[wire.media_to_proto(i) for i in items])
+    call = client.channel.unary_stream(ENCODE_STREAM_METHOD, request_serializer=pb.EncodeRequest.SerializeToString,
+                                       response_deserializer=pb.EncodeStreamResponse.FromString)
+    for _ in range(3):  # read the start and the first rows, then hang up
+        stream = call(request, timeout=60)
+        assert next(stream).WhichOneof("part") == "start"
+        next(stream)
+        stream.cancel()
+    with pytest.raises(grpc.RpcError) as late:
+        client.encode_stream(items, None, timeout=0.05)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(0.2)
+    assert _wait_until_returned(server.server.model) == {"outputs_in_use": 0, "tiles_in_use": 0}
+    streamed = client.encode_stream(items[:2], None)
+    assert torch.equal(streamed.embeddings, client.encode(items[:2]).embeddings)
+
+
+def test_a_request_spread_over_several_connections_answers_as_one(server, client):
+    """`connections=3`: the items dealt over three TCP connections, one stream each; the result is the
+    request's (items in order, offsets into one tensor, every item announced once by its request
+    index), and a failing item is named by its index in the request, status details included."""
+    rng = np.random.default_rng()
+    items = _mixed_items(rng)
+    with EncoderClient(server.address, timeout=60, connections=3) as spread:
+        arrived = {}
+        result = spread.encode_stream(items, lambda i, item, rows, model: arrived.setdefault(i, rows.clone()))
+        one = client.encode(items)
+        assert result.token_counts == one.token_counts and _without_hits(result.items) == _without_hits(one.items)
+        torch.testing.assert_close(result.embeddings, one.embeddings, rtol=1e-5, atol=1e-5)
+        assert sorted(arrived) == list(range(len(items)))
+        assert all(torch.equal(arrived[i], rows) for i, rows in enumerate(result.split()))
+        broken = items[:4] + [MediaInput(Modality.IMAGE, image_bytes(80, 80, "PNG")[:60], item_id="broken")]
+        with pytest.raises(grpc.RpcError) as err:  # item 4 rides the second connection as its item 1
+            spread.encode_stream(broken, None)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "item 4 ('broken')" in err.value.details() and wire.item_from_status(err.value) == (4, "broken")
