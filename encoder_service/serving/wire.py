@@ -573,12 +573,7 @@ def model_info_from_proto(msg: pb.ModelInfo) -> ModelInfo:
         dtype=_PB_TO_TORCH[msg.dtype],
         patch_size=msg.patch_size,
         tiling=tiling,
-        dynamic=DynamicResolution(
-            patch_size=msg.dynamic_resolution.patch_size,
-            downsample=msg.dynamic_resolution.downsample,
-            min_num_patches=msg.dynamic_resolution.min_num_patches,
-            max_num_patches=msg.dynamic_resolution.max_num_patches,
-        ) if msg.HasField("dynamic_resolution") else None,
+        dynamic=_spec(DynamicResolution, msg, "dynamic_resolution"),
         max_tokens_per_batch=msg.max_tokens_per_batch,
         max_tokens_per_request=msg.max_tokens_per_request,
         max_items_per_request=msg.max_items_per_request,
@@ -586,10 +581,13 @@ def model_info_from_proto(msg: pb.ModelInfo) -> ModelInfo:
         video_pruning_rate=msg.video_pruning_rate,
         default_video_frames=msg.default_video_frames,
         fingerprint=fingerprint_from_proto(msg.fingerprint) if msg.HasField("fingerprint") else None,
-        video_frames=VideoFrameGeometry(
-            target_num_patches=msg.video_frame_geometry.target_num_patches,
-            maintain_aspect_ratio=msg.video_frame_geometry.maintain_aspect_ratio,
-            patch_size=msg.video_frame_geometry.patch_size,
-            downsample=msg.video_frame_geometry.downsample,
-        ) if msg.HasField("video_frame_geometry") else None,
+        video_frames=_spec(VideoFrameGeometry, msg, "video_frame_geometry"),
     )
+
+
+def _spec(cls, msg, field: str):
+    """A config dataclass from the ModelInfo sub-message of the same fields, or None when it is unset."""
+    if not msg.HasField(field):
+        return None
+    sub = getattr(msg, field)
+    return cls(**{f.name: getattr(sub, f.name) for f in dataclasses.fields(cls)})
