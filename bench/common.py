@@ -60,9 +60,10 @@ def preset_checkpoint(preset: str, root: Path) -> Path:
     return path
 
 
-def jpeg_mix(n: int, mix: str = "serving", seed: int = 0) -> list[bytes]:
+def jpeg_mix(n: int, mix: str = "serving", seed: int = 0, sizes: list[tuple[int, int]] | None = None) -> list[bytes]:
+    """n random-content JPEGs (quality 90) cycling through the sizes of `mix` (or `sizes`)."""
     rng = np.random.default_rng(seed)
-    sizes = IMAGE_MIXES[mix]
+    sizes = sizes or IMAGE_MIXES[mix]
     out = []
     for i in range(n):
         w, h = sizes[i % len(sizes)]

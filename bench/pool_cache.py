@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import multiprocessing as mp
 import os
@@ -33,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from bench.common import device_name, preset_checkpoint
+from bench.common import device_name, jpeg_mix, preset_checkpoint
 from bench.served_throughput import percentile
 from encoder_service.config import PRESETS
 from encoder_service.processor import MediaInput, Modality
@@ -69,14 +67,7 @@ def make_trace(conversations: int, turns: int, popular: int = 4, seed: int = 0) 
 
 
 def image_library(count: int, seed: int = 1) -> list[bytes]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(count):
-        w, h = SIZES[i % len(SIZES)]
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+    return jpeg_mix(count, seed=seed, sizes=SIZES)
 
 
 def ideal_hit_rate(trace) -> float:

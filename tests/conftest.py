@@ -6,6 +6,7 @@ import io
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 # A Serve handle router left in this process after its cluster shut down must not start a new Ray
@@ -22,6 +23,16 @@ from encoder_service.models import tiny_checkpoint_dir
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_for(predicate, timeout_s: float) -> bool:
+    """Poll `predicate` every 0.25 s until it holds (True) or `timeout_s` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.25)
+    return False
 
 
 def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int | None = None) -> bytes:

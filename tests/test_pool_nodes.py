@@ -26,19 +26,10 @@ from encoder_service.engine import EncoderEngine  # noqa: E402
 from encoder_service.processor import MediaInput, Modality  # noqa: E402
 from encoder_service.serving.api.ray_app import deploy, free_port, load_serve_config, running_replicas  # noqa: E402
 from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient  # noqa: E402
-from tests.conftest import image_bytes  # noqa: E402
+from tests.conftest import image_bytes, wait_for  # noqa: E402
 
 APP = "encoder"
 SLOT = {"encoder_slot": 1}  # only worker nodes have it: replicas never land on the head
-
-
-def _wait_for(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.25)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +54,7 @@ def test_a_node_killed_under_load_loses_no_request_and_no_row_is_wrong(cluster, 
     app["args"]["pipeline"].update(preprocess_workers=1, arena_mb=32, cache_mb=32)
     app["deployments"][0]["autoscaling_config"].update(min_replicas=2, max_replicas=2)
     address = deploy(cfg)
-    assert _wait_for(lambda: running_replicas(APP) == 2, timeout_s=120)
+    assert wait_for(lambda: running_replicas(APP) == 2, timeout_s=120)
 
     reference = EncoderEngine(dataclasses.replace(engine_config, device="cpu"))
     rng = np.random.default_rng()
@@ -92,14 +83,14 @@ def test_a_node_killed_under_load_loses_no_request_and_no_row_is_wrong(cluster, 
     for t in threads:
         t.start()
     try:
-        assert _wait_for(lambda: len(done) >= 40, timeout_s=90)
+        assert wait_for(lambda: len(done) >= 40, timeout_s=90)
         c.remove_node(workers[0], allow_graceful=False)  # a node failure: raylet and replica gone at once
         at_kill = len(done)
-        assert _wait_for(lambda: len(done) >= at_kill + 40, timeout_s=120)
+        assert wait_for(lambda: len(done) >= at_kill + 40, timeout_s=120)
         workers.append(c.add_node(num_cpus=2, resources=SLOT))  # a replacement node joins
-        assert _wait_for(lambda: running_replicas(APP) == 2, timeout_s=120), "the pool did not return to its size"
+        assert wait_for(lambda: running_replicas(APP) == 2, timeout_s=120), "the pool did not return to its size"
         at_rejoin = len(done)
-        assert _wait_for(lambda: len(done) >= at_rejoin + 20, timeout_s=90)
+        assert wait_for(lambda: len(done) >= at_rejoin + 20, timeout_s=90)
     finally:
         stop.set()
         for t in threads:

@@ -36,7 +36,7 @@ from llm_worker.codec import pack_requests, unpack_outputs  # noqa: E402
 from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig  # noqa: E402
 from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient  # noqa: E402
 from llm_worker.tiny import tiny_llm_dir  # noqa: E402
-from tests.conftest import image_bytes  # noqa: E402
+from tests.conftest import image_bytes, wait_for  # noqa: E402
 
 APP = "encoder"
 METADATA = (("application", APP),)
@@ -248,15 +248,6 @@ def _load(client, stop: threading.Event, results: list, errors: list):
             errors.append(e)
 
 
-def _wait_for(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.25)
-    return False
-
-
 def test_sustained_load_scales_up_and_idle_scales_down(pool):
     address, _ = pool
     assert running_replicas(APP) == 1
@@ -266,9 +257,9 @@ def test_sustained_load_scales_up_and_idle_scales_down(pool):
     for t in threads:
         t.start()
     try:
-        scaled_up = _wait_for(lambda: running_replicas(APP) == 2, timeout_s=60)
+        scaled_up = wait_for(lambda: running_replicas(APP) == 2, timeout_s=60)
         # ... and the new replica takes a share of the traffic.
-        both_serve = _wait_for(lambda: len({r.extras["replica"] for r in results}) == 2, timeout_s=30)
+        both_serve = wait_for(lambda: len({r.extras["replica"] for r in results}) == 2, timeout_s=30)
     finally:
         stop.set()
         for t in threads:
@@ -276,7 +267,7 @@ def test_sustained_load_scales_up_and_idle_scales_down(pool):
     assert scaled_up, "pool did not scale to 2 replicas under load"
     assert both_serve, "the second replica never served a request"
     assert not errors
-    assert _wait_for(lambda: running_replicas(APP) == 1, timeout_s=60), "pool did not scale down when idle"
+    assert wait_for(lambda: running_replicas(APP) == 1, timeout_s=60), "pool did not scale down when idle"
 
 
 def _replica_actor_names() -> list[str]:
@@ -287,7 +278,7 @@ def _replica_actor_names() -> list[str]:
 @pytest.mark.parametrize("transport", ["grpc", "handle"])
 def test_killing_a_replica_mid_load_loses_no_request(ray_cluster, tiny_checkpoint, transport):
     address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=2, max_replicas=2))
-    assert _wait_for(lambda: running_replicas(APP) == 2, timeout_s=60)
+    assert wait_for(lambda: running_replicas(APP) == 2, timeout_s=60)
     client = PoolEncoderClient(
         PoolClientConfig([address], APP, transport=transport, attempt_timeout_s=20, backoff_s=0.2, max_attempts=8)
     )
@@ -296,11 +287,11 @@ def test_killing_a_replica_mid_load_loses_no_request(ray_cluster, tiny_checkpoin
     for t in threads:
         t.start()
     try:
-        assert _wait_for(lambda: len(results) >= 8, timeout_s=60)
+        assert wait_for(lambda: len(results) >= 8, timeout_s=60)
         victim = _replica_actor_names()[0]
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         done_at_kill = len(results)
-        assert _wait_for(lambda: len(results) >= done_at_kill + 30, timeout_s=90)
+        assert wait_for(lambda: len(results) >= done_at_kill + 30, timeout_s=90)
     finally:
         stop.set()
         for t in threads:
@@ -308,7 +299,7 @@ def test_killing_a_replica_mid_load_loses_no_request(ray_cluster, tiny_checkpoin
         client.close()
     assert not errors, ([e.code() for e in errors], f"retries: {client.retries}")
     assert all(r.embeddings.shape[0] == sum(r.token_counts) for r in results)
-    assert _wait_for(lambda: running_replicas(APP) == 2, timeout_s=60), "Serve did not replace the killed replica"
+    assert wait_for(lambda: running_replicas(APP) == 2, timeout_s=60), "Serve did not replace the killed replica"
     print(f"replica killed under load ({transport}): {len(results)} requests completed, {client.retries} retried")
 
 
@@ -354,7 +345,7 @@ def test_gpu_replicas_the_cluster_cannot_place_are_explained():
 def test_two_replicas_share_one_gpu_at_half_a_gpu_each(ray_cluster, tiny_checkpoint, engine_config):
     """Fractional GPUs: both replicas run on the same device, both serve, both give the engine's rows."""
     address = deploy(_config(tiny_checkpoint, ray_cluster, gpus_per_replica=0.5, min_replicas=2, max_replicas=2))
-    assert _wait_for(lambda: running_replicas(APP) == 2, timeout_s=120)
+    assert wait_for(lambda: running_replicas(APP) == 2, timeout_s=120)
     reference = EncoderEngine(dataclasses.replace(engine_config, device="cuda"))
     items = _items(np.random.default_rng(), 2)
     want = reference.encode(items)
@@ -377,7 +368,7 @@ def test_each_item_goes_to_the_replica_that_caches_it(ray_cluster, tiny_checkpoi
     """Content affinity on a real 3-replica pool: every repeat of an item lands on the replica that
     encoded it and is a cache hit there; the items spread over the replicas."""
     address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=3, max_replicas=3))
-    assert _wait_for(lambda: running_replicas(APP) == 3, timeout_s=90)
+    assert wait_for(lambda: running_replicas(APP) == 3, timeout_s=90)
     client = PoolEncoderClient(PoolClientConfig([address], APP, transport=transport))
     images = _items(np.random.default_rng(), 12)
     for image in images:  # a new handle's router learns the replicas over its first calls: warm it up
