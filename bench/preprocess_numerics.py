@@ -5,8 +5,8 @@ smooth variant closer to photos): the CPU path's tiles (PIL decode + PIL bicubic
 against the device path's (`preprocess_device`: nvJPEG decode + Pillow's bicubic passes on the GPU),
 and against host decode + device resize (which isolates the resize). Reported: per-pixel |difference|
 (max, p99, share of values off by more than 1 grey level), the embeddings' cosine and relative error
-on the preset, and throughput: images/s and tiles/s of one CPU core (the CPU path) vs the GPU path,
-with the GPU path's host CPU-seconds per 1000 tiles.
+on the preset, and throughput per content: images/s, tiles/s and host CPU-seconds per 1000 tiles of
+one thread for the CPU path, the decode alone (a worker's share on the device path) and each device path.
 
     python -m bench.preprocess_numerics --preset radio-h --device cuda
 """
@@ -27,7 +27,7 @@ from PIL import Image
 from bench.common import IMAGE_MIXES, device_name, jpeg_mix, preset_checkpoint
 from encoder_service.config import EngineConfig
 from encoder_service.engine import EncoderEngine
-from encoder_service.preprocess_device import DeviceImagePreprocessor
+from encoder_service.preprocess_device import DeviceTiler, decode_nvjpeg, decoded_bytes
 from encoder_service.processor import MediaInput, Modality, ProcessedItem
 
 
@@ -59,17 +59,24 @@ def main() -> None:
     engine = EncoderEngine(EngineConfig(checkpoint=str(preset_checkpoint(args.preset, workdir)), device=args.device,
                                         max_tokens_per_request=1 << 30))
     processor = engine.processor
-    device = DeviceImagePreprocessor(processor, args.device)
-    host_decode = DeviceImagePreprocessor(processor, args.device)
-    host_decode.nvjpeg = False
+    tiler = DeviceTiler(processor.cfg, args.device)
+
+    def host_decoded(data: bytes, plan) -> torch.Tensor:
+        buf = np.empty(decoded_bytes(plan), dtype=np.uint8)
+        processor.decode_into(MediaInput(Modality.IMAGE, data), buf)
+        return torch.from_numpy(buf).view(*plan.image_size, 3).to(args.device)
+
+    paths = {"host decode + device resize": lambda data, plan: tiler.pieces(host_decoded(data, plan), plan)}
+    if args.device == "cuda":
+        paths["device (nvJPEG + device resize)"] = lambda data, plan: tiler.pieces(decode_nvjpeg(data, args.device), plan)
     print(json.dumps({"bench": "preprocess_numerics", "device": device_name(torch.device(args.device)),
-                      "preset": args.preset, "nvjpeg": device.nvjpeg}), flush=True)
+                      "preset": args.preset, "paths": list(paths)}), flush=True)
     for content, jpegs in (("noise", jpeg_mix(len(IMAGE_MIXES["serving"]), seed=7)), ("smooth", smooth_jpegs())):
         items = [MediaInput(Modality.IMAGE, data) for data in jpegs]
         plans = [processor.plan(item) for item in items]
         cpu = [processor.process(item).pixels for item in items]
-        for name, path in (("device (nvJPEG + device resize)", device), ("host decode + device resize", host_decode)):
-            pieces = [path.pixels(item.data, plan).cpu().numpy() for item, plan in zip(items, plans)]
+        for name, path in paths.items():
+            pieces = [path(item.data, plan).cpu().numpy() for item, plan in zip(items, plans)]
             stats = pixel_stats(np.concatenate(cpu), np.concatenate(pieces))
             ref = engine.run([ProcessedItem(px, plan.sizes, [], plan) for px, plan in zip(cpu, plans)]).embeddings.float()
             got = engine.run([ProcessedItem(px, plan.sizes, [], plan) for px, plan in zip(pieces, plans)]).embeddings.float()
@@ -78,11 +85,7 @@ def main() -> None:
                               "embedding_cosine_min": round(float(cosine.min()), 6),
                               "embedding_cosine_mean": round(float(cosine.mean()), 6),
                               "embedding_rel_error": round(float((got - ref).norm() / ref.norm()), 6)}), flush=True)
-    # Throughput: the same 8 images, preprocessed one after another.
-    items = [MediaInput(Modality.IMAGE, data) for data in jpeg_mix(len(IMAGE_MIXES["serving"]), seed=7)]
-    plans = [processor.plan(item) for item in items]
-    tiles = sum(plan.num_tiles for plan in plans)
-
+    # Throughput: the same 8 images of each content, preprocessed one after another.
     def timed(fn) -> tuple[float, float]:
         fn()
         if args.device == "cuda":
@@ -97,13 +100,20 @@ def main() -> None:
             cpu_s.append(time.process_time() - c0)
         return float(np.median(wall)), float(np.median(cpu_s))
 
-    cpu_wall, cpu_cpu = timed(lambda: [processor.process(item) for item in items])
-    dev_wall, dev_cpu = timed(lambda: [device.pixels(item.data, plan) for item, plan in zip(items, plans)])
-    for name, wall, cpu_s in (("cpu path, 1 thread", cpu_wall, cpu_cpu), ("device path", dev_wall, dev_cpu)):
-        print(json.dumps({"throughput": name, "images_per_s": round(len(items) / wall, 1),
-                          "tiles_per_s": round(tiles / wall, 1), "cpu_s_per_1000_tiles": round(1000 * cpu_s / tiles, 2)}),
-              flush=True)
-
+    for content, jpegs in (("noise", jpeg_mix(len(IMAGE_MIXES["serving"]), seed=7)), ("smooth", smooth_jpegs())):
+        items = [MediaInput(Modality.IMAGE, data) for data in jpegs]
+        plans = [processor.plan(item) for item in items]
+        tiles = sum(plan.num_tiles for plan in plans)
+        buffers = [np.empty(decoded_bytes(plan), dtype=np.uint8) for plan in plans]
+        rows = [("cpu path, 1 thread", *timed(lambda: [processor.process(item) for item in items])),
+                ("host decode only (what a worker does)",
+                 *timed(lambda: [processor.decode_into(item, buf) for item, buf in zip(items, buffers)]))]
+        for name, path in paths.items():
+            rows.append((name, *timed(lambda: [path(item.data, plan) for item, plan in zip(items, plans)])))
+        for name, wall, cpu_s in rows:
+            print(json.dumps({"throughput": name, "content": content, "images_per_s": round(len(items) / wall, 1),
+                              "tiles_per_s": round(tiles / wall, 1),
+                              "cpu_s_per_1000_tiles": round(1000 * cpu_s / tiles, 2)}), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -100,8 +100,9 @@ def client_requests(requests, index: int) -> list[list[bytes]]:
     return requests if index == 0 else make_requests(len(requests), len(requests[0]), seed=1000 + index)
 
 
-def run_grpc_clients(address: str, n: int, requests, duration: float, metadata=None) -> dict:
-    """n client processes; the measured window opens once every one of them is warm."""
+def run_grpc_clients(address: str, n: int, requests, duration: float, metadata=None, on_window=None) -> dict:
+    """n client processes; the measured window opens once every one of them is warm. `on_window(start,
+    end)`: told the window's wall-clock bounds (time.time()) before it opens."""
     ctx = mp.get_context("spawn")
     ready, window, out = ctx.Queue(), ctx.Queue(), ctx.Queue()
     procs = [ctx.Process(target=grpc_client_process,
@@ -112,6 +113,8 @@ def run_grpc_clients(address: str, n: int, requests, duration: float, metadata=N
     for _ in procs:
         ready.get(timeout=300)
     start_at = time.time() + 0.5
+    if on_window is not None:
+        on_window(start_at, start_at + duration)
     for _ in procs:
         window.put((start_at, start_at + duration))
     with gpu_sampler() as util:
@@ -251,7 +254,8 @@ def standalone_server(checkpoint: str, args, cache_mb: int = 0, stream_chunk_mb:
     cmd = [sys.executable, "-m", "encoder_service.cli", "serve", "--port", "0", "--checkpoint", checkpoint,
            "--device", args.device, "--dtype", args.dtype, "--max-tokens-per-request", str(1 << 20),
            "--cache-mb", str(cache_mb), "--stream-chunk-mb", str(stream_chunk_mb),
-           "--preprocess-workers", str(args.preprocess_workers)]
+           "--preprocess-workers", str(args.preprocess_workers),
+           "--preprocess-device", getattr(args, "preprocess_device", "auto")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # "encoder-service listening on HOST:PORT"

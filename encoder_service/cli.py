@@ -18,6 +18,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--preprocess-device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where images are resized and tiled: cuda (workers only decode; same pixels, a fraction "
+                        "of the CPU), cpu, or auto (cuda when the engine runs on CUDA and the model resamples "
+                        "with Pillow's bicubic)")
     p.add_argument("--max-tokens-per-batch", type=int, default=EngineConfig.max_tokens_per_batch)
     p.add_argument("--max-tokens-per-request", type=int, default=EngineConfig.max_tokens_per_request)
     p.add_argument("--max-items-per-request", type=int, default=EngineConfig.max_items_per_request)
@@ -31,6 +35,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         device=args.device,
         dtype=args.dtype,
         attention_backend=args.attention_backend,
+        preprocess_device=args.preprocess_device,
         max_tokens_per_batch=args.max_tokens_per_batch,
         max_tokens_per_request=args.max_tokens_per_request,
         max_items_per_request=args.max_items_per_request,

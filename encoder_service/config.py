@@ -239,6 +239,9 @@ class EngineConfig:
     max_decode_pixels_per_request: int = 1 << 30
     video_pruning_rate: float | None = None  # EVS default of this deployment (None: the checkpoint's, 0)
     preprocess_threads: int = 4  # decode/resize in parallel (PIL releases the GIL)
+    # Where images are resized and tiled: "cuda" (decoded on the host, resized on the engine's GPU: the
+    # same pixels for a fraction of the CPU), "cpu", or "auto" (cuda where it applies: preprocess_device.resolve).
+    preprocess_device: str = "auto"
 
 
 def tiny_encoder_config() -> EncoderConfig:

@@ -18,8 +18,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from encoder_service import preprocess_device
 from encoder_service.attention import AttentionSpec, get_backend
 from encoder_service.batching import TileQueue
 from encoder_service.config import DynamicResolution, EngineConfig, TilingSpec, VideoFrameGeometry
@@ -121,6 +123,9 @@ class EncoderEngine:
             check_rate(cfg.video_pruning_rate)
             proc = dataclasses.replace(proc, video_pruning_rate=cfg.video_pruning_rate)
         self.processor = ImageProcessor(proc)
+        tiling_device = preprocess_device.resolve(cfg.preprocess_device, self.device, proc)
+        # Resizes and tiles images on the GPU (None: the CPU path does it all).
+        self.device_tiler = None if tiling_device is None else preprocess_device.DeviceTiler(proc, tiling_device)
         vision = self.model.cfg.vision
         self.patch_size = p = vision.patch_size
         # Per patch-row column (channel-major inside a patch, as patchify_hwc lays them out).
@@ -289,7 +294,16 @@ class EncoderEngine:
     def prepare(self, items: list[MediaInput]) -> list[ProcessedItem]:
         """Validate and preprocess (decode, tile) one request's items on this process's threads."""
         self.plan(items)
-        return list(self._preprocess_pool.map(self.processor.process, items))
+        return list(self._preprocess_pool.map(self._prepare_one, items))
+
+    def _prepare_one(self, item: MediaInput) -> ProcessedItem:
+        if self.device_tiler is None or not preprocess_device.on_device(item):
+            return self.processor.process(item)
+        plan = self.processor.plan(item)
+        decoded = np.empty(preprocess_device.decoded_bytes(plan), dtype=np.uint8)
+        self.processor.decode_into(item, decoded)
+        image = torch.from_numpy(decoded).to(self.device).view(*plan.image_size, 3)
+        return ProcessedItem(self.device_tiler.pieces(image, plan), plan.sizes, [], plan)
 
     def encode(self, items: list[MediaInput], deadline: float | None = None) -> EncodeOutput:
         """Validate, preprocess and encode in this process; `deadline` is a time.monotonic() instant."""
@@ -331,7 +345,8 @@ class EncoderEngine:
             for s in spans:
                 item = processed[s.item]
                 begin, end = byte_range(item.sizes, s.start, s.stop)
-                pixels.append(torch.from_numpy(item.pixels[begin:end]))
+                flat = item.pixels if isinstance(item.pixels, torch.Tensor) else torch.from_numpy(item.pixels)
+                pixels.append(flat[begin:end])
                 sizes.append(list(item.sizes[s.start : s.stop]))
                 row_start = sum(rows[s.item][: s.start])
                 outputs.append(targets[s.item][row_start : row_start + sum(rows[s.item][s.start : s.stop])])

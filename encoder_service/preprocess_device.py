@@ -1,36 +1,75 @@
-"""Image preprocessing on the device: the building blocks of a GPU path (decode, resize, tile).
+"""Resizing and tiling on the device: the CPU path's pixels, bit for bit, from decoded images.
 
-Why: on the H200 the CPU path (PIL decode + bicubic resize in worker processes) needs ~8 cores per
-GPU to keep the encoder fed. Here JPEGs are decoded by nvJPEG (`torchvision.io.decode_jpeg` on
-CUDA; other formats, and any file nvJPEG refuses, by the CPU path's decoder, which raises the CPU
-path's errors) and resized on the device with Pillow's bicubic algorithm as its published C code
-(`Resample.c`) runs it, in integer arithmetic (`pil_bicubic_resize`): coefficients computed as
-Pillow computes them (support 2 x scale, a = -0.5, normalised, 22-bit fixed point), a horizontal
-then a vertical pass, each rounded and clipped to uint8. Header parsing, the tiling plan and token
-counts stay on the host (`ImageProcessor.plan`), so they never depend on the path.
+Why: on the H200 the CPU path (PIL decode + bicubic resize + tiling in worker processes) needs 4-8
+cores per GPU to keep the encoder fed, and most of that CPU time (2/3 on noise JPEGs, 6/7 on smooth
+ones) is the resize and tiling. With `preprocess_device="cuda"` the workers only decode (libjpeg, as
+the CPU path does: nvJPEG's pixels are far from libjpeg's, bench/RESULTS.md preprocess_numerics) into
+the tile arena, and the model process resizes, tiles and makes the thumbnail here, on the device,
+straight into the engine's input (bench/RESULTS.md preprocess: 0.96x of the engine with 2 cores).
 
-Agreement with the CPU path, measured (tests/test_preprocess_device.py, bench/preprocess_numerics.py,
-bench/RESULTS.md): from host-decoded pixels the device tiles equal the CPU path's bit for bit on the
-GPU machine (its Pillow runs the published order); Pillow 13 (installed on the CPU machines) runs the
-vertical pass first for some sizes, by a rule its published source does not show, so there the two
-differ by the rounding between passes (at most 2 grey levels on the serving mix). nvJPEG's pixels
-are far from libjpeg's (its chroma upsampling and conversion: mean 1.7 grey levels on smooth
-images, embeddings 4.7 % off on radio-h), so a GPU path must decode on the host or with a decoder
-that matches libjpeg. The pipeline does not use this path yet: it stays on the CPU path.
+The resize is Pillow's bicubic as its published C code (`Resample.c`) runs it, in exact arithmetic:
+coefficients computed as Pillow computes them (support 2 x scale, a = -0.5, normalised, 22-bit fixed
+point), a horizontal then a vertical pass, each rounded and clipped to uint8. Each pass is one float64
+matrix product with the pass's band matrix: every product and partial sum is an integer below 2^53,
+so it is exact in any summation order, and a pass costs a handful of kernels whatever the scale.
+Header parsing, the tiling plan and token counts stay on the host (`ImageProcessor.plan`), so they
+never depend on the path.
+
+Agreement with the CPU path (tests/test_preprocess_device.py, bench/preprocess_numerics.py): equal
+bit for bit where Pillow runs its published pass order (Pillow 12.3, the GPU machine); Pillow 13 (the
+CPU machines) runs the vertical pass first for some sizes, by a rule its published source does not
+show, and there the two differ by the rounding between passes (at most 2 grey levels on the serving mix).
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from functools import lru_cache
 
 import numpy as np
 import torch
 
+from encoder_service.config import ProcessorConfig
 from encoder_service.errors import InvalidInput
-from encoder_service.processor import ImageProcessor, ItemPlan, choose_grid
+from encoder_service.processor import ItemPlan, MediaInput, Modality, choose_grid
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit images
+CHOICES = ("auto", "cpu", "cuda")
+_CHUNK_BYTES = 128 << 20  # float64 rows of one pass at a time, at most (huge images go in row blocks)
+
+
+def resolve(setting: str, engine_device: torch.device, processor: ProcessorConfig) -> torch.device | None:
+    """Where images are resized and tiled: the engine's CUDA device, or None for the CPU path.
+
+    auto: the device whenever the engine runs on CUDA and the checkpoint resamples with Pillow's bicubic
+    (exact there: the same rows); the CPU path otherwise. Measured on the H200 (bench/RESULTS.md,
+    preprocess): the device path serves more tiles/s than the CPU path at every core count, for a
+    fraction of the CPU time. Videos keep the CPU path either way (decoded frame by frame by PyAV)."""
+    if setting not in CHOICES:
+        raise ValueError(f"unknown preprocess_device {setting!r}; choose {', '.join(CHOICES)}")
+    if setting == "cpu" or (setting == "auto" and (engine_device.type != "cuda" or processor.resize != "pil")):
+        return None
+    if engine_device.type != "cuda":
+        raise ValueError(f"preprocess_device=cuda needs the engine on CUDA (it runs on {engine_device})")
+    if processor.resize != "pil":
+        raise ValueError(f"preprocess_device=cuda reproduces Pillow's bicubic only; this checkpoint resamples "
+                         f"with {processor.resize!r}: use cpu")
+    return engine_device
+
+
+def on_device(item: MediaInput) -> bool:
+    """Items the device path takes: images (encoded or raw pixels). Videos stay on the CPU path."""
+    return item.modality == Modality.IMAGE
+
+
+def decoded_bytes(plan: ItemPlan) -> int:
+    """Bytes of an image decoded to RGB (what a worker writes for the device path)."""
+    return plan.decode_pixels * 3
+
+
+# ---------------------------------------------------------------- Pillow's bicubic
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -67,86 +106,113 @@ def pil_coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarra
     return first, fixed
 
 
-def _resample_axis(x: torch.Tensor, axis: int, out_size: int) -> torch.Tensor:
-    """One of Pillow's passes along `axis` of uint8 `x`: integer weighted sums, rounded, clipped to uint8.
-    A gather per tap (not a dense matrix): memory stays ~ the output's size whatever the scale."""
-    in_size = x.shape[axis]
+def band_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """The pass as a float64 [in, out] matrix of Pillow's fixed-point weights (zero outside each band)."""
     first, fixed = pil_coefficients(in_size, out_size)
-    taps = fixed.shape[1]
-    index = torch.from_numpy(np.minimum(first[:, None] + np.arange(taps)[None, :], in_size - 1)).to(x.device)
-    weight = torch.from_numpy(fixed.astype(np.int32)).to(x.device)
-    moved = x.movedim(axis, -1).to(torch.int32)
-    acc = torch.full((*moved.shape[:-1], out_size), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=x.device)
-    for k in range(taps):
-        acc += moved.index_select(-1, index[:, k]) * weight[:, k]
-    return (acc >> PRECISION_BITS).clamp_(0, 255).to(torch.uint8).movedim(-1, axis)
+    matrix = np.zeros((in_size, out_size), dtype=np.float64)
+    for k in range(fixed.shape[1]):
+        index = first + k
+        valid = (index < in_size) & (fixed[:, k] != 0)
+        matrix[index[valid], np.nonzero(valid)[0]] = fixed[valid, k]
+    return matrix
 
 
-def pil_bicubic_resize(image: torch.Tensor, width: int, height: int, vertical_first: bool = False) -> torch.Tensor:
+class _Bands:
+    """Band matrices on one device, by (in, out): an image size's matrices are made and copied once, and
+    kept (least recently used first out) within `max_bytes` of device memory, taken from the ViT's."""
+
+    def __init__(self, device: torch.device, max_bytes: int = 256 << 20):
+        self.device, self.max_bytes = device, max_bytes
+        self._cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # the in-process path tiles from several threads
+
+    def get(self, in_size: int, out_size: int) -> torch.Tensor:
+        key = (in_size, out_size)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        host = torch.from_numpy(band_matrix(in_size, out_size))
+        if self.device.type == "cuda":  # from pinned memory: no implicit stream synchronisation
+            host = host.pin_memory()
+        matrix = host.to(self.device, non_blocking=True)
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = matrix
+                self._bytes += matrix.numel() * matrix.element_size()
+            while self._bytes > self.max_bytes and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._bytes -= old.numel() * old.element_size()
+        return matrix
+
+
+def _resample_last_axis(x: torch.Tensor, bands: torch.Tensor) -> torch.Tensor:
+    """Pillow's pass along the last axis of uint8 `x`: exact integer sums (float64), rounded, clipped."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty(rows.shape[0], bands.shape[1], dtype=torch.uint8, device=x.device)
+    step = max(1, _CHUNK_BYTES // (8 * max(x.shape[-1], bands.shape[1])))
+    for start in range(0, rows.shape[0], step):
+        acc = rows[start : start + step].to(torch.float64) @ bands
+        acc.add_(1 << (PRECISION_BITS - 1)).div_(1 << PRECISION_BITS).floor_().clamp_(0, 255)
+        out[start : start + step] = acc.to(torch.uint8)
+    return out.reshape(*x.shape[:-1], bands.shape[1])
+
+
+def pil_bicubic_resize(image: torch.Tensor, width: int, height: int, vertical_first: bool = False,
+                       bands: _Bands | None = None) -> torch.Tensor:
     """`image` uint8 [H, W, C] resized to [height, width, C] with Pillow's bicubic passes (each only when
     its size changes; horizontal first as its published code does, or `vertical_first`)."""
-    passes = [(1, width), (0, height)]
-    for axis, size in reversed(passes) if vertical_first else passes:
-        if image.shape[axis] != size:
-            image = _resample_axis(image, axis, size)
-    return image
+    bands = bands or _Bands(image.device)
+    passes = ["w", "h"] if not vertical_first else ["h", "w"]
+    for axis in passes:
+        if axis == "w" and image.shape[1] != width:  # [H, W, C] -> [H, C, W] -> rows of W
+            moved = image.permute(0, 2, 1)
+            image = _resample_last_axis(moved, bands.get(image.shape[1], width)).permute(0, 2, 1)
+        elif axis == "h" and image.shape[0] != height:  # [H, W, C] -> [W, C, H]
+            moved = image.permute(1, 2, 0)
+            image = _resample_last_axis(moved, bands.get(image.shape[0], height)).permute(2, 0, 1)
+    return image.contiguous()
 
 
-class DeviceImagePreprocessor:
-    """An image's pieces as `ImageProcessor` lays them out, decoded and resized on `device`."""
+# ---------------------------------------------------------------- tiles from a decoded image
 
-    def __init__(self, processor: ImageProcessor, device: torch.device | str):
-        self.processor, self.device = processor, torch.device(device)
-        self.nvjpeg = self.device.type == "cuda" and _nvjpeg_available()
-        self.host_decodes = 0  # images the device decoder left to the host (not JPEG, or refused)
 
-    def decode(self, data: bytes) -> torch.Tensor:
-        """uint8 [H, W, 3] on the device."""
-        if self.nvjpeg and data[:3] == b"\xff\xd8\xff":
-            try:
-                from torchvision.io import ImageReadMode, decode_jpeg
+class DeviceTiler:
+    """An image's pieces as `ImageProcessor` lays them out (tiles row-major, then the thumbnail; or one
+    dynamic-resolution piece), resized on `device` from its decoded RGB pixels."""
 
-                raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                return decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device).permute(1, 2, 0)
-            except (RuntimeError, ValueError):  # nvJPEG refuses some valid files (CMYK, ...): the host decodes
-                pass
-        self.host_decodes += 1
-        image = self.processor.load_image(data)  # InvalidInput for what the CPU path refuses
-        return torch.from_numpy(np.array(image)).to(self.device)
+    def __init__(self, processor: ProcessorConfig, device: torch.device | str):
+        if processor.resize != "pil":
+            raise ValueError("the device path reproduces Pillow's bicubic only")
+        self.cfg, self.device = processor, torch.device(device)
+        self._bands = _Bands(self.device)
 
-    def resize(self, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-        """The checkpoint's resampling (`ProcessorConfig.resize`): Pillow's bicubic, or torch's antialiased
-        bicubic (which the CPU path runs on the host)."""
-        if self.processor.cfg.resize == "pil":
-            return pil_bicubic_resize(image, width, height)
-        if image.shape[:2] == (height, width):
-            return image
-        x = image.permute(2, 0, 1)[None]
-        out = torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", align_corners=False,
-                                              antialias=True)
-        return out[0].permute(1, 2, 0)
-
-    def pixels(self, data: bytes, plan: ItemPlan) -> torch.Tensor:
-        """An image's pieces, flat uint8 of `plan.nbytes` (the CPU path's layout), on the device."""
-        image = self.decode(data)
+    def pieces(self, image: torch.Tensor, plan: ItemPlan) -> torch.Tensor:
+        """`image` uint8 [H, W, 3] on the device -> flat uint8 of `plan.nbytes` (the CPU path's layout)."""
         h, w = image.shape[:2]
-        if self.processor.cfg.dynamic is not None:
+        if self.cfg.dynamic is not None:
             (th, tw), = plan.sizes
-            return self.resize(image, tw, th).reshape(-1)
-        t = self.processor.tiling.tile_size
-        cols, rows = choose_grid(w, h, self.processor.tiling)
-        resized = self.resize(image, cols * t, rows * t)
-        tiles = resized.reshape(rows, t, cols, t, 3).transpose(1, 2).reshape(rows * cols, t, t, 3)
-        if self.processor.tiling.use_thumbnail and rows * cols > 1:
-            tiles = torch.cat([tiles, self.resize(image, t, t)[None]])
-        if tiles.shape[0] != plan.num_tiles:
+            return self._resize(image, tw, th).reshape(-1)
+        tiling = self.cfg.tiling
+        t = tiling.tile_size
+        cols, rows = choose_grid(w, h, tiling)
+        if rows * cols + (tiling.use_thumbnail and rows * cols > 1) != plan.num_tiles:
             raise InvalidInput(f"the image decoded to {w}x{h}, not the size its header gave")
-        return tiles.reshape(-1)
+        resized = self._resize(image, cols * t, rows * t)
+        tiles = resized.reshape(rows, t, cols, t, 3).transpose(1, 2).reshape(-1)
+        if tiling.use_thumbnail and rows * cols > 1:
+            tiles = torch.cat([tiles, self._resize(image, t, t).reshape(-1)])
+        return tiles
+
+    def _resize(self, image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        return pil_bicubic_resize(image, width, height, bands=self._bands)
 
 
-def _nvjpeg_available() -> bool:
-    try:
-        from torchvision.io import decode_jpeg  # noqa: F401
-    except Exception:  # noqa: BLE001 - absent, or a build whose ops do not load
-        return False
-    return True
+def decode_nvjpeg(data: bytes, device: torch.device | str) -> torch.Tensor:
+    """uint8 [H, W, 3] decoded by nvJPEG (torchvision) on the device. Not used for serving: its pixels
+    differ from libjpeg's (kept for bench.preprocess_numerics, which measures by how much)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return decode_jpeg(raw, mode=ImageReadMode.RGB, device=torch.device(device)).permute(1, 2, 0)

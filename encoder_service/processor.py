@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -33,6 +34,9 @@ from encoder_service.errors import InvalidInput
 from encoder_service.video import decode as video_decode
 from encoder_service.video.decode import SampledFrames, VideoSampling
 from encoder_service.video.evs import retained_token_count
+
+if TYPE_CHECKING:  # annotations only: the workers run without torch
+    import torch
 
 
 class Modality(str, Enum):
@@ -71,6 +75,7 @@ class ItemPlan:
     pruning_rate: float = 0.0  # EVS rate q of a video (0: every token kept)
     frames: SampledFrames | None = None  # a video container's sampled frames (indices, rate), before decoding
     decode_pixels: int = 0  # pixels decoding will produce (all frames), from the headers: its CPU/memory cost
+    image_size: Size | None = None  # an image's (height, width) from its header
 
     @property
     def pruned(self) -> bool:
@@ -87,7 +92,7 @@ class ItemPlan:
 
 @dataclass
 class ProcessedItem:
-    pixels: np.ndarray  # uint8, flat: each piece [h, w, 3] in turn
+    pixels: np.ndarray | torch.Tensor  # uint8, flat: each piece [h, w, 3] in turn (a tensor: on the device)
     sizes: tuple[Size, ...]
     tokens_per_frame: list[int] = field(default_factory=list)  # video only
     plan: ItemPlan | None = None
@@ -256,7 +261,7 @@ class ImageProcessor:
         """Pieces and tokens an item will produce, from its header/shape only (no decoding)."""
         if item.modality == Modality.IMAGE:
             w, h = self.image_size(item.data)
-            return dataclasses.replace(self.plan_image(w, h), decode_pixels=w * h)
+            return dataclasses.replace(self.plan_image(w, h), decode_pixels=w * h, image_size=(h, w))
         if item.modality == Modality.VIDEO:
             sampled = None
             if isinstance(item.data, (bytes, bytearray)):
@@ -320,6 +325,14 @@ class ImageProcessor:
         if written != plan.num_tiles:
             raise RuntimeError(f"planned {plan.num_tiles} tiles but produced {written}")
         return times
+
+    def decode_into(self, item: MediaInput, out: np.ndarray) -> None:
+        """An image decoded to RGB into `out` (flat uint8 of height x width x 3, e.g. shared memory): the
+        device path's share of the work (`preprocess_device`: it resizes and tiles on the GPU)."""
+        image = np.asarray(self.load_image(item.data))
+        if out.size != image.size:
+            raise InvalidInput(f"the image decoded to {image.shape[1]}x{image.shape[0]}, not the size its header gave")
+        np.copyto(out.reshape(image.shape), image)
 
     def resize(self, image: Image.Image, width: int, height: int) -> np.ndarray:
         """The image at width x height, uint8 HWC, with the checkpoint's resampling (`ProcessorConfig.resize`):
@@ -394,6 +407,9 @@ class ImageProcessor:
                 if img.mode in HIGH_BIT_DEPTH_MODES:  # 16-bit grey PNG: scale to 8 bits (convert() would clip)
                     grey = np.asarray(img).astype(np.uint32)
                     return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+                if img.mode == "RGB":  # decoded as it is: convert() would only copy it
+                    img.load()
+                    return img
                 return img.convert("RGB")
             except (OSError, ValueError) as e:
                 raise InvalidInput(f"corrupt image data: {e}") from e

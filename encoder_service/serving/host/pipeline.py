@@ -6,9 +6,11 @@ the device never waits for the CPU:
   1. admission (the caller's thread): header checks; each item is a cache hit (its rows are
      already in the row store: nothing to do), joins the job of an identical item being encoded
      now (single-flight), or starts a job: rows allocated in the row store, one preprocessing job;
-  2. preprocessing (worker processes, `preprocess.py`): decode + tile into the shared tile arena;
+  2. preprocessing (worker processes, `preprocess.py`): decode + tile into the shared tile arena
+     (with the engine's `device_tiler`, images are only decoded there);
   3. the model thread: packs the ready tiles of any jobs into a batch (`batching.TileQueue`),
-     launches host-to-device copy + forward + device-to-host copy into each job's rows, and goes
+     launches host-to-device copy (of a decoded image: then its resize and tiling on the device,
+     `preprocess_device`) + forward + device-to-host copy into each job's rows, and goes
      straight on to the next batch: up to `depth` batches are in flight on the device;
   4. the completion thread: waits for each batch's CUDA event (GIL released), frees tile arena
      space, prunes finished videos (EVS), publishes finished jobs' rows to the cache and hands
@@ -37,6 +39,7 @@ from typing import Protocol
 
 import torch
 
+from encoder_service import preprocess_device
 from encoder_service.batching import Span, TileQueue
 from encoder_service.digest import MediaDigest, item_key, media_digest
 from encoder_service.engine import EncodeOutput, EncoderEngine, running_offsets
@@ -179,7 +182,9 @@ class _Job:
     region: Region | None = None
     scratch: torch.Tensor | None = None  # a video to prune: all its rows, before EVS picks what it keeps
     frame_times: list[float] = field(default_factory=list)
-    offset: int | None = None  # in the tile arena, while its tiles are there
+    on_device: bool = False  # an image the device resizes and tiles (the arena holds it decoded)
+    offset: int | None = None  # in the tile arena, while its tiles (or decoded image) are there
+    device_pixels: torch.Tensor | None = None  # its tiles made on the device, from its first batch to its last
     ready_at: float = 0.0  # perf_counter() when its tiles were in the arena
     tiles_launched: int = 0
     tiles_done: int = 0
@@ -231,6 +236,7 @@ class EncodePipeline:
         self._jobs: dict[str, _Job] = {}  # jobs running, by key (single-flight)
         self.pending_vit_tokens = 0  # ViT tokens of the jobs admitted and not finished
         self.jobs_started = 0  # distinct items sent to preprocessing and the device
+        self.jobs_device_tiled = 0  # of them, images resized and tiled on the device (preprocess_device)
         self.device_busy_s = 0.0  # time the device had a batch in flight (as the host sees it)
         self._last_completion = 0.0
         self._inflight = 0
@@ -346,8 +352,8 @@ class EncodePipeline:
     def _new_job(self, key: str, plan: ItemPlan, item: MediaInput, digest: str) -> _Job:
         """A job for a new item (caller holds the lock); `_start` gives it rows and preprocessing."""
         rows = [self.engine.piece_rows(size) for size in plan.sizes]
-        job = _Job(key, plan, item, digest, rows,
-                   sum(self.engine.piece_tokens(size) for size in plan.sizes), [])
+        job = _Job(key, plan, item, digest, rows, sum(self.engine.piece_tokens(size) for size in plan.sizes), [],
+                   on_device=self.engine.device_tiler is not None and preprocess_device.on_device(item))
         self._jobs[key] = job
         self.jobs_started += 1
         self.pending_vit_tokens += job.vit_tokens
@@ -366,9 +372,12 @@ class EncodePipeline:
     def _start(self, job: _Job) -> None:
         """Rows for the job (waiting for room in the outputs arena while it is live), then preprocessing."""
         nbytes = self._row_bytes_of(job.plan)
+        if job.on_device and not self.arena.fits(preprocess_device.decoded_bytes(job.plan)):
+            job.on_device = False  # decoded at full size it would not fit the arena: its tiles may (CPU path)
+        pixel_bytes = preprocess_device.decoded_bytes(job.plan) if job.on_device else job.plan.nbytes
         try:
-            if not self.arena.fits(job.plan.nbytes):
-                raise BudgetExceeded(f"{job.plan.nbytes >> 20} MB of pixels exceed the preprocessing arena "
+            if not self.arena.fits(pixel_bytes):
+                raise BudgetExceeded(f"{pixel_bytes >> 20} MB of pixels exceed the preprocessing arena "
                                      f"({self.cfg.arena_mb} MB)")
             region = self.store.allocate(nbytes, job.key, keep_waiting=job.is_live)
         except ItemError as e:
@@ -382,7 +391,8 @@ class EncodePipeline:
         if job.plan.pruned:
             job.scratch = self.engine.new_output(sum(job.rows))
         self.pool.submit(job.media, job.plan, job.is_live,
-                         lambda offset, error, times, j=job: self._preprocessed(j, offset, error, times))
+                         lambda offset, error, times, j=job: self._preprocessed(j, offset, error, times),
+                         decode_only=job.on_device)
 
     def _deliver(self, request: _Request, index: int, region: Region) -> None:
         """An item's rows are ready (`region` with a reader taken for this request)."""
@@ -582,17 +592,41 @@ class EncodePipeline:
             pixels, sizes, outputs = [], [], []
             for span in spans:
                 job = span.item
+                if job.ended:  # its device tiling failed (in this batch): its spans are skipped
+                    continue
                 begin, end = byte_range(job.plan.sizes, span.start, span.stop)
-                pixels.append(self._arena_bytes[job.offset + begin : job.offset + end])
+                if job.on_device:
+                    if (source := self._device_pixels(job)) is None:
+                        continue
+                    pixels.append(source[begin:end])
+                else:
+                    pixels.append(self._arena_bytes[job.offset + begin : job.offset + end])
                 sizes.append(list(job.plan.sizes[span.start : span.stop]))
                 first = sum(job.rows[: span.start])
                 target = job.scratch if job.scratch is not None else self.rows(job.region)
                 outputs.append(target[first : first + sum(job.rows[span.start : span.stop])])
-            batch.event = self.engine.launch(pixels, sizes, outputs)  # None on the CPU: done already
+            if pixels:
+                batch.event = self.engine.launch(pixels, sizes, outputs)  # None on the CPU: done already
         except Exception as e:  # fails this batch's jobs; the pipeline goes on
             log.exception("encoder batch failed")
             batch.error = e
         return batch
+
+    def _device_pixels(self, job: _Job) -> torch.Tensor | None:
+        """A device-tiled job's pieces, made at its first batch from the decoded image in the (page-locked)
+        arena, on the model's stream. A failure (the decoded size, device memory) fails this job only."""
+        if job.device_pixels is None:
+            try:
+                h, w = job.plan.image_size
+                decoded = self._arena_bytes[job.offset : job.offset + h * w * 3]
+                image = decoded.to(self.engine.device, non_blocking=True).view(h, w, 3)
+                job.device_pixels = self.engine.device_tiler.pieces(image, job.plan)
+                self.jobs_device_tiled += 1
+            except Exception as e:  # noqa: BLE001
+                log.warning("device tiling failed for one item: %s", e)
+                self._end_job(job, e if isinstance(e, ItemError) else Unavailable(f"device tiling failed: {e}"))
+                return None
+        return job.device_pixels
 
     # ------------------------------------------------------------------ the completion thread
 
@@ -656,7 +690,7 @@ class EncodePipeline:
     @staticmethod
     def _claim(job: _Job) -> int | None:
         """Take the job's tile arena offset for freeing (under the lock: exactly one thread frees it)."""
-        offset, job.offset = job.offset, None
+        offset, job.offset, job.device_pixels = job.offset, None, None
         return offset
 
     def _free(self, offsets: list[int | None]) -> None:

@@ -6,7 +6,8 @@ path: GPU 9 % busy). Here each worker is a separate Python process running
 `encoder_service.processor`; the serving process sends it one item at a time over a
 pipe (length-prefixed msgpack: no pickle) with an arena offset to write the tiles at,
 and gets back a small status message. A dispatcher thread per worker does the
-blocking I/O, with the GIL released.
+blocking I/O, with the GIL released. With `preprocess_device` on (GPUs), a worker only decodes
+an image (RGB at its own size); the model process resizes and tiles it on the device.
 
 A job whose request is no longer live (cancelled, deadline passed) is never started,
 and a worker still busy with one after `stale_job_s` is killed and replaced, so dead
@@ -46,8 +47,8 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- jobs (both sides)
 
 
-def _job_message(item: MediaInput, offset: int, nbytes: int, plan: ItemPlan) -> dict:
-    msg = {"offset": offset, "nbytes": nbytes, "modality": item.modality.value}
+def _job_message(item: MediaInput, offset: int, nbytes: int, plan: ItemPlan, decode_only: bool) -> dict:
+    msg = {"offset": offset, "nbytes": nbytes, "modality": item.modality.value, "decode_only": decode_only}
     if plan.frames:  # the sampled frames the plan (and the token count) was made for
         msg["frame_indices"] = list(plan.frames.indices)
         msg["frame_size"] = list(plan.sizes[0])
@@ -81,6 +82,7 @@ class _Job:
     item: MediaInput
     plan: ItemPlan
     nbytes: int
+    decode_only: bool
     is_live: Callable[[], bool]
     done: Callable[[int | None, BaseException | None, list[float]], None]
 
@@ -157,11 +159,14 @@ class PreprocessPool:
         plan: ItemPlan,
         is_live: Callable[[], bool],
         done: Callable[[int | None, BaseException | None, list[float]], None],
+        decode_only: bool = False,
     ) -> None:
         """Decode and tile `item` into the arena (`plan.nbytes` at some offset), then `done(offset, None,
         frame_times)`; the caller frees the offset once the pixels are consumed. Failure: `done(None, error,
-        [])`; a job dropped because it stopped being live: `done(None, None, [])`."""
-        self._jobs.put(_Job(item, plan, plan.nbytes, is_live, done))
+        [])`; a job dropped because it stopped being live: `done(None, None, [])`. `decode_only`: an image
+        is only decoded (RGB at its own size, `plan.decode_pixels` x 3 bytes): the device tiles it."""
+        nbytes = plan.decode_pixels * 3 if decode_only else plan.nbytes
+        self._jobs.put(_Job(item, plan, nbytes, decode_only, is_live, done))
 
     def _dispatch(self, worker: _Worker) -> None:
         while (job := self._jobs.get()) is not None:
@@ -171,7 +176,8 @@ class PreprocessPool:
                 if offset is None:
                     job.done(None, None, [])
                     continue
-                reply = worker.call(_job_message(job.item, offset, job.nbytes, job.plan), job.is_live, self.stale_job_s)
+                message = _job_message(job.item, offset, job.nbytes, job.plan, job.decode_only)
+                reply = worker.call(message, job.is_live, self.stale_job_s)
                 if reply is None:
                     self.arena.free(offset)
                     job.done(None, None, [])
@@ -218,11 +224,16 @@ def worker_main(argv: list[str] | None = None) -> int:
     while (job := read_frame(inp)) is not None:
         try:
             pixels = np.ndarray((job["nbytes"],), np.uint8, buffer=arena, offset=job["offset"])
-            plan = None
-            if "frame_indices" in job:  # a video container: decode the frames the server planned for
-                indices, size = tuple(job["frame_indices"]), tuple(job["frame_size"])
-                plan = ItemPlan((size,) * len(indices), 0, frames=SampledFrames(indices, 0.0))
-            reply = {"ok": True, "times": processor.process_into(_job_item(job), pixels, plan)}
+            if job.get("decode_only"):  # the device resizes and tiles it
+                processor.decode_into(_job_item(job), pixels)
+                times = []
+            else:
+                plan = None
+                if "frame_indices" in job:  # a video container: decode the frames the server planned for
+                    indices, size = tuple(job["frame_indices"]), tuple(job["frame_size"])
+                    plan = ItemPlan((size,) * len(indices), 0, frames=SampledFrames(indices, 0.0))
+                times = processor.process_into(_job_item(job), pixels, plan)
+            reply = {"ok": True, "times": times}
         except InvalidInput as e:
             reply = {"ok": False, "invalid": True, "error": str(e)}
         except Exception as e:  # reported to the server as an internal error; the worker goes on
