@@ -27,10 +27,9 @@ import time
 from concurrent.futures import wait
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from bench.common import device_name, preset_checkpoint
+from bench.common import device_name, interleaved_medians, preset_checkpoint
 from bench.served_throughput import as_items, idle_latency, make_requests, run_grpc_clients, standalone_server
 from encoder_service import preprocess_device
 from encoder_service.config import PRESETS, EngineConfig
@@ -126,18 +125,9 @@ class WindowCPU:
 # ------------------------------------------------------------------ in-process
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `fn` (device work included), after one warm-up run."""
+    return interleaved_medians({"run": fn}, repeats, warmup=1)["run"]
 
 
 def in_process(cfg: EngineConfig, requests, args) -> tuple[dict, dict]:
@@ -147,21 +137,18 @@ def in_process(cfg: EngineConfig, requests, args) -> tuple[dict, dict]:
     items = [item for jpegs in requests for item in as_items(jpegs)]
     processed = engine.prepare(items)  # the CPU path's tiles
     tiles = sum(p.num_tiles for p in processed)
-    forward_s = timed(lambda: engine.run(processed, output_device=str(device)), device, args.repeats)
-    decoded = []
-    for item in items:
-        plan = engine.processor.plan(item)
-        buf = np.empty(preprocess_device.decoded_bytes(plan), dtype=np.uint8)
-        engine.processor.decode_into(item, buf)
-        decoded.append((torch.from_numpy(buf).view(*plan.image_size, 3).to(device), plan))
-    tiling_s = timed(lambda: [tiler.pieces(image, plan) for image, plan in decoded], device, args.repeats)
+    forward_s = timed(lambda: engine.run(processed, output_device=str(device)), args.repeats)
+    plans = [engine.processor.plan(item) for item in items]
+    decoded = [(preprocess_device.host_decoded(engine.processor, item, plan, device), plan)
+               for item, plan in zip(items, plans)]
+    tiling_s = timed(lambda: [tiler.pieces(image, plan) for image, plan in decoded], args.repeats)
     result = {"tiles": tiles, "packed_tiles_per_s": tiles / forward_s,
               "device_tiling_ms_per_tile": 1e3 * tiling_s / tiles,
               "device_tiling_share_of_gpu_time": tiling_s / (tiling_s + forward_s)}
     latency = {}
     for mode, chosen in (("cpu", None), ("cuda", tiler)):
         engine.device_tiler = chosen
-        encode_s = timed(lambda: [engine.encode(as_items(jpegs)) for jpegs in requests], device, 1)
+        encode_s = timed(lambda: [engine.encode(as_items(jpegs)) for jpegs in requests], 1)
         result[f"encode_e2e_{mode}_tiles_per_s"] = tiles / encode_s
         latency[f"engine-{mode}"] = idle_latency(engine.encode, args.repeats)
         for workers in [int(w) for w in args.pipeline_workers.split(",")]:
@@ -175,7 +162,7 @@ def in_process(cfg: EngineConfig, requests, args) -> tuple[dict, dict]:
                             pending = list(rest)
                         pending.append(pipeline.encode(as_items(jpegs)))
                     wait(pending)
-                pipeline_s = timed(flood, device, 2)
+                pipeline_s = timed(flood, 2)
             finally:
                 pipeline.close()
             result[f"pipeline_{workers}w_{mode}_tiles_per_s"] = tiles / pipeline_s

@@ -27,7 +27,7 @@ from PIL import Image
 from bench.common import IMAGE_MIXES, device_name, jpeg_mix, preset_checkpoint
 from encoder_service.config import EngineConfig
 from encoder_service.engine import EncoderEngine
-from encoder_service.preprocess_device import DeviceTiler, decode_nvjpeg, decoded_bytes
+from encoder_service.preprocess_device import DeviceTiler, decode_nvjpeg, host_decoded
 from encoder_service.processor import MediaInput, Modality, ProcessedItem
 
 
@@ -61,12 +61,10 @@ def main() -> None:
     processor = engine.processor
     tiler = DeviceTiler(processor.cfg, args.device)
 
-    def host_decoded(data: bytes, plan) -> torch.Tensor:
-        buf = np.empty(decoded_bytes(plan), dtype=np.uint8)
-        processor.decode_into(MediaInput(Modality.IMAGE, data), buf)
-        return torch.from_numpy(buf).view(*plan.image_size, 3).to(args.device)
+    def host_path(data: bytes, plan) -> torch.Tensor:
+        return tiler.pieces(host_decoded(processor, MediaInput(Modality.IMAGE, data), plan, args.device), plan)
 
-    paths = {"host decode + device resize": lambda data, plan: tiler.pieces(host_decoded(data, plan), plan)}
+    paths = {"host decode + device resize": host_path}
     if args.device == "cuda":
         paths["device (nvJPEG + device resize)"] = lambda data, plan: tiler.pieces(decode_nvjpeg(data, args.device), plan)
     print(json.dumps({"bench": "preprocess_numerics", "device": device_name(torch.device(args.device)),
@@ -104,7 +102,7 @@ def main() -> None:
         items = [MediaInput(Modality.IMAGE, data) for data in jpegs]
         plans = [processor.plan(item) for item in items]
         tiles = sum(plan.num_tiles for plan in plans)
-        buffers = [np.empty(decoded_bytes(plan), dtype=np.uint8) for plan in plans]
+        buffers = [np.empty(plan.decoded_nbytes, dtype=np.uint8) for plan in plans]
         rows = [("cpu path, 1 thread", *timed(lambda: [processor.process(item) for item in items])),
                 ("host decode only (what a worker does)",
                  *timed(lambda: [processor.decode_into(item, buf) for item, buf in zip(items, buffers)]))]

@@ -18,7 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from encoder_service import preprocess_device
@@ -300,9 +299,7 @@ class EncoderEngine:
         if self.device_tiler is None or not preprocess_device.on_device(item):
             return self.processor.process(item)
         plan = self.processor.plan(item)
-        decoded = np.empty(preprocess_device.decoded_bytes(plan), dtype=np.uint8)
-        self.processor.decode_into(item, decoded)
-        image = torch.from_numpy(decoded).to(self.device).view(*plan.image_size, 3)
+        image = preprocess_device.host_decoded(self.processor, item, plan, self.device)
         return ProcessedItem(self.device_tiler.pieces(image, plan), plan.sizes, [], plan)
 
     def encode(self, items: list[MediaInput], deadline: float | None = None) -> EncodeOutput:

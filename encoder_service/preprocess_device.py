@@ -33,7 +33,7 @@ import torch
 
 from encoder_service.config import ProcessorConfig
 from encoder_service.errors import InvalidInput
-from encoder_service.processor import ItemPlan, MediaInput, Modality, choose_grid
+from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, Modality, choose_grid
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit images
 CHOICES = ("auto", "cpu", "cuda")
@@ -64,9 +64,11 @@ def on_device(item: MediaInput) -> bool:
     return item.modality == Modality.IMAGE
 
 
-def decoded_bytes(plan: ItemPlan) -> int:
-    """Bytes of an image decoded to RGB (what a worker writes for the device path)."""
-    return plan.decode_pixels * 3
+def host_decoded(processor: ImageProcessor, item: MediaInput, plan: ItemPlan, device: torch.device | str) -> torch.Tensor:
+    """An image decoded on the host, by the CPU path's decoder, as uint8 [H, W, 3] on `device`."""
+    decoded = np.empty(plan.decoded_nbytes, dtype=np.uint8)
+    processor.decode_into(item, decoded)
+    return torch.from_numpy(decoded).to(device).view(*plan.image_size, 3)
 
 
 # ---------------------------------------------------------------- Pillow's bicubic

@@ -89,6 +89,11 @@ class ItemPlan:
     def nbytes(self) -> int:
         return sum(h * w * 3 for h, w in self.sizes)
 
+    @property
+    def decoded_nbytes(self) -> int:
+        """Bytes of an image decoded to RGB at its own size (what a worker writes for `preprocess_device`)."""
+        return self.decode_pixels * 3
+
 
 @dataclass
 class ProcessedItem:

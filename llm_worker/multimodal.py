@@ -59,19 +59,21 @@ class CheckedEncoder:
 
     def encode(self, items: list[MediaInput]) -> EncodeResult:
         result = self.encoder.encode(items)
-        models = {answer.get("model") for answer in [result.extras, *result.extras.get("parts", [])]}
-        if models != {self.expected.contract}:
-            raise WrongEncoder("a replica of the encoder pool answered for another model than this LLM expects")
+        self._check({answer.get("model") for answer in [result.extras, *result.extras.get("parts", [])]})
         return result
 
     def encode_stream(self, items: list[MediaInput], on_item) -> EncodeResult:
         """Each streamed item is checked before it is passed on (its rows are used before the stream ends)."""
         def checked(index, item, rows, model: str) -> None:
-            if model != self.expected.contract:
-                raise WrongEncoder("a replica of the encoder pool answered for another model than this LLM expects")
+            self._check({model})
             on_item(index, item, rows, model)
 
         return self.encoder.encode_stream(items, checked)
+
+    def _check(self, models: set) -> None:
+        """The contract digests an answer carries must all be the expected model's."""
+        if models != {self.expected.contract}:
+            raise WrongEncoder("a replica of the encoder pool answered for another model than this LLM expects")
 
 
 @dataclass
@@ -84,11 +86,11 @@ class MediaRef:
     pruned: bool = False  # an EVS-pruned video: its per-frame counts arrive with its rows
 
 
-def fetch_embeddings(requests: list[list[MediaRef]], encoder: Encoder, cache: EmbeddingCache) -> int:
-    """Make every item of these requests resident and pinned once per request; returns Encode calls made.
-
-    The caller unpins each request's distinct keys when that request's prefill is over.
-    """
+def pin_cached(requests: list[list[MediaRef]], cache: EmbeddingCache) -> tuple[dict[str, MediaInput], dict[str, int],
+                                                                                list[str]]:
+    """Pin, once per request, every distinct item of these requests the cache holds (so this batch's
+    inserts cannot evict it); returns (missing: key -> media, in order; pins each missing key needs: one
+    per request; the keys pinned now)."""
     missing: dict[str, MediaInput] = {}
     pins_needed: dict[str, int] = {}
     pinned: list[str] = []
@@ -97,17 +99,30 @@ def fetch_embeddings(requests: list[list[MediaRef]], encoder: Encoder, cache: Em
             if key in missing:
                 pins_needed[key] += 1
             elif cache.lookup(key) is not None:
-                cache.pin(key)  # pinned now, so this batch's inserts cannot evict it
+                cache.pin(key)
                 pinned.append(key)
             else:
                 missing[key] = next(r.media for r in refs if r.key == key)
                 pins_needed[key] = 1
+    return missing, pins_needed, pinned
+
+
+def check_answer_count(sent: int, result: EncodeResult) -> None:
+    if len(result.items) != sent:
+        raise EmbeddingCountMismatch(f"sent {sent} items, encoder answered {len(result.items)}")
+
+
+def fetch_embeddings(requests: list[list[MediaRef]], encoder: Encoder, cache: EmbeddingCache) -> int:
+    """Make every item of these requests resident and pinned once per request; returns Encode calls made.
+
+    The caller unpins each request's distinct keys when that request's prefill is over.
+    """
+    missing, pins_needed, pinned = pin_cached(requests, cache)
     if not missing:
         return 0
     try:
         result = encoder.encode(list(missing.values()))
-        if len(result.items) != len(missing):
-            raise EmbeddingCountMismatch(f"sent {len(missing)} items, encoder answered {len(result.items)}")
+        check_answer_count(len(missing), result)
     except BaseException:
         for key in pinned:  # leave the cache as it was: no pins for requests that will not run
             cache.unpin(key)

@@ -18,7 +18,7 @@ import torch
 from encoder_service.processor import MediaInput
 from encoder_service.serving.wire import EncodeResult, ItemEmbedding
 from llm_worker.mm_cache import EmbeddingCache
-from llm_worker.multimodal import Encoder, MediaRef
+from llm_worker.multimodal import Encoder, MediaRef, check_answer_count, pin_cached
 
 _DONE = object()
 
@@ -32,17 +32,9 @@ class StreamedFetch:
 
     def __init__(self, requests: list[list[MediaRef]], encoder: StreamingEncoder, cache: EmbeddingCache):
         self.cache = cache
-        self.pending: dict[str, MediaInput] = {}  # key -> media, until its rows are in the cache
-        self.pins: dict[str, int] = {}  # pending key -> requests that will hold a pin on it
-        for refs in requests:
-            for key in dict.fromkeys(r.key for r in refs):
-                if key in self.pending:
-                    self.pins[key] += 1
-                elif cache.lookup(key) is not None:
-                    cache.pin(key)
-                else:
-                    self.pending[key] = next(r.media for r in refs if r.key == key)
-                    self.pins[key] = 1
+        # pending: key -> media, until its rows are in the cache; pins: pending key -> requests that will
+        # hold a pin on it (the cached keys are pinned now; each request unpins them through `abandon`).
+        self.pending, self.pins, _ = pin_cached(requests, cache)
         self.calls = 1 if self.pending else 0
         self._keys = list(self.pending)
         self._arrivals: queue.Queue = queue.Queue()
@@ -54,9 +46,7 @@ class StreamedFetch:
 
     def _run(self, encoder: StreamingEncoder, items: list[MediaInput]) -> None:
         try:
-            result = encoder.encode_stream(items, self._arrived)
-            if len(result.items) != len(items):
-                raise ValueError(f"sent {len(items)} items, the encoder answered {len(result.items)}")
+            check_answer_count(len(items), encoder.encode_stream(items, self._arrived))
             self._arrivals.put((_DONE, None))
         except BaseException as e:  # noqa: BLE001 - handed to the engine's thread
             self._arrivals.put((_DONE, e))

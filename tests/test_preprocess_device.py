@@ -69,10 +69,7 @@ def _jpeg(w: int, h: int, seed: int) -> bytes:
 
 
 def _host_decoded(processor: ImageProcessor, item: MediaInput) -> torch.Tensor:
-    plan = processor.plan(item)
-    decoded = np.empty(preprocess_device.decoded_bytes(plan), dtype=np.uint8)
-    processor.decode_into(item, decoded)
-    return torch.from_numpy(decoded).view(*plan.image_size, 3).to(DEVICE)
+    return preprocess_device.host_decoded(processor, item, processor.plan(item), DEVICE)
 
 
 def test_device_tiles_follow_the_cpu_paths_plan_and_layout():

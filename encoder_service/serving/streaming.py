@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 import torch
 
@@ -24,6 +25,9 @@ from encoder_service.engine import running_offsets
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import wire
 from encoder_service.serving.wire import EncodeResult, ItemEmbedding
+
+if TYPE_CHECKING:  # clients import this module: it does not load the model-hosting half
+    from encoder_service.serving.host.model_process import Encoded
 
 # Rows per message at most this many bytes: large items stream as several messages, so the first rows
 # of a long video move while the rest are framed. Per-message costs dominate small messages: on the
@@ -93,6 +97,38 @@ async def model_events(model, request: bytes, deadline: float | None, namespace:
     finally:
         future.cancel()  # a no-op once it is done
         model.release_items(future.call_id)
+
+
+@dataclass
+class StreamTally:
+    """What `wire_messages` sent: the item messages' bytes, the time spent framing rows, the finished call."""
+
+    sent: int = 0
+    serialize_s: float = 0.0
+    encoded: Encoded | None = None
+
+
+async def wire_messages(events: AsyncIterator, dtype: torch.dtype, hidden_size: int,
+                        chunk_bytes: int = DEFAULT_CHUNK_BYTES, executor=None,
+                        tally: StreamTally | None = None) -> AsyncIterator[bytes]:
+    """A streamed call's events (`model_events`) as its EncodeStream messages: the StreamStart, each item's
+    rows (framed on `executor`, off the event loop), the StreamEnd."""
+    tally = tally if tally is not None else StreamTally()
+    loop = asyncio.get_running_loop()
+    async for event in events:
+        if hasattr(event, "header"):  # the finished call (`Encoded`), after every item
+            tally.encoded = event
+            yield end_message(event.header)
+        elif event.token_counts is not None:
+            yield start_message(event.request_id, dtype, hidden_size, event.token_counts, event.model)
+        else:
+            framing_from = time.perf_counter()
+            messages = await loop.run_in_executor(executor, item_messages, event.index, event.metadata, event.rows,
+                                                  hidden_size * dtype.itemsize, chunk_bytes)
+            tally.serialize_s += time.perf_counter() - framing_from
+            for message in messages:
+                tally.sent += len(message)
+                yield message
 
 
 # ------------------------------------------------------------------ client side

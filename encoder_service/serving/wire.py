@@ -31,7 +31,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from encoder_service.config import DynamicResolution, TilingSpec, VideoFrameGeometry
 from encoder_service.digest import MediaDigest
-from encoder_service.engine import EncodeOutput, ModelInfo
+from encoder_service.engine import EncodeOutput, ModelInfo, running_offsets
 from encoder_service.errors import (
     BudgetExceeded,
     CacheMiss,
@@ -499,17 +499,22 @@ def item_embedding(m: pb.ItemMetadata) -> ItemEmbedding:
                          list(m.frame_timestamps), m.digest, m.cache_hit, list(m.frame_indices), m.video_fps)
 
 
-def assemble(parts: list[EncodeResult], request_id: str = "") -> EncodeResult:
+def assemble(parts: list[EncodeResult], request_id: str = "", groups: list[list[int]] | None = None) -> EncodeResult:
     """Results of several calls (e.g. one per item, each routed to its own replica) as the one result a
-    single call would give: one tensor [sum(n_i), hidden] of its own, items in order, offsets into it."""
-    if len(parts) == 1:
-        return parts[0]
-    embeddings = torch.cat([p.embeddings for p in parts])
-    items, base = [], 0
-    for part in parts:
-        items += [dataclasses.replace(item, offset=base + item.offset) for item in part.items]
-        base += part.embeddings.shape[0]
-    return EncodeResult(request_id or parts[0].request_id, embeddings, items,
+    single call would give: one tensor [sum(n_i), hidden] of its own, items in order, offsets into it.
+    `groups[k]`: the request's indices of part k's items (default: the parts' items one after another)."""
+    if groups is None:
+        if len(parts) == 1:
+            return parts[0]
+        starts = running_offsets([len(p.items) for p in parts])
+        groups = [list(range(start, start + len(p.items))) for start, p in zip(starts, parts)]
+    slots: list[tuple[ItemEmbedding, torch.Tensor] | None] = [None] * sum(len(g) for g in groups)
+    for part, group in zip(parts, groups):
+        for i, item, rows in zip(group, part.items, part.split()):
+            slots[i] = item, rows
+    offsets = running_offsets([item.token_count for item, _ in slots])
+    items = [dataclasses.replace(item, offset=offset) for (item, _), offset in zip(slots, offsets)]
+    return EncodeResult(request_id or parts[0].request_id, torch.cat([rows for _, rows in slots]), items,
                         {**parts[0].extras, "parts": [p.extras for p in parts]})
 
 

@@ -183,7 +183,7 @@ class EncoderClient:
                     parts.append(future.result())
                 except grpc.RpcError as e:
                     raise _renumbered(e, group) from None
-        return _merge(parts, groups, request_id)
+        return wire.assemble(parts, request_id, groups)
 
     def _stream_call(self, stream, items, on_item, request_id, timeout, metadata, probe, digests) -> wire.EncodeResult:
         def call(sent: list[MediaInput]) -> wire.EncodeResult:
@@ -251,21 +251,6 @@ class EncoderClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _merge(parts: list[wire.EncodeResult], groups: list[list[int]], request_id: str) -> wire.EncodeResult:
-    """Results of calls that each carried items `groups[k]` of one request, as that request's result."""
-    count = sum(len(g) for g in groups)
-    rows: list[torch.Tensor | None] = [None] * count
-    items: list[wire.ItemEmbedding | None] = [None] * count
-    for part, group in zip(parts, groups):
-        for j, i in enumerate(group):
-            rows[i], items[i] = part.split()[j], part.items[j]
-    offsets = [0]
-    for item in items[:-1]:
-        offsets.append(offsets[-1] + item.token_count)
-    items = [dataclasses.replace(item, offset=offset) for item, offset in zip(items, offsets)]
-    return wire.EncodeResult(request_id, torch.cat(rows), items, {**parts[0].extras, "parts": [p.extras for p in parts]})
 
 
 def image_file(path: str | Path, item_id: str | None = None) -> MediaInput:

@@ -142,20 +142,11 @@ class EncoderDeployment:
         a failure ends the stream with Encode's status."""
         started = time.perf_counter()
         info = self.model.info
-        row_bytes = info.hidden_size * info.dtype.itemsize
         try:
             namespace = cache_namespace(grpc_context.invocation_metadata(), self.cache_per_token)
-            async for event in self._stream(request.SerializeToString(), None, namespace, started):
-                if isinstance(event, Encoded):
-                    yield PreSerialized(streaming.end_message(event.header))
-                elif event.token_counts is not None:
-                    yield PreSerialized(streaming.start_message(event.request_id, info.dtype, info.hidden_size,
-                                                                event.token_counts, event.model))
-                else:
-                    messages = await asyncio.get_running_loop().run_in_executor(
-                        None, streaming.item_messages, event.index, event.metadata, event.rows, row_bytes)
-                    for message in messages:
-                        yield PreSerialized(message)
+            events = self._stream(request.SerializeToString(), None, namespace, started)
+            async for message in streaming.wire_messages(events, info.dtype, info.hidden_size):
+                yield PreSerialized(message)
         except Exception as e:
             self.metrics.record(wire.status_for(e).name, time.perf_counter() - started)
             grpc_context.set_code(wire.status_for(e))

@@ -31,7 +31,7 @@ from encoder_service.serving import streaming, wire
 from encoder_service.serving.api.metrics import EncoderMetrics, request_stats
 from encoder_service.serving.api.security import TLSConfig, TokenCheck, cache_namespace, is_loopback, tokens_from
 from encoder_service.serving.api.services import ENCODER_SERVICE, HEALTH_NAMES, REFLECTED_SERVICES
-from encoder_service.serving.host.model_process import Encoded, ModelProcess
+from encoder_service.serving.host.model_process import ModelProcess
 from encoder_service.serving.host.pipeline import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -158,28 +158,13 @@ class EncoderServicer:
         deadline = await self._admit(request, context, started)
         self.inflight_requests += 1
         self.inflight_bytes += len(request)
-        loop = asyncio.get_running_loop()
-        sent, serialize_s, info, failure = 0, 0.0, self.model.info, None
-        row_bytes = info.hidden_size * info.dtype.itemsize
+        info, tally, failure = self.model.info, streaming.StreamTally(), None
         try:
             namespace = cache_namespace(context.invocation_metadata(), self.cfg.cache_per_token)
             async with contextlib.aclosing(streaming.model_events(self.model, request, deadline, namespace)) as events:
-                async for event in events:
-                    if isinstance(event, Encoded):
-                        encoded = event
-                        yield streaming.end_message(encoded.header)
-                    elif event.token_counts is not None:
-                        yield streaming.start_message(event.request_id, info.dtype, info.hidden_size,
-                                                      event.token_counts, event.model)
-                    else:
-                        serialize_from = time.perf_counter()
-                        messages = await loop.run_in_executor(self._serialize, streaming.item_messages, event.index,
-                                                              event.metadata, event.rows, row_bytes,
-                                                              self.cfg.stream_chunk_bytes)
-                        serialize_s += time.perf_counter() - serialize_from
-                        for message in messages:
-                            sent += len(message)
-                            yield message
+                async for message in streaming.wire_messages(events, info.dtype, info.hidden_size,
+                                                             self.cfg.stream_chunk_bytes, self._serialize, tally):
+                    yield message
         except asyncio.CancelledError:
             self.metrics.record("CANCELLED", time.perf_counter() - started)
             raise
@@ -190,7 +175,7 @@ class EncoderServicer:
             self.inflight_bytes -= len(request)
         if failure is not None:
             await self._failed(failure, context, started, deadline)
-        self._succeeded(encoded, started, sent, serialize_s)
+        self._succeeded(tally.encoded, started, tally.sent, tally.serialize_s)
 
     async def GetModelInfo(self, request: bytes, context) -> bytes:
         return self.model.info_bytes

@@ -372,9 +372,9 @@ class EncodePipeline:
     def _start(self, job: _Job) -> None:
         """Rows for the job (waiting for room in the outputs arena while it is live), then preprocessing."""
         nbytes = self._row_bytes_of(job.plan)
-        if job.on_device and not self.arena.fits(preprocess_device.decoded_bytes(job.plan)):
-            job.on_device = False  # decoded at full size it would not fit the arena: its tiles may (CPU path)
-        pixel_bytes = preprocess_device.decoded_bytes(job.plan) if job.on_device else job.plan.nbytes
+        # Decoded at full size an image may not fit the arena where its tiles do: the CPU path tiles it.
+        job.on_device = job.on_device and self.arena.fits(job.plan.decoded_nbytes)
+        pixel_bytes = job.plan.decoded_nbytes if job.on_device else job.plan.nbytes
         try:
             if not self.arena.fits(pixel_bytes):
                 raise BudgetExceeded(f"{pixel_bytes >> 20} MB of pixels exceed the preprocessing arena "
@@ -617,9 +617,8 @@ class EncodePipeline:
         arena, on the model's stream. A failure (the decoded size, device memory) fails this job only."""
         if job.device_pixels is None:
             try:
-                h, w = job.plan.image_size
-                decoded = self._arena_bytes[job.offset : job.offset + h * w * 3]
-                image = decoded.to(self.engine.device, non_blocking=True).view(h, w, 3)
+                decoded = self._arena_bytes[job.offset : job.offset + job.plan.decoded_nbytes]
+                image = decoded.to(self.engine.device, non_blocking=True).view(*job.plan.image_size, 3)
                 job.device_pixels = self.engine.device_tiler.pieces(image, job.plan)
                 self.jobs_device_tiled += 1
             except Exception as e:  # noqa: BLE001

@@ -165,7 +165,7 @@ class PreprocessPool:
         frame_times)`; the caller frees the offset once the pixels are consumed. Failure: `done(None, error,
         [])`; a job dropped because it stopped being live: `done(None, None, [])`. `decode_only`: an image
         is only decoded (RGB at its own size, `plan.decode_pixels` x 3 bytes): the device tiles it."""
-        nbytes = plan.decode_pixels * 3 if decode_only else plan.nbytes
+        nbytes = plan.decoded_nbytes if decode_only else plan.nbytes
         self._jobs.put(_Job(item, plan, nbytes, decode_only, is_live, done))
 
     def _dispatch(self, worker: _Worker) -> None:
