@@ -3,10 +3,13 @@
 A grpc.aio server (the options `wire.channel_options` sets) answers every call with an
 `--mb` MB payload built as the encoder server builds responses (a fresh `bytes`, filled
 without the GIL), either as one unary message or as a server stream of `--chunk-mb` chunks
-that the client copies into one tensor. Clients are separate processes; reported: MB/s
-over all clients and the median time of one message.
+that the client copies into one tensor (`stream`: read on the calling thread, as `EncoderClient` reads
+streams; `stream-handoff`: gRPC's default, each message handed over from its channel thread), or (`--split`) as N unary calls of 1/N each on N TCP
+connections at once, copied into one tensor: what spreading one answer over connections buys.
+Clients are separate processes; reported: MB/s over all clients and the median time of one message.
+`--option name=value` adds a gRPC channel argument on both sides (to try transport settings).
 
-    python -m bench.grpc_transport [--mb 31 --clients 1,16]
+    python -m bench.grpc_transport [--mb 31 --clients 1,16 --split 2,4]
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import multiprocessing as mp
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import grpc.experimental
 import torch
 
 from encoder_service.serving.wire import channel_options
@@ -29,20 +34,22 @@ def _payload(nbytes: int) -> torch.Tensor:
     return torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
 
 
-def serve(port_out: mp.Queue, nbytes: int, chunk: int) -> None:
-    from encoder_service.serving.wire import _bytes_of
+def serve(port_out: mp.Queue, nbytes: int, chunk: int, options: list) -> None:
+    from encoder_service.serving.wire import bytes_of
 
     data = _payload(nbytes)
 
     async def main() -> None:
-        server = grpc.aio.server(options=channel_options())
+        server = grpc.aio.server(options=options)
 
         async def unary(request, context):
-            return await asyncio.get_running_loop().run_in_executor(None, _bytes_of, b"", [data])
+            part, parts = (int(x) for x in request.decode().split("/")) if request else (0, 1)
+            piece = data[part * nbytes // parts : (part + 1) * nbytes // parts]
+            return await asyncio.get_running_loop().run_in_executor(None, bytes_of, b"", [piece])
 
         async def stream(request, context):
             for start in range(0, nbytes, chunk):
-                yield _bytes_of(b"", [data[start : start + chunk]])
+                yield bytes_of(b"", [data[start : start + chunk]])
 
         handlers = {"Unary": grpc.unary_unary_rpc_method_handler(unary),
                     "Stream": grpc.unary_stream_rpc_method_handler(stream)}
@@ -55,13 +62,29 @@ def serve(port_out: mp.Queue, nbytes: int, chunk: int) -> None:
     asyncio.run(main())
 
 
-def client(port: int, mode: str, nbytes: int, start_at: float, end_at: float, out: mp.Queue) -> None:
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options())
-    unary, stream = channel.unary_unary("/bench.Transport/Unary"), channel.unary_stream("/bench.Transport/Stream")
+def client(port: int, mode: str, nbytes: int, start_at: float, end_at: float, out: mp.Queue, options: list,
+           split: int = 1) -> None:
+    # Separate subchannel pools: channels sharing the global one would share one TCP connection.
+    if mode == "stream":
+        options = options + [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=options + [("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(split)]
+    unary, stream = channels[0].unary_unary("/bench.Transport/Unary"), channels[0].unary_stream("/bench.Transport/Stream")
+    parts = [channel.unary_unary("/bench.Transport/Unary") for channel in channels]
+    lanes = ThreadPoolExecutor(split)
 
     def receive() -> int:
         if mode == "unary":
             return len(unary(b""))
+        if mode == "split":
+            dest = torch.empty(nbytes, dtype=torch.uint8)
+
+            def part(k: int) -> int:
+                data = parts[k](f"{k}/{split}".encode())
+                dest[k * nbytes // split : k * nbytes // split + len(data)].copy_(torch.frombuffer(data, dtype=torch.uint8))
+                return len(data)
+
+            return sum(lanes.map(part, range(split)))
         dest, pos = torch.empty(nbytes, dtype=torch.uint8), 0
         for part in stream(b""):
             dest[pos : pos + len(part)].copy_(torch.frombuffer(part, dtype=torch.uint8))
@@ -86,18 +109,25 @@ def main() -> None:
     p.add_argument("--chunk-mb", type=float, default=8.0)
     p.add_argument("--clients", default="1,16")
     p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--split", default="", help="also: one message as N calls on N connections, e.g. 2,4")
+    p.add_argument("--modes", default="unary,stream,stream-handoff")
+    p.add_argument("--option", action="append", default=[], help="gRPC channel argument name=value (int or str)")
     args = p.parse_args()
     nbytes, chunk = int(args.mb * 1e6), int(args.chunk_mb * 1e6)
+    extra = [(k, int(v) if v.lstrip("-").isdigit() else v) for k, v in (o.split("=", 1) for o in args.option)]
+    options = channel_options() + extra
     ctx = mp.get_context("spawn")
     port_q = ctx.Queue()
-    server = ctx.Process(target=serve, args=(port_q, nbytes, chunk), daemon=True)
+    server = ctx.Process(target=serve, args=(port_q, nbytes, chunk, options), daemon=True)
     server.start()
     port = port_q.get(timeout=60)
-    for mode in ("unary", "stream"):
+    runs = [(mode, 1) for mode in args.modes.split(",")] + [("split", int(k)) for k in args.split.split(",") if k]
+    for mode, split in runs:
         for n in map(int, args.clients.split(",")):
             out = ctx.Queue()
             start_at = time.time() + 3 + 0.2 * n
-            procs = [ctx.Process(target=client, args=(port, mode, nbytes, start_at, start_at + args.duration, out))
+            procs = [ctx.Process(target=client, args=(port, mode, nbytes, start_at, start_at + args.duration, out,
+                                                      options, split))
                      for _ in range(n)]
             for proc in procs:
                 proc.start()
@@ -106,7 +136,8 @@ def main() -> None:
                 proc.join()
             times = [t for ts, _ in parts for t in ts]
             print(json.dumps({"bench": "grpc_transport", "cpus": os.cpu_count(), "mode": mode, "clients": n,
-                              "message_mb": args.mb, "chunk_mb": args.chunk_mb if mode == "stream" else None,
+                              "message_mb": args.mb, "chunk_mb": args.chunk_mb if mode.startswith("stream") else None, "connections": split,
+                              "options": dict(extra),
                               "mb_per_s": round(sum(m for _, m in parts) / args.duration / 1e6),
                               "median_ms": round(1e3 * statistics.median(times), 1) if times else None}), flush=True)
     server.kill()

@@ -68,17 +68,19 @@ def latency_row(path: str, kind: str, unary, stream, requests, repeats: int) -> 
         unary_ms.append(1e3 * statistics.median(u[1:]))
         stream_ms.append(1e3 * statistics.median(s[1:]))
         first_ms.append(1e3 * statistics.median(f[1:]))
-    return {"latency": path, "request": kind, "unary_ms": round(statistics.mean(unary_ms), 1),
-            "stream_ms": round(statistics.mean(stream_ms), 1), "stream_first_item_ms": round(statistics.mean(first_ms), 1),
-            "stream_vs_unary": round(statistics.mean(stream_ms) / statistics.mean(unary_ms), 3)}
+    row = {"latency": path, "request": kind, "unary_ms": round(statistics.mean(unary_ms), 1),
+           "stream_ms": round(statistics.mean(stream_ms), 1), "stream_first_item_ms": round(statistics.mean(first_ms), 1),
+           "stream_vs_unary": round(statistics.mean(stream_ms) / statistics.mean(unary_ms), 3)}
+    if len(requests) > 1:  # per request (the mix's sizes in turn): small and large answers apart
+        row["per_request_unary_ms"] = [round(ms, 1) for ms in unary_ms]
+        row["per_request_stream_ms"] = [round(ms, 1) for ms in stream_ms]
+    return row
 
 
-def engine_latency(engine: EncoderEngine, requests, repeats: int) -> dict[str, float]:
-    out = {}
-    for kind, reqs in requests.items():
-        per = [statistics.median(timed(lambda items=items: engine.encode(items), repeats)) for items in reqs]
-        out[kind] = 1e3 * statistics.mean(per)
-    return out
+def engine_latency(engine: EncoderEngine, requests, repeats: int) -> dict[str, list[float]]:
+    """Per kind: each request's median ms."""
+    return {kind: [1e3 * statistics.median(timed(lambda items=items: engine.encode(items), repeats)) for items in reqs]
+            for kind, reqs in requests.items()}
 
 
 # ------------------------------------------------------------------ (b) TTFT
@@ -105,11 +107,10 @@ def ttft_prompts(seed: int = 3) -> dict[str, tuple[str, list[MediaInput]]]:
     rng = np.random.default_rng(seed)
     images = as_items(jpeg_mix(8, seed=seed))
     frames = rng.integers(0, 256, (16, 360, 640, 3), dtype=np.uint8)
-    try:  # an MP4 where PyAV is installed; the decoded frames themselves elsewhere (the GPU machine)
-        from tests.video_fixture import mp4_bytes
-        video = MediaInput(Modality.VIDEO, mp4_bytes(frames, fps=8))
-    except ImportError:
-        video = MediaInput(Modality.VIDEO, frames)
+    from tests.video_fixture import av, mp4_bytes
+
+    # An MP4 where PyAV is installed; the decoded frames themselves elsewhere (the GPU machine).
+    video = MediaInput(Modality.VIDEO, mp4_bytes(frames, fps=8) if av is not None else frames)
     return {
         "1-image": ("Describe <image> briefly.", images[:1]),
         "4-image": ("Compare " + ", ".join(["<image>"] * 4) + ".", images[:4]),
@@ -177,9 +178,11 @@ def main() -> None:
     requests = requests_for_latency()
     engine = EncoderEngine(EngineConfig(checkpoint=checkpoint, device=args.device, dtype=args.dtype,
                                         max_tokens_per_request=1 << 30, preprocess_threads=args.preprocess_workers))
-    base = engine_latency(engine, requests, args.repeats)
+    per_request = engine_latency(engine, requests, args.repeats)
+    base = {kind: statistics.mean(ms) for kind, ms in per_request.items()}
     hidden = engine.hidden_size
-    print(json.dumps({"latency": "engine", **{k: round(v, 1) for k, v in base.items()}}), flush=True)
+    print(json.dumps({"latency": "engine", **{k: round(v, 1) for k, v in base.items()},
+                      "per_request_ms": [round(ms, 1) for ms in per_request["1-image"]]}), flush=True)
     del engine
     if args.device == "cuda":
         torch.cuda.empty_cache()

@@ -6,11 +6,15 @@
 # Here, from the project root, once per change:
 #   python -m encoder_service.proto.codegen          # grpcio-tools is not on the GPU machine
 #   ../shared/gpu/wheels.sh fi && ../shared/gpu/wheels.sh ray
-# There (device tool), two runs back to back: one transfer holds one wheel set, and /tmp/site
+#   scripts/gpu_suite.sh av-wheel                    # -> .whl-av: PyAV, which the GPU machine lacks
+# There (device tool), runs back to back: one transfer holds one wheel set, and /tmp/site
 # survives between runs while the machine stays warm (~30 s):
-#   run 1, carry [.whl-fi]:                          scripts/gpu_suite.sh install .whl-fi
-#   run 2, carry [.whl-ray, encoder_service/proto/encoder_pb2.py, encoder_service/proto/encoder_pb2_grpc.py]:
+#   run 1, carry [.whl-av]:                          scripts/gpu_suite.sh install .whl-av
+#   (optional, carry [.whl-fi]:                      scripts/gpu_suite.sh install .whl-fi)
+#   last, carry [.whl-ray, encoder_service/proto/encoder_pb2.py, encoder_service/proto/encoder_pb2_grpc.py]:
 #                                                    scripts/gpu_suite.sh test [pytest args...]
+# Without PyAV the test modules that make real MP4s (test_cli, test_llm_worker, test_pool_cache,
+# test_video_evs) fail to import: PyAV is a dependency of the package, not an optional extra.
 # `test` installs .whl-ray itself, says whether FlashInfer made it (the flashinfer tests skip
 # without it), and writes $OUT/suite.log (nanobind leak noise filtered) and $OUT/summary.txt
 # (device, date, counts, wall time). tests/test_vllm.py and tests/test_nemotron_vllm.py are left out
@@ -30,6 +34,11 @@ install_set() {
 }
 
 case ${1:-} in
+  av-wheel)  # here: the pinned PyAV as a wheel for the GPU machine's Python 3.12 (~35 MB, FFmpeg bundled)
+    av=$(grep -i '^av==' constraints.txt)
+    python3 -m pip download -q --no-deps --only-binary :all: --python-version 3.12 \
+      --platform manylinux_2_28_x86_64 -d .whl-av "$av" && ls .whl-av
+    ;;
   install)
     install_set "${2:?usage: gpu_suite.sh install WHEEL_DIR}" && echo "installed $2 into $SITE"
     ;;
@@ -45,7 +54,7 @@ case ${1:-} in
       echo "device: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) cores"
       echo "date: $(date -u +%F)"
       echo "torch: $(python3 -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)')"
-      echo "ray: $(python3 -c 'import ray; print(ray.__version__)' 2>/dev/null || echo absent), flashinfer: $fi"
+      echo "ray: $(python3 -c 'import ray; print(ray.__version__)' 2>/dev/null || echo absent), flashinfer: $fi, av: $(python3 -c 'import av; print(av.__version__)' 2>/dev/null || echo absent)"
       echo "result: $(grep -E '(passed|failed|error)' "$OUT/suite.log" | tail -1)"
       echo "wall: $(( $(date +%s) - started )) s, exit code $code"
     } | tee "$OUT/summary.txt"
@@ -53,7 +62,7 @@ case ${1:-} in
     exit "$code"
     ;;
   *)
-    echo "usage: scripts/gpu_suite.sh install WHEEL_DIR | test [pytest args...]" >&2
+    echo "usage: scripts/gpu_suite.sh av-wheel | install WHEEL_DIR | test [pytest args...]" >&2
     exit 2
     ;;
 esac

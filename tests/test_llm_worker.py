@@ -60,8 +60,8 @@ def _one_shot_logits(engine: LLMEngine, client: EncoderClient, seq) -> torch.Ten
     with torch.no_grad():
         embeds = engine.embed_tokens(ids).clone()
         for ref in seq.media:
-            rows = client.encode([ref.media]).embeddings
-            embeds[ref.span.positions()] = rows
+            rows = client.encode([ref.media]).embeddings  # bf16 from a GPU encoder: the LLM's dtype, as it merges them
+            embeds[ref.span.positions()] = rows.to(embeds.dtype)
         return engine.model(inputs_embeds=embeds[None]).logits[0]
 
 

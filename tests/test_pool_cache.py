@@ -105,9 +105,9 @@ def test_digest_only_items_hit_or_name_every_miss(cached):
 def test_eviction_keeps_the_cache_within_its_budget(engine):
     pipeline = EncodePipeline(engine, PipelineConfig(preprocess_workers=1, arena_mb=16, cache_mb=1))
     try:
-        first = _image(640, 480)  # 13 tiles x 16 rows x 64 wide x 4 bytes = 53 KB
-        pipeline.encode([first]).result(timeout=60)
-        for _ in range(25):
+        first = _image(640, 480)  # 13 tiles x 16 rows x 64 wide: 53 KB in float32, 27 KB in bf16 (on a GPU)
+        item_bytes = pipeline.encode([first]).result(timeout=60).embeddings.nbytes
+        for _ in range(2 * pipeline.store.cache.size // item_bytes):  # twice what the cache holds
             pipeline.encode([_image(640, 480)]).result(timeout=60)
         stats = pipeline.store.stats
         assert stats.evictions > 0 and stats.bytes <= pipeline.store.cache.size

@@ -18,15 +18,12 @@ from encoder_service.serving import wire
 from encoder_service.serving.api.client import ENCODE_STREAM_METHOD, EncoderClient
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 from encoder_service.serving.host.pipeline import PipelineConfig
-from encoder_service.serving.streaming import IncompleteStream, StreamAssembler
+from encoder_service.serving.streaming import IncompleteStream, StreamAssembler, parse_message
 from encoder_service.video.decode import VideoSampling
 from tests.conftest import image_bytes
 from tests.test_model_process import _wait_until_returned
 
-try:
-    from tests.video_fixture import mp4_bytes
-except ImportError:  # no PyAV (the GPU machine): the video container item is left out
-    mp4_bytes = None
+from tests.video_fixture import av, mp4_bytes
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +45,7 @@ def _mixed_items(rng) -> list[MediaInput]:
     frames = rng.integers(0, 256, (6, 48, 64, 3), dtype=np.uint8)
     image = MediaInput(Modality.IMAGE, image_bytes(300, 200, seed=int(rng.integers(1 << 30))), item_id="big")
     clip = (MediaInput(Modality.VIDEO, mp4_bytes(frames), item_id="clip", sampling=VideoSampling(num_frames=4))
-            if mp4_bytes else MediaInput(Modality.VIDEO, frames[:4], item_id="clip"))
+            if av is not None else MediaInput(Modality.VIDEO, frames[:4], item_id="clip"))  # no PyAV: decoded frames
     return [
         image,
         MediaInput(Modality.IMAGE, image_bytes(64, 48, seed=int(rng.integers(1 << 30))), item_id="small"),
@@ -105,6 +102,34 @@ def test_the_stream_is_start_items_in_chunks_end(client):
                 assembler.add(m)
             assembler.result()
     assert whole.embeddings.shape[0] == sum(messages[0].start.token_counts)
+
+
+def test_stream_messages_are_read_with_their_rows_in_place(client):
+    """The client parses each message as it arrived (bytes): the rows are a view of those bytes, never copied
+    through protobuf, and everything else is what the generated parser reads."""
+    rng = np.random.default_rng()
+    request = pb.EncodeRequest(request_id="r2", items=[wire.media_to_proto(i) for i in _mixed_items(rng)[:2]])
+    raw = list(client.channel.unary_stream(ENCODE_STREAM_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)(
+        request, timeout=60))
+    assert all(isinstance(m, bytes) for m in raw)
+    for data in raw:
+        msg, rows = parse_message(data)
+        reference = pb.EncodeStreamResponse.FromString(data)
+        if reference.WhichOneof("part") != "rows":
+            assert msg == reference and rows is None
+            continue
+        assert rows.obj is data and bytes(rows) == reference.rows.data  # a view of the received message
+        reference.rows.ClearField("data")
+        assert msg == reference
+    # Valid but unusual encodings (the data field first, or given twice: protobuf keeps the last) parse
+    # as the generated parser reads them.
+    head = pb.ItemRows(item_index=1, row_start=3, row_count=2)
+    data_first = pb.ItemRows(data=b"ab").SerializeToString() + head.SerializeToString()
+    twice = pb.ItemRows(data=b"xy").SerializeToString() + data_first
+    for inner in (data_first, twice):
+        msg, rows = parse_message(b"\x12" + bytes([len(inner)]) + inner)  # field 2 (rows), its length, itself
+        assert (msg.rows.data if rows is None else bytes(rows)) == b"ab"
+        assert (msg.rows.item_index, msg.rows.row_start, msg.rows.row_count) == (1, 3, 2)
 
 
 def test_a_failing_item_ends_the_stream_with_encodes_status(client, server):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import grpc
+import grpc.experimental
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -26,7 +27,7 @@ from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.proto import encoder_pb2_grpc as pb_grpc
 from encoder_service.serving import wire
 from encoder_service.serving.api.security import ClientSecurity
-from encoder_service.serving.streaming import StreamAssembler
+from encoder_service.serving.streaming import StreamAssembler, parse_message
 
 ENCODE_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EncoderService'].full_name}/Encode"
 ENCODE_STREAM_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EncoderService'].full_name}/EncodeStream"
@@ -112,6 +113,10 @@ class EncoderClient:
         self.bytes_sent = 0  # serialised EncodeRequest bytes (what probing saves)
         security = security if security is not None else ClientSecurity.from_env()
         options = wire.channel_options(max_message_bytes) + list(extra_options)
+        # Streams read on the calling thread, as unary calls are: by default gRPC hands every stream message
+        # over from its channel thread, which made moving the same bytes as a stream 3-4x slower than as
+        # one unary answer on the H200 (bench.grpc_transport, modes stream vs stream-handoff; bench/RESULTS.md).
+        options.append((grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1))
         if connections > 1:  # channels sharing the global subchannel pool would share one connection
             options.append(("grpc.use_local_subchannel_pool", 1))
         self.channels = [security.channel(address, options) for _ in range(max(1, connections))]
@@ -119,8 +124,8 @@ class EncoderClient:
         self.stub = pb_grpc.EncoderServiceStub(self.channel)
         # Responses arrive as bytes and are parsed in place (`wire.decode_response`).
         self._encode = self.channel.unary_unary(ENCODE_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)
-        self._streams = [channel.unary_stream(ENCODE_STREAM_METHOD, request_serializer=pb.EncodeRequest.SerializeToString,
-                                              response_deserializer=pb.EncodeStreamResponse.FromString)
+        # Stream messages arrive as bytes too: their rows are read in place (`streaming.parse_message`).
+        self._streams = [channel.unary_stream(ENCODE_STREAM_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)
                          for channel in self.channels]
 
     def encode(
@@ -193,7 +198,7 @@ class EncoderClient:
             assembler = StreamAssembler()
             try:
                 for message in responses:
-                    for index in assembler.add(message):
+                    for index in assembler.add(*parse_message(message)):
                         if on_item is not None:
                             on_item(index, *assembler.item(index), assembler.model)
             except BaseException:
