@@ -13,8 +13,8 @@
 #   (optional, carry [.whl-fi]:                      scripts/gpu_suite.sh install .whl-fi)
 #   last, carry [.whl-ray, encoder_service/proto/encoder_pb2.py, encoder_service/proto/encoder_pb2_grpc.py]:
 #                                                    scripts/gpu_suite.sh test [pytest args...]
-# Without PyAV the test modules that make real MP4s (test_cli, test_llm_worker, test_pool_cache,
-# test_video_evs) fail to import: PyAV is a dependency of the package, not an optional extra.
+# Without PyAV the tests that make real MP4s (in test_cli, test_llm_worker, test_pool_cache, test_video_evs,
+# test_nemotron) skip: bring it so they run there (it is a dependency of the package, not an extra).
 # `test` installs .whl-ray itself, says whether FlashInfer made it (the flashinfer tests skip
 # without it), and writes $OUT/suite.log (nanobind leak noise filtered) and $OUT/summary.txt
 # (device, date, counts, wall time). tests/test_vllm.py and tests/test_nemotron_vllm.py are left out
