@@ -8,10 +8,12 @@ import datetime
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -261,8 +263,16 @@ def _serve(*extra: str) -> tuple[subprocess.Popen, str]:
     return proc, line.split()[-1]
 
 
+def _inflight_requests(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("encoder_inflight_requests "))
+
+
 def test_sigterm_drains_calls_in_flight_and_refuses_new_ones():
-    proc, address = _serve("--drain-grace-s", "60")
+    with socket.socket() as s:  # a free port for /metrics: the test watches the call arrive there
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    proc, address = _serve("--drain-grace-s", "60", "--metrics-port", str(metrics_port))
     try:
         # Small on the wire, slow to decode and tile: in the server when SIGTERM comes.
         items = [MediaInput(Modality.IMAGE, _gradient_png(1920, 1080, i), item_id=str(i)) for i in range(16)]
@@ -272,7 +282,10 @@ def test_sigterm_drains_calls_in_flight_and_refuses_new_ones():
             outcome: dict = {}
             call = threading.Thread(target=lambda: outcome.setdefault("result", client.encode(items)))
             call.start()
-            time.sleep(0.2)  # accepted and being decoded
+            deadline = time.monotonic() + 30  # accepted (and being decoded): a fixed sleep was not enough under load
+            while _inflight_requests(metrics_port) < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert call.is_alive(), "the call finished before SIGTERM could be sent: the test proves nothing"
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)
             with pytest.raises(grpc.RpcError) as late:
@@ -315,8 +328,6 @@ def test_cli_prints_one_line_per_failure_with_exit_codes(tmp_path):
 
 
 def test_prometheus_metrics_count_requests_by_status_stages_and_bytes(engine_config):
-    import urllib.request
-
     with BackgroundServer(ServerConfig(port=0, engine=engine_config, metrics_port=0)) as server, \
             EncoderClient(server.address, timeout=60, security=NO_SECURITY) as client:
         out = client.encode([MediaInput(Modality.IMAGE, image_bytes(120, 90)) for _ in range(2)])
