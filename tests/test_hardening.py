@@ -257,7 +257,8 @@ def test_non_loopback_address_needs_tls_or_insecure(engine_config, tmp_path):
 
 def _serve(*extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "encoder_service.cli", "serve", "--port", "0",
-                             "--preprocess-workers", "1", *extra], stdout=subprocess.PIPE, text=True)
+                             "--preprocess-workers", "1", *extra], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # a crash leaves its stack
     line = proc.stdout.readline()
     assert "listening" in line, line
     return proc, line.split()[-1]
@@ -292,7 +293,9 @@ def test_sigterm_drains_calls_in_flight_and_refuses_new_ones():
                 client.encode(items[:1], timeout=10)
             assert late.value.code() == grpc.StatusCode.UNAVAILABLE
             call.join()
-        result = outcome["result"]  # the request accepted before SIGTERM completed
+        # The request accepted before SIGTERM completed (else: how the server ended, for the diagnosis).
+        assert "result" in outcome, f"the call in flight failed; server exit code {proc.wait(timeout=60)}"
+        result = outcome["result"]
         assert [i.item_id for i in result.items] == [str(i) for i in range(16)]
         assert proc.wait(timeout=60) == 0
     finally:
