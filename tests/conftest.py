@@ -25,13 +25,13 @@ from encoder_service.models import tiny_checkpoint_dir
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def wait_for(predicate, timeout_s: float) -> bool:
-    """Poll `predicate` every 0.25 s until it holds (True) or `timeout_s` passes (False)."""
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.25) -> bool:
+    """Poll `predicate` every `interval_s` until it holds (True) or `timeout_s` passes (False)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.25)
+        time.sleep(interval_s)
     return False
 
 

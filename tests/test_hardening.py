@@ -29,7 +29,7 @@ from encoder_service.serving import wire
 from encoder_service.serving.api.client import ENCODE_METHOD, EncoderClient
 from encoder_service.serving.api.security import ClientSecurity, TLSConfig
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, wait_for
 
 NO_SECURITY = ClientSecurity()
 
@@ -283,9 +283,8 @@ def test_sigterm_drains_calls_in_flight_and_refuses_new_ones():
             outcome: dict = {}
             call = threading.Thread(target=lambda: outcome.setdefault("result", client.encode(items)))
             call.start()
-            deadline = time.monotonic() + 30  # accepted (and being decoded): a fixed sleep was not enough under load
-            while _inflight_requests(metrics_port) < 1 and time.monotonic() < deadline:
-                time.sleep(0.005)
+            # Accepted (and being decoded): a fixed sleep was not enough under load.
+            wait_for(lambda: _inflight_requests(metrics_port) >= 1, timeout_s=30, interval_s=0.005)
             assert call.is_alive(), "the call finished before SIGTERM could be sent: the test proves nothing"
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)
