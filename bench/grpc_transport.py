@@ -3,7 +3,7 @@
 A grpc.aio server (the options `wire.channel_options` sets) answers every call with an
 `--mb` MB payload built as the encoder server builds responses (a fresh `bytes`, filled
 without the GIL), either as one unary message or as a server stream of `--chunk-mb` chunks
-that the client copies into one tensor (`stream`: read on the calling thread, as `EncoderClient` reads
+that the client copies into one tensor when there are several (`stream`: read on the calling thread, as `EncoderClient` reads
 streams; `stream-handoff`: gRPC's default, each message handed over from its channel thread), or (`--split`) as N unary calls of 1/N each on N TCP
 connections at once, copied into one tensor: what spreading one answer over connections buys.
 Clients are separate processes; reported: MB/s over all clients and the median time of one message.
@@ -47,9 +47,9 @@ def serve(port_out: mp.Queue, nbytes: int, chunk: int, options: list) -> None:
             piece = data[part * nbytes // parts : (part + 1) * nbytes // parts]
             return await asyncio.get_running_loop().run_in_executor(None, bytes_of, b"", [piece])
 
-        async def stream(request, context):
+        async def stream(request, context):  # framed off the event loop, as the encoder server frames rows
             for start in range(0, nbytes, chunk):
-                yield bytes_of(b"", [data[start : start + chunk]])
+                yield await asyncio.get_running_loop().run_in_executor(None, bytes_of, b"", [data[start : start + chunk]])
 
         handlers = {"Unary": grpc.unary_unary_rpc_method_handler(unary),
                     "Stream": grpc.unary_stream_rpc_method_handler(stream)}
@@ -85,9 +85,17 @@ def client(port: int, mode: str, nbytes: int, start_at: float, end_at: float, ou
                 return len(data)
 
             return sum(lanes.map(part, range(split)))
-        dest, pos = torch.empty(nbytes, dtype=torch.uint8), 0
+        # As `StreamAssembler(copy=False)`: an answer in one message is used in place (as unary's is), one
+        # in several is copied into one tensor as its messages arrive.
+        first, dest, pos = None, None, 0
         for part in stream(b""):
-            dest[pos : pos + len(part)].copy_(torch.frombuffer(part, dtype=torch.uint8))
+            if first is None:
+                first = part
+            else:
+                if dest is None:
+                    dest = torch.empty(nbytes, dtype=torch.uint8)
+                    dest[: len(first)].copy_(torch.frombuffer(first, dtype=torch.uint8))
+                dest[pos : pos + len(part)].copy_(torch.frombuffer(part, dtype=torch.uint8))
             pos += len(part)
         return pos
 

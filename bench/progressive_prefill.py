@@ -4,8 +4,10 @@
     request (each image of the serving mix in turn) and an 8-image one, unary vs streamed, per path:
     the engine's own `encode` (in-process: the denominator), the standalone gRPC server (its own
     process), Serve's gRPC proxy and the Serve handle. For streams also the time to the first
-    item's rows. `--chunk-mb` compares stream message sizes on the gRPC path, `--connections` one
-    stream spread over several TCP connections (`EncoderClient(connections=N)`).
+    item's rows. Both read answers in place (`copy=False`), and each row gives the server's own time
+    for the call (`*_pipeline_ms`, from the answer's extras): the rest is hops, framing and transfer.
+    `--chunk-mb` compares stream message sizes on the gRPC path, `--connections` one stream spread
+    over several TCP connections (`EncoderClient(connections=N)`; "" for none).
 (b) TTFT: the reference LLM engine (a random Llama as wide as the encoder's rows, `--llm-layers`
     layers, on the same device) fed by the standalone gRPC server: prompts with 1, 4 and 8 images
     and a 16-frame video; unary-then-prefill (progressive_prefill off) vs streamed + progressive.
@@ -51,26 +53,37 @@ def requests_for_latency() -> dict[str, list[list[MediaInput]]]:
     return {"1-image": singles, "8-image": [as_items(jpeg_mix(8, seed=11))]}
 
 
+def pipeline_ms(result) -> float:
+    """The server's own time for the call (its pipeline: admission of the request to its last row), from
+    the answer's extras; what the client saw beyond it is hops, framing and transfer."""
+    parts = result.extras.get("parts") or [result.extras]
+    return max(part.get("total_ms", float("nan")) for part in parts)
+
+
 def latency_row(path: str, kind: str, unary, stream, requests, repeats: int) -> dict:
     """Medians over the requests of `kind` (each request timed `repeats` times), unary and streamed in turn."""
-    unary_ms, stream_ms, first_ms = [], [], []
+    unary_ms, stream_ms, first_ms, inside = [], [], [], {"unary": [], "stream": []}
     for items in requests:
-        u, s, f = [], [], []
+        u, s, f, pu, ps = [], [], [], [], []
         for _ in range(repeats + 1):
             t0 = time.perf_counter()
-            unary(items)
+            pu.append(pipeline_ms(unary(items)))
             u.append(time.perf_counter() - t0)
             first = []
             t0 = time.perf_counter()
-            stream(items, lambda *event: first.append(time.perf_counter()) if not first else None)
+            ps.append(pipeline_ms(stream(items, lambda *event: first.append(time.perf_counter()) if not first else None)))
             s.append(time.perf_counter() - t0)
             f.append(first[0] - t0)
         unary_ms.append(1e3 * statistics.median(u[1:]))
         stream_ms.append(1e3 * statistics.median(s[1:]))
         first_ms.append(1e3 * statistics.median(f[1:]))
+        inside["unary"].append(statistics.median(pu[1:]))
+        inside["stream"].append(statistics.median(ps[1:]))
     row = {"latency": path, "request": kind, "unary_ms": round(statistics.mean(unary_ms), 1),
            "stream_ms": round(statistics.mean(stream_ms), 1), "stream_first_item_ms": round(statistics.mean(first_ms), 1),
-           "stream_vs_unary": round(statistics.mean(stream_ms) / statistics.mean(unary_ms), 3)}
+           "stream_vs_unary": round(statistics.mean(stream_ms) / statistics.mean(unary_ms), 3),
+           "unary_pipeline_ms": round(statistics.mean(inside["unary"]), 1),
+           "stream_pipeline_ms": round(statistics.mean(inside["stream"]), 1)}
     if len(requests) > 1:  # per request (the mix's sizes in turn): small and large answers apart
         row["per_request_unary_ms"] = [round(ms, 1) for ms in unary_ms]
         row["per_request_stream_ms"] = [round(ms, 1) for ms in stream_ms]
@@ -200,8 +213,9 @@ def main() -> None:
                 client = stack.enter_context(EncoderClient(address, timeout=300))
                 for kind, reqs in requests.items():
                     report({**latency_row("grpc", kind, lambda items: client.encode(items, copy=False),
-                                          client.encode_stream, reqs, args.repeats), "chunk_mb": chunk_mb})
-                for n in [int(c) for c in args.connections.split(",")]:
+                                          lambda items, on_item: client.encode_stream(items, on_item, copy=False),
+                                          reqs, args.repeats), "chunk_mb": chunk_mb})
+                for n in [int(c) for c in args.connections.split(",") if c]:
                     spread = stack.enter_context(EncoderClient(address, timeout=300, connections=n))
                     row = latency_row(f"grpc x{n} connections", "8-image",
                                       lambda items: client.encode(items, copy=False), spread.encode_stream,
@@ -239,7 +253,8 @@ def main() -> None:
                     for kind, reqs in requests.items():
                         report(latency_row("serve-grpc", kind,
                                            lambda items: client.encode(items, metadata=metadata, copy=False),
-                                           lambda items, on_item: client.encode_stream(items, on_item, metadata=metadata),
+                                           lambda items, on_item: client.encode_stream(items, on_item, metadata=metadata,
+                                                                                       copy=False),
                                            reqs, args.repeats))
             if "serve-handle" in paths:
                 pool = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle", affinity=False,

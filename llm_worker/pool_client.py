@@ -61,12 +61,15 @@ class PoolClientConfig:
     affinity: bool = True  # one call per item, routed by its digest to the replica caching it
     probe: bool = True  # items by digest first, bytes only for those the replica lacks
     tenant: str = ""  # handle transport: the cache namespace (gRPC: derived from the bearer token)
+    # gRPC: TCP connections per address; calls made at once (one per item with affinity, a stream's
+    # items without) spread over them, since one connection moves only a few hundred MB/s.
+    connections: int = 1
 
 
 class GrpcTransport:
-    def __init__(self, address: str, application: str, timeout_s: float):
+    def __init__(self, address: str, application: str, timeout_s: float, connections: int = 1):
         self.name = address
-        self.client = EncoderClient(address, timeout=timeout_s)
+        self.client = EncoderClient(address, timeout=timeout_s, connections=connections)
         self.metadata = (("application", application),) if application else None
 
     def encode(self, items: list[MediaInput], timeout_s: float, routing_key: str = "", probe: bool = False,
@@ -77,7 +80,8 @@ class GrpcTransport:
                                   digests=digests)
 
     def encode_stream(self, items: list[MediaInput], timeout_s: float, on_item) -> EncodeResult:
-        return self.client.encode_stream(items, on_item, timeout=timeout_s, metadata=self.metadata)
+        # copy=False: the caller copies each item's rows into its cache as they arrive.
+        return self.client.encode_stream(items, on_item, timeout=timeout_s, metadata=self.metadata, copy=False)
 
     def model_info(self, timeout_s: float) -> ModelInfo:
         return self.client.model_info(timeout=timeout_s, metadata=self.metadata)
@@ -114,7 +118,7 @@ class ServeHandleTransport:
         """`encode` through `encode_stream_native`: items as they are ready, then the whole result."""
         request = pb.EncodeRequest(request_id=uuid.uuid4().hex, items=[wire.media_to_proto(i) for i in items])
         stream = self.methods["encode_stream_native"].remote(request.SerializeToString(), timeout_s, self.tenant)
-        assembler = StreamAssembler()
+        assembler = StreamAssembler(copy=False)  # as `encode`: the caller copies rows into its cache
         deadline = time.monotonic() + timeout_s
         with self._errors(timeout_s, stream):
             for event in stream:
@@ -175,7 +179,8 @@ class PoolEncoderClient:
         elif cfg.transport == "grpc":
             if not cfg.addresses:
                 raise ValueError("no encoder pool addresses")
-            self.transports = [GrpcTransport(a, cfg.application, cfg.attempt_timeout_s) for a in cfg.addresses]
+            self.transports = [GrpcTransport(a, cfg.application, cfg.attempt_timeout_s, cfg.connections)
+                               for a in cfg.addresses]
         else:
             raise ValueError(f"unknown transport {cfg.transport!r}; choose grpc or handle")
         self.retries = 0

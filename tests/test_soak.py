@@ -118,7 +118,9 @@ def soak(engine_config, seconds: float, clients: int = 4) -> dict:
                         note("unexpected_ok", "an oversized request was accepted")
                     elif action == "cancel":
                         request = pb.EncodeRequest(items=[wire.media_to_proto(i) for i in items])
-                        call = client._encode.future(request, timeout=60)
+                        encode = client.channel.unary_unary(ENCODE_METHOD,
+                                                            request_serializer=pb.EncodeRequest.SerializeToString)
+                        call = encode.future(request, timeout=60)
                         time.sleep(r.random() * 0.05)
                         call.cancel()
                         note("cancelled")

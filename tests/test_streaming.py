@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,8 +19,11 @@ from encoder_service.serving import wire
 from encoder_service.serving.api.client import ENCODE_STREAM_METHOD, EncoderClient
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 from encoder_service.serving.host.pipeline import PipelineConfig
-from encoder_service.serving.streaming import IncompleteStream, StreamAssembler, parse_message
+from encoder_service.serving.streaming import (IncompleteStream, StreamAssembler, end_message, item_messages,
+                                                parse_message, start_message)
 from encoder_service.video.decode import VideoSampling
+from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient
+from tests import conftest
 from tests.conftest import image_bytes
 from tests.test_model_process import _wait_until_returned
 
@@ -132,6 +136,33 @@ def test_stream_messages_are_read_with_their_rows_in_place(client):
         assert (msg.rows.item_index, msg.rows.row_start, msg.rows.row_count) == (1, 3, 2)
 
 
+def test_without_copy_a_one_message_answer_stays_in_its_message(client):
+    """copy=False, as Encode's: an answer whose rows all came in one message is a view of that message (no
+    copy into fresh memory); an answer in several messages is assembled as with copy=True."""
+    rng = np.random.default_rng()
+    hidden, dtype = 24, torch.float32
+    rows = torch.randn(5, hidden, dtype=dtype)
+    meta = pb.ItemMetadata(item_id="a", offset=0, token_count=5).SerializeToString()
+    end = pb.EncodeResponse(request_id="r", items=[pb.ItemMetadata.FromString(meta)],
+                            embeddings=pb.Tensor(dtype=wire._TORCH_TO_PB[dtype], shape=[5, hidden])).SerializeToString()
+    flat = rows.view(-1).view(torch.uint8)
+    for chunk_bytes, in_place in ((1 << 20, True), (2 * hidden * 4, False)):  # one message; three
+        messages = [start_message("r", dtype, hidden, [5], "m"), *item_messages(0, meta, flat, hidden * 4, chunk_bytes),
+                    end_message(end)]
+        for copy in (True, False):
+            assembler = StreamAssembler(copy=copy)
+            for data in messages:
+                assembler.add(*parse_message(data))
+            result = assembler.result()
+            assert torch.equal(result.embeddings, rows)
+            base = torch.frombuffer(messages[1], dtype=torch.uint8).data_ptr()
+            inside = base <= result.embeddings.data_ptr() < base + len(messages[1])
+            assert inside == (in_place and not copy)
+    # End to end, several items in several messages each: the same answer either way.
+    items = _mixed_items(rng)[:2]
+    assert torch.equal(client.encode_stream(items, None, copy=False).embeddings, client.encode(items).embeddings)
+
+
 def test_a_failing_item_ends_the_stream_with_encodes_status(client, server):
     rng = np.random.default_rng()
     truncated = image_bytes(80, 80, "PNG")[:60]  # its header plans; its pixels fail to decode
@@ -190,3 +221,36 @@ def test_a_request_spread_over_several_connections_answers_as_one(server, client
             spread.encode_stream(broken, None)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "item 4 ('broken')" in err.value.details() and wire.item_from_status(err.value) == (4, "broken")
+
+
+def _connections_to(port: int) -> int:
+    """Established TCP connections on this host whose far end is `port` (Linux: /proc/net/tcp, tcp6)."""
+    count = 0
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        for line in (table.read_text().splitlines()[1:] if table.exists() else []):
+            fields = line.split()
+            if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="counts connections through Linux's /proc")
+def test_the_pool_client_spreads_its_calls_over_its_connections(server, client):
+    """PoolClientConfig(connections=2): the LLM worker's client opens two TCP connections to the address, and
+    both its modes answer as one call would (per-item calls with affinity, one dealt stream without)."""
+    rng = np.random.default_rng()
+    items = _mixed_items(rng)[:3]
+    port = int(server.address.rsplit(":", 1)[1])
+    one = client.encode(items)
+    before = _connections_to(port)
+    for affinity in (True, False):
+        pool = PoolEncoderClient(PoolClientConfig([server.address], application="", connections=2, affinity=affinity,
+                                                  probe=False))
+        try:
+            for result in (pool.encode(items), pool.encode_stream(items, lambda *event: None)):
+                assert result.token_counts == one.token_counts
+                torch.testing.assert_close(result.embeddings, one.embeddings, rtol=1e-5, atol=1e-5)
+            assert _connections_to(port) == before + 2
+        finally:
+            pool.close()
+        assert conftest.wait_for(lambda: _connections_to(port) == before, timeout_s=10)  # closed with the client

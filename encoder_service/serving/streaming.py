@@ -30,10 +30,10 @@ if TYPE_CHECKING:  # clients import this module: it does not load the model-host
     from encoder_service.serving.host.model_process import Encoded
 
 # Rows per message at most this many bytes: large items stream as several messages, so the first rows
-# of a long video move while the rest are framed. Per-message costs dominate small messages: on the
-# H200 an 8-image answer took 0.76x unary's time in 16 MB messages, 1.04x in 4 MB, 2.4x in 1 MB (measured
-# while gRPC's client handed each message over from its channel thread; with the calling-thread reader
-# the raw transport moved 16 MB faster in 4-8 MB messages: to re-measure in the served path).
+# of a long video move while the rest are framed. Per-message costs dominate small messages. On the H200
+# (bench/RESULTS.md, progressive_prefill), one connection: 16 MB messages beat 4 MB ones (1-image 65 vs
+# 73 ms, 8-image 240-353 vs 467 ms); 1 MB ones made streams 2.4x slower than unary. Over four connections
+# 4 MB messages did better (8-image 218 vs 263 ms): `--stream-chunk-mb` for clients that spread.
 DEFAULT_CHUNK_BYTES = 16 << 20
 
 _ROWS_TAG = wire._varint(2 << 3 | wire._LEN)  # EncodeStreamResponse.rows
@@ -162,13 +162,20 @@ class _Item:
 
 @dataclass
 class StreamAssembler:
-    """Feed it the stream's messages in order (`add`); each call says which items became complete."""
+    """Feed it the stream's messages in order (`add`); each call says which items became complete.
 
-    embeddings: torch.Tensor | None = None
+    `copy=False`, like `Encode`'s: when one message carries every row of the answer (one item in one
+    chunk, the common small request), the tensor is a read-only view of that message, as a unary
+    answer read with copy=False is, instead of a copy into fresh memory; otherwise rows are copied into
+    one tensor as they arrive (it cannot be a view of several messages)."""
+
+    copy: bool = True
+    embeddings: torch.Tensor | None = None  # allocated (or adopted) when the first rows arrive
     starts: list[int] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
     model: str = ""
     request_id: str = ""
+    _layout: tuple[torch.dtype, int] | None = None  # (dtype, hidden size), from the StreamStart
     _items: list[_Item] = field(default_factory=list)
     _end: pb.EncodeResponse | None = None
 
@@ -189,18 +196,18 @@ class StreamAssembler:
         return []  # an empty message: what carries a failure's status through Serve's proxy
 
     def start(self, request_id: str, dtype: torch.dtype, hidden_size: int, token_counts: list[int], model: str) -> None:
-        if self.embeddings is not None:
+        if self._layout is not None:
             raise IncompleteStream("a second StreamStart")
+        self._layout = dtype, hidden_size
         self.counts = list(token_counts)
         self.starts = running_offsets(self.counts)
-        self.embeddings = torch.empty((sum(self.counts), hidden_size), dtype=dtype)
         self._items = [_Item() for _ in self.counts]
         self.model, self.request_id = model, request_id
 
     def rows(self, index: int, meta: pb.ItemMetadata | None, row_start: int, row_count: int, data) -> list[int]:
         """Rows [row_start, row_start + row_count) of the tensor, for item `index` (its metadata with its first
         chunk); `data`: their bytes (any buffer)."""
-        if self.embeddings is None:
+        if self._layout is None:
             raise IncompleteStream("rows before StreamStart")
         if not 0 <= index < len(self._items):
             raise IncompleteStream(f"rows for item {index} of {len(self._items)}")
@@ -210,17 +217,26 @@ class StreamAssembler:
         if (item.meta is None or row_start != self.starts[index] + item.filled
                 or item.filled + row_count > self.counts[index]):
             raise IncompleteStream(f"item {index}: rows {row_start}+{row_count} out of order or out of its range")
-        rows = self.embeddings[row_start : row_start + row_count]
+        dtype, hidden = self._layout
         raw = memoryview(data).cast("B")
-        if raw.nbytes != rows.numel() * rows.element_size():
+        if raw.nbytes != row_count * hidden * dtype.itemsize:
             raise IncompleteStream(f"item {index}: {raw.nbytes} bytes for {row_count} rows")
-        if row_count:
+        if self.embeddings is None and not self.copy and row_count and row_count == sum(self.counts):
+            self.embeddings = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(row_count, hidden)
+        elif row_count:
+            rows = self._tensor()[row_start : row_start + row_count]
             rows.view(-1).view(torch.uint8).copy_(torch.frombuffer(raw, dtype=torch.uint8))
         item.filled += row_count
         return [index] if item.filled == self.counts[index] else []
 
-    def end(self, response: pb.EncodeResponse) -> list[int]:
+    def _tensor(self) -> torch.Tensor:
         if self.embeddings is None:
+            dtype, hidden = self._layout
+            self.embeddings = torch.empty((sum(self.counts), hidden), dtype=dtype)
+        return self.embeddings
+
+    def end(self, response: pb.EncodeResponse) -> list[int]:
+        if self._layout is None:
             raise IncompleteStream("StreamEnd before StreamStart")
         self._end = response
         return []
@@ -233,19 +249,19 @@ class StreamAssembler:
         if not self.complete(index):
             raise IncompleteStream(f"item {index} is not complete")
         meta = self._items[index].meta
-        return wire.item_embedding(meta), self.embeddings[self.starts[index] : self.starts[index] + self.counts[index]]
+        return wire.item_embedding(meta), self._tensor()[self.starts[index] : self.starts[index] + self.counts[index]]
 
     def result(self) -> EncodeResult:
         """The whole result, as Encode gives it; raises IncompleteStream unless the stream is whole."""
-        if self.embeddings is None or self._end is None:
+        if self._layout is None or self._end is None:
             raise IncompleteStream("the stream ended before its StreamEnd")
         missing = [i for i in range(len(self._items)) if not self.complete(i)]
         if missing:
             raise IncompleteStream(f"items {missing} incomplete at the stream's end")
-        header = self._end
-        if [m.token_count for m in header.items] != self.counts or list(header.embeddings.shape) != list(self.embeddings.shape):
+        header, embeddings = self._end, self._tensor()
+        if [m.token_count for m in header.items] != self.counts or list(header.embeddings.shape) != list(embeddings.shape):
             raise IncompleteStream("the StreamEnd does not match the rows streamed")
-        result = wire.result_from_parts(header, self.embeddings)
+        result = wire.result_from_parts(header, embeddings)
         streamed = [wire.item_embedding(item.meta) for item in self._items]
         if [dataclasses.astuple(a) for a in streamed] != [dataclasses.astuple(b) for b in result.items]:
             raise IncompleteStream("the StreamEnd's item metadata differs from what was streamed")

@@ -8,6 +8,7 @@ their bytes. A repeated image costs its digest (~80 bytes) instead of its file.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -104,10 +105,11 @@ class EncoderClient:
         `security`: TLS / mTLS / bearer token; default from the environment (`ClientSecurity.from_env`).
         `probe`: send items by digest first, their media only if the server lacks them.
         `application`: the Serve application to reach through a proxy serving several (gRPC metadata).
-        `connections`: TCP connections `encode_stream` spreads a request's items over (one call each,
-        items dealt round-robin): one gRPC connection moves a few hundred MB/s, so a large answer
-        arrives sooner over several (bench/RESULTS.md, progressive_prefill). The calls may be batched
-        apart, so rows can differ from a one-call answer by floating-point rounding."""
+        `connections`: TCP connections to spread over: `encode_stream` deals a request's items over them
+        (one call each, round-robin), and `encode` calls take them in turn (calls made at once from
+        several threads, e.g. one per item, move in parallel): one gRPC connection moves a few hundred
+        MB/s, so large answers arrive sooner over several (bench/RESULTS.md, progressive_prefill). The
+        calls may be batched apart, so rows can differ from a one-call answer by floating-point rounding."""
         self.address, self.timeout, self.probe = address, timeout, probe
         self.metadata: tuple[tuple[str, str], ...] = (("application", application),) if application else ()
         self.bytes_sent = 0  # serialised EncodeRequest bytes (what probing saves)
@@ -123,7 +125,9 @@ class EncoderClient:
         self.channel = self.channels[0]
         self.stub = pb_grpc.EncoderServiceStub(self.channel)
         # Responses arrive as bytes and are parsed in place (`wire.decode_response`).
-        self._encode = self.channel.unary_unary(ENCODE_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)
+        self._encodes = [channel.unary_unary(ENCODE_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)
+                         for channel in self.channels]
+        self._turns = itertools.count()  # which connection the next `encode` call takes (atomic under the GIL)
         # Stream messages arrive as bytes too: their rows are read in place (`streaming.parse_message`).
         self._streams = [channel.unary_stream(ENCODE_STREAM_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)
                          for channel in self.channels]
@@ -146,8 +150,9 @@ class EncoderClient:
         def call(sent: list[MediaInput]) -> wire.EncodeResult:
             request = pb.EncodeRequest(request_id=request_id, items=[wire.media_to_proto(i) for i in sent])
             self.bytes_sent += request.ByteSize()
+            method = self._encodes[next(self._turns) % len(self._encodes)]
             return wire.decode_response(
-                self._encode(request, timeout=timeout or self.timeout, metadata=self.metadata + tuple(metadata or ())),
+                method(request, timeout=timeout or self.timeout, metadata=self.metadata + tuple(metadata or ())),
                 copy=copy)
 
         return probe_then_upload(call, items, digests) if (self.probe if probe is None else probe) else call(items)
@@ -161,24 +166,27 @@ class EncoderClient:
         metadata: tuple[tuple[str, str], ...] | None = None,
         probe: bool | None = None,
         digests: Sequence[str] | None = None,
+        copy: bool = True,
     ) -> wire.EncodeResult:
         """`encode` through EncodeStream: `on_item(index, item, rows, model)` as each item's rows arrive (in
         completion order), then the same result `encode` gives (bit for bit over one connection). A
         stream cut short raises `streaming.IncompleteStream`; a failure raises the grpc.RpcError `encode`
-        would, naming the item by its index in `items`."""
+        would, naming the item by its index in `items`. `copy=False` as for `encode`: an answer that
+        arrives in one message stays a read-only view of it (`StreamAssembler`)."""
         request_id = request_id or uuid.uuid4().hex
         probe = self.probe if probe is None else probe
         digests = digests or ([media_digest(item.data) for item in items] if probe else None)
         lanes = min(len(self._streams), len(items))
         if lanes <= 1:
-            return self._stream_call(self._streams[0], items, on_item, request_id, timeout, metadata, probe, digests)
+            return self._stream_call(self._streams[0], items, on_item, request_id, timeout, metadata, probe, digests,
+                                     copy)
         groups = [list(range(k, len(items), lanes)) for k in range(lanes)]
 
-        def lane(k: int) -> wire.EncodeResult:
+        def lane(k: int) -> wire.EncodeResult:  # copy=False: `wire.assemble` copies the lanes into one tensor
             group = groups[k]
             relay = None if on_item is None else (lambda j, *rest: on_item(group[j], *rest))
             return self._stream_call(self._streams[k], [items[i] for i in group], relay, f"{request_id}/{k}", timeout,
-                                     metadata, probe, [digests[i] for i in group] if digests else None)
+                                     metadata, probe, [digests[i] for i in group] if digests else None, copy=False)
 
         with ThreadPoolExecutor(lanes, thread_name_prefix="encode-lane") as pool:
             futures = [pool.submit(lane, k) for k in range(lanes)]
@@ -190,12 +198,13 @@ class EncoderClient:
                     raise _renumbered(e, group) from None
         return wire.assemble(parts, request_id, groups)
 
-    def _stream_call(self, stream, items, on_item, request_id, timeout, metadata, probe, digests) -> wire.EncodeResult:
+    def _stream_call(self, stream, items, on_item, request_id, timeout, metadata, probe, digests,
+                     copy: bool) -> wire.EncodeResult:
         def call(sent: list[MediaInput]) -> wire.EncodeResult:
             request = pb.EncodeRequest(request_id=request_id, items=[wire.media_to_proto(i) for i in sent])
             self.bytes_sent += request.ByteSize()
             responses = stream(request, timeout=timeout or self.timeout, metadata=self.metadata + tuple(metadata or ()))
-            assembler = StreamAssembler()
+            assembler = StreamAssembler(copy=copy)
             try:
                 for message in responses:
                     for index in assembler.add(*parse_message(message)):
