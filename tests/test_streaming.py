@@ -23,8 +23,7 @@ from encoder_service.serving.streaming import (IncompleteStream, StreamAssembler
                                                 parse_message, start_message)
 from encoder_service.video.decode import VideoSampling
 from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient
-from tests import conftest
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, wait_for
 from tests.test_model_process import _wait_until_returned
 
 from tests.video_fixture import av, mp4_bytes
@@ -253,4 +252,4 @@ def test_the_pool_client_spreads_its_calls_over_its_connections(server, client):
             assert _connections_to(port) == before + 2
         finally:
             pool.close()
-        assert conftest.wait_for(lambda: _connections_to(port) == before, timeout_s=10)  # closed with the client
+        assert wait_for(lambda: _connections_to(port) == before, timeout_s=10)  # closed with the client
