@@ -40,6 +40,19 @@ def median_of(fn, repeats: int) -> tuple[float, list]:
     return statistics.median(times), outs
 
 
+def engine_rows(checkpoint: str, args, requests) -> list[dict]:
+    """The in-process engine's time per request, with its preprocessing and forward parts."""
+    engine = EncoderEngine(EngineConfig(checkpoint=checkpoint, device=args.device, dtype=args.dtype,
+                                        max_tokens_per_request=1 << 30, preprocess_threads=args.preprocess_workers))
+    rows = []
+    for items in requests:
+        ms, outs = median_of(lambda items=items: engine.encode(items), args.repeats)
+        rows.append({"engine_ms": ms,
+                     "engine_preprocess_ms": statistics.median(o.stats["preprocess_ms"] for o in outs),
+                     "engine_forward_ms": statistics.median(o.stats["forward_ms"] for o in outs)})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="tiny-5120")
@@ -53,17 +66,9 @@ def main() -> None:
     requests = [as_items([data]) for data in jpeg_mix(len(IMAGE_MIXES["serving"]), seed=7)]
     print(json.dumps({"bench": "latency_breakdown", "device": device_name(torch.device(args.device)),
                       "preset": args.preset, "preprocess_workers": args.preprocess_workers}), flush=True)
-    engine = EncoderEngine(EngineConfig(checkpoint=checkpoint, device=args.device, dtype=args.dtype,
-                                        max_tokens_per_request=1 << 30, preprocess_threads=args.preprocess_workers))
-    rows = []
-    for items in requests:
-        ms, outs = median_of(lambda items=items: engine.encode(items), args.repeats)
-        rows.append({"engine_ms": ms,
-                     "engine_preprocess_ms": statistics.median(o.stats["preprocess_ms"] for o in outs),
-                     "engine_forward_ms": statistics.median(o.stats["forward_ms"] for o in outs)})
-    del engine
+    rows = engine_rows(checkpoint, args, requests)
     if args.device == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the engine is gone: its memory goes back before the server loads
     with standalone_server(checkpoint, args) as address, EncoderClient(address, timeout=300) as client:
         for row, items in zip(rows, requests):
             ms, results = median_of(lambda items=items: client.encode(items, copy=False), args.repeats)
