@@ -8,6 +8,8 @@ streams; `stream-handoff`: gRPC's default, each message handed over from its cha
 connections at once, copied into one tensor: what spreading one answer over connections buys.
 Clients are separate processes; reported: MB/s over all clients and the median time of one message.
 `--option name=value` adds a gRPC channel argument on both sides (to try transport settings).
+`--malloc mmap,heap`: every run once per malloc setting of the server and client processes, side by
+side: glibc as it is, then large buffers kept in the heap (`serving.heap`).
 
     python -m bench.grpc_transport [--mb 31 --clients 1,16 --split 2,4]
 """
@@ -27,6 +29,7 @@ import grpc
 import grpc.experimental
 import torch
 
+from encoder_service.serving.heap import keep_large_buffers_in_heap
 from encoder_service.serving.wire import channel_options
 
 
@@ -34,9 +37,11 @@ def _payload(nbytes: int) -> torch.Tensor:
     return torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
 
 
-def serve(port_out: mp.Queue, nbytes: int, chunk: int, options: list) -> None:
+def serve(port_out: mp.Queue, nbytes: int, chunk: int, options: list, heap: bool = False) -> None:
     from encoder_service.serving.wire import bytes_of
 
+    if heap:
+        keep_large_buffers_in_heap()
     data = _payload(nbytes)
 
     async def main() -> None:
@@ -63,7 +68,9 @@ def serve(port_out: mp.Queue, nbytes: int, chunk: int, options: list) -> None:
 
 
 def client(port: int, mode: str, nbytes: int, start_at: float, end_at: float, out: mp.Queue, options: list,
-           split: int = 1) -> None:
+           split: int = 1, heap: bool = False) -> None:
+    if heap:
+        keep_large_buffers_in_heap()
     # Separate subchannel pools: channels sharing the global one would share one TCP connection.
     if mode == "stream":
         options = options + [(grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
@@ -120,22 +127,29 @@ def main() -> None:
     p.add_argument("--split", default="", help="also: one message as N calls on N connections, e.g. 2,4")
     p.add_argument("--modes", default="unary,stream,stream-handoff")
     p.add_argument("--option", action="append", default=[], help="gRPC channel argument name=value (int or str)")
+    p.add_argument("--malloc", default="mmap", help="mmap (glibc as it is), heap (serving.heap), or both: mmap,heap")
     args = p.parse_args()
     nbytes, chunk = int(args.mb * 1e6), int(args.chunk_mb * 1e6)
     extra = [(k, int(v) if v.lstrip("-").isdigit() else v) for k, v in (o.split("=", 1) for o in args.option)]
     options = channel_options() + extra
     ctx = mp.get_context("spawn")
-    port_q = ctx.Queue()
-    server = ctx.Process(target=serve, args=(port_q, nbytes, chunk, options), daemon=True)
-    server.start()
-    port = port_q.get(timeout=60)
     runs = [(mode, 1) for mode in args.modes.split(",")] + [("split", int(k)) for k in args.split.split(",") if k]
+    for malloc in args.malloc.split(","):
+        heap = malloc == "heap"
+        port_q = ctx.Queue()
+        server = ctx.Process(target=serve, args=(port_q, nbytes, chunk, options, heap), daemon=True)
+        server.start()
+        run_clients(ctx, port_q.get(timeout=60), runs, nbytes, options, extra, heap, args)
+        server.kill()
+
+
+def run_clients(ctx, port: int, runs: list, nbytes: int, options: list, extra: list, heap: bool, args) -> None:
     for mode, split in runs:
         for n in map(int, args.clients.split(",")):
             out = ctx.Queue()
             start_at = time.time() + 3 + 0.2 * n
             procs = [ctx.Process(target=client, args=(port, mode, nbytes, start_at, start_at + args.duration, out,
-                                                      options, split))
+                                                      options, split, heap))
                      for _ in range(n)]
             for proc in procs:
                 proc.start()
@@ -143,12 +157,12 @@ def main() -> None:
             for proc in procs:
                 proc.join()
             times = [t for ts, _ in parts for t in ts]
-            print(json.dumps({"bench": "grpc_transport", "cpus": os.cpu_count(), "mode": mode, "clients": n,
+            print(json.dumps({"bench": "grpc_transport", "cpus": os.cpu_count(), "malloc": "heap" if heap else "mmap",
+                              "mode": mode, "clients": n,
                               "message_mb": args.mb, "chunk_mb": args.chunk_mb if mode.startswith("stream") else None, "connections": split,
                               "options": dict(extra),
                               "mb_per_s": round(sum(m for _, m in parts) / args.duration / 1e6),
                               "median_ms": round(1e3 * statistics.median(times), 1) if times else None}), flush=True)
-    server.kill()
 
 
 if __name__ == "__main__":

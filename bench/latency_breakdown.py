@@ -6,6 +6,10 @@ the same request (its `total_ms`, `preprocess_ms`, `queue_ms`, `forward_ms`, fro
 and what the client waited for a unary `Encode` (read in place). client − server total is the way
 there and back: the request's hop into the model process, framing the rows, moving them, reading them.
 
+The served part runs once per malloc setting, side by side (`serving.heap`): `mmap`, glibc as it is
+(blocks above 32 MiB freshly mapped: the server with `--mmap-large-buffers`); `heap-server`, the
+server's default (its processes keep large buffers in the heap); `heap`, the client process too.
+
     python -m bench.latency_breakdown --preset radio-h --device cuda
 """
 
@@ -25,6 +29,7 @@ from bench.served_throughput import as_items, standalone_server
 from encoder_service.config import EngineConfig
 from encoder_service.engine import EncoderEngine
 from encoder_service.serving.api.client import EncoderClient
+from encoder_service.serving.heap import keep_large_buffers_in_heap
 
 SERVER_STATS = ("total_ms", "preprocess_ms", "queue_ms", "forward_ms")
 
@@ -61,6 +66,7 @@ def main() -> None:
     p.add_argument("--preprocess-workers", type=int, default=8)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--malloc", default="mmap,heap-server,heap", help="served runs, in this order (heap last)")
     args = p.parse_args()
     checkpoint = str(preset_checkpoint(args.preset, Path(args.workdir or tempfile.mkdtemp(prefix="bench-"))))
     requests = [as_items([data]) for data in jpeg_mix(len(IMAGE_MIXES["serving"]), seed=7)]
@@ -69,16 +75,20 @@ def main() -> None:
     rows = engine_rows(checkpoint, args, requests)
     if args.device == "cuda":
         torch.cuda.empty_cache()  # the engine is gone: its memory goes back before the server loads
-    with standalone_server(checkpoint, args) as address, EncoderClient(address, timeout=300) as client:
-        for row, items in zip(rows, requests):
-            ms, results = median_of(lambda items=items: client.encode(items, copy=False), args.repeats)
-            row["client_ms"] = ms
-            for key in SERVER_STATS:
-                row[f"server_{key}"] = statistics.median(r.extras.get(key, float("nan")) for r in results)
-            answer = results[-1].embeddings
-            row["answer_mb"] = answer.numel() * answer.element_size() / 1e6
-            row["outside_server_ms"] = row["client_ms"] - row["server_total_ms"]
-            print(json.dumps({k: round(v, 1) for k, v in row.items()}), flush=True)
+    for malloc in args.malloc.split(","):  # `heap` last: the client's setting stays for the process's life
+        if malloc == "heap":
+            keep_large_buffers_in_heap()
+        extra = ("--mmap-large-buffers",) if malloc == "mmap" else ()
+        with standalone_server(checkpoint, args, extra=extra) as address, EncoderClient(address, timeout=300) as client:
+            for engine_row, items in zip(rows, requests):
+                ms, results = median_of(lambda items=items: client.encode(items, copy=False), args.repeats)
+                row = {"malloc": malloc, **engine_row, "client_ms": ms}
+                for key in SERVER_STATS:
+                    row[f"server_{key}"] = statistics.median(r.extras.get(key, float("nan")) for r in results)
+                answer = results[-1].embeddings
+                row["answer_mb"] = answer.numel() * answer.element_size() / 1e6
+                row["outside_server_ms"] = row["client_ms"] - row["server_total_ms"]
+                print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
 
 if __name__ == "__main__":

@@ -250,18 +250,28 @@ def engine_baseline(cfg: EngineConfig, requests, repeats: int) -> tuple[dict, di
 
 
 @contextlib.contextmanager
-def standalone_server(checkpoint: str, args, cache_mb: int = 0, stream_chunk_mb: float = 16.0):
+def standalone_server(checkpoint: str, args, cache_mb: int = 0, stream_chunk_mb: float = 16.0,
+                      extra: tuple[str, ...] = ()):
+    """`encoder-service serve` on a free port, as a process of its own; yields its address."""
+    with standalone_server_process(checkpoint, args, cache_mb, stream_chunk_mb, extra) as (address, _):
+        yield address
+
+
+@contextlib.contextmanager
+def standalone_server_process(checkpoint: str, args, cache_mb: int = 0, stream_chunk_mb: float = 16.0,
+                              extra: tuple[str, ...] = ()):
+    """`standalone_server`, yielding (address, the server's process)."""
     cmd = [sys.executable, "-m", "encoder_service.cli", "serve", "--port", "0", "--checkpoint", checkpoint,
            "--device", args.device, "--dtype", args.dtype, "--max-tokens-per-request", str(1 << 20),
            "--cache-mb", str(cache_mb), "--stream-chunk-mb", str(stream_chunk_mb),
            "--preprocess-workers", str(args.preprocess_workers),
-           "--preprocess-device", getattr(args, "preprocess_device", "auto")]
+           "--preprocess-device", getattr(args, "preprocess_device", "auto"), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()  # "encoder-service listening on HOST:PORT"
         if "listening" not in line:
             raise RuntimeError(f"server did not start: {line!r}")
-        yield line.split()[-1]
+        yield line.split()[-1], proc
     finally:
         proc.terminate()
         proc.wait(timeout=60)

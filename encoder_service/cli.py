@@ -65,7 +65,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         return fail("--tls-cert and --tls-key go together", 2)
     pipeline = PipelineConfig(preprocess_workers=args.preprocess_workers, arena_mb=args.arena_mb,
-                              output_arena_mb=args.output_arena_mb, cache_mb=args.cache_mb)
+                              output_arena_mb=args.output_arena_mb, cache_mb=args.cache_mb,
+                              heap_large_buffers=not args.mmap_large_buffers)
     tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     cfg = ServerConfig(host=args.host, port=args.port, engine=engine_config(args), pipeline=pipeline, tls=tls,
                        auth_token_file=args.auth_token_file, insecure=args.insecure,
@@ -264,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-chunk-mb", type=float, default=16.0,
                    help="EncodeStream: rows per message at most (a large item streams as several messages)")
     p.add_argument("--drain-grace-s", type=float, default=30.0, help="on SIGTERM, time for calls in flight")
+    p.add_argument("--mmap-large-buffers", action="store_true",
+                   help="leave glibc's malloc as it is: blocks above 32 MiB freshly mapped (slower answers above "
+                        "32 MiB), freed memory returned to the OS at once")
     p.add_argument("--tls-cert", help="PEM certificate chain file (TLS on)")
     p.add_argument("--tls-key", help="PEM private key file")
     p.add_argument("--tls-client-ca", help="PEM CA file: require client certificates signed by it (mTLS)")

@@ -42,6 +42,7 @@ from encoder_service.serving.api.services import (HEALTH_NAMES, REFLECTED_SERVIC
                                                   health_response)
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving import streaming, wire
+from encoder_service.serving.heap import keep_large_buffers_in_heap
 from encoder_service.serving.host.model_process import Encoded, ModelProcess
 from encoder_service.serving.host.pipeline import PipelineConfig
 
@@ -76,6 +77,8 @@ class EncoderDeployment:
         pipeline_cfg = PipelineConfig(**(pipeline or {}))
         if not pipeline_cfg.preprocess_workers:  # the replica's CPUs, one left for serving
             pipeline_cfg.preprocess_workers = max(1, cpus - 1)
+        if pipeline_cfg.heap_large_buffers:  # this replica's process frames and sends every answer
+            keep_large_buffers_in_heap()
         # One replica per CPU slot: don't let every replica's torch grab every core.
         self.model = ModelProcess(cfg, pipeline_cfg, torch_threads=cpus if cfg.device == "cpu" else 0)
         context = serve.get_replica_context()

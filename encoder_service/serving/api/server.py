@@ -31,6 +31,7 @@ from encoder_service.serving import streaming, wire
 from encoder_service.serving.api.metrics import EncoderMetrics, request_stats
 from encoder_service.serving.api.security import TLSConfig, TokenCheck, cache_namespace, is_loopback, tokens_from
 from encoder_service.serving.api.services import ENCODER_SERVICE, HEALTH_NAMES, REFLECTED_SERVICES
+from encoder_service.serving.heap import keep_large_buffers_in_heap
 from encoder_service.serving.host.model_process import ModelProcess
 from encoder_service.serving.host.pipeline import PipelineConfig
 
@@ -260,6 +261,8 @@ class EncoderServer:
 
 async def serve_forever(cfg: ServerConfig) -> None:
     """Serve until SIGTERM/SIGINT, then drain (`EncoderServer.stop` with `cfg.drain_grace_s`)."""
+    if cfg.pipeline.heap_large_buffers:  # this process frames and sends every answer
+        keep_large_buffers_in_heap()
     server = EncoderServer(cfg)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

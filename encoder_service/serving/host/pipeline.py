@@ -45,6 +45,7 @@ from encoder_service.digest import MediaDigest, item_key, media_digest
 from encoder_service.engine import EncodeOutput, EncoderEngine, running_offsets
 from encoder_service.errors import BudgetExceeded, CacheMiss, DeadlineExceeded, ItemError, Unavailable
 from encoder_service.processor import ItemPlan, MediaInput, Modality, byte_range
+from encoder_service.serving.heap import keep_large_buffers_in_heap
 from encoder_service.serving.host.arena import SharedArena
 from encoder_service.serving.host.preprocess import PreprocessPool
 from encoder_service.serving.host.rows import OUTPUTS, Region, RowStore
@@ -72,6 +73,10 @@ class PipelineConfig:
     # event loop, serialisers, dispatchers) can make each of those waits last 5 ms and starve
     # the GPU. Serving processes run a short interval (process-wide; 0 leaves Python's default).
     gil_switch_interval_ms: float = 0.5
+    # Large buffers (rows, messages, activations) from glibc's reused heap rather than fresh page-faulted
+    # mappings, in every process that serves (`heap.keep_large_buffers_in_heap`: a 34 MB message took
+    # 27 ms instead of 88 on the CPU machine; freed memory stays with the process).
+    heap_large_buffers: bool = True
 
 
 def default_workers() -> int:
@@ -216,6 +221,8 @@ class EncodePipeline:
         self.cfg = cfg = cfg or PipelineConfig()
         if cfg.gil_switch_interval_ms > 0:
             sys.setswitchinterval(cfg.gil_switch_interval_ms / 1e3)
+        if cfg.heap_large_buffers:
+            keep_large_buffers_in_heap()
         self.arena = SharedArena(cfg.arena_mb << 20, "encoder-tiles")
         self._arena_bytes = torch.frombuffer(self.arena.buf, dtype=torch.uint8)
         self.arena_pinned = self._pin(self._arena_bytes)
