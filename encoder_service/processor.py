@@ -244,6 +244,7 @@ def count_dynamic_tokens(width: int, height: int, spec: DynamicResolution) -> in
 # ---------------------------------------------------------------- decoding and tiling
 
 
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # what an IMAGE item may be; GIF and the rest are refused
 # PIL modes JPEG/PNG/WebP decode to. 8-bit ones convert to RGB as they are (alpha dropped, palettes
 # expanded; 16-bit-per-channel RGB PNGs already arrive as 8-bit "RGB"); 16-bit grey is rescaled.
 EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
@@ -442,17 +443,14 @@ class ImageProcessor:
     def _open(self, data: bytes) -> Image.Image:
         if not isinstance(data, (bytes, bytearray)) or len(data) == 0:
             raise InvalidInput("empty image data")
-        try:
-            img = Image.open(io.BytesIO(data))
+        try:  # only these decoders see untrusted bytes (others, e.g. SGI's, fail on junk with ValueError)
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         except Image.DecompressionBombError as e:
             raise InvalidInput(f"image too large: {e}") from e
         except UnidentifiedImageError as e:
             raise InvalidInput(f"undecodable image data ({len(data)} bytes): not a JPEG, PNG or WebP file") from e
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise InvalidInput(f"undecodable image data ({len(data)} bytes): {e}") from e
-        if img.format not in ("JPEG", "PNG", "WEBP"):
-            img.close()
-            raise InvalidInput(f"unsupported image format {img.format}; send JPEG, PNG or WebP")
         if getattr(img, "n_frames", 1) > 1:  # APNG / animated WebP: refused like GIF
             frames = img.n_frames
             img.close()

@@ -87,6 +87,8 @@ def test_every_per_item_error_names_its_item_in_message_and_standard_details(enc
         "corrupt": pb.MediaItem(modality=pb.MODALITY_IMAGE, encoded_image=b"not an image"),
         "truncated": pb.MediaItem(modality=pb.MODALITY_IMAGE, encoded_image=_truncated_jpeg()),
         "gif": pb.MediaItem(modality=pb.MODALITY_IMAGE, encoded_image=gif.getvalue()),
+        # junk behind another format's magic (SGI's): its decoder must never see it (it raised ValueError)
+        "sgi-magic": pb.MediaItem(modality=pb.MODALITY_IMAGE, encoded_image=b"\x01\xda" + bytes(600)),
         "apng": pb.MediaItem(modality=pb.MODALITY_IMAGE, encoded_image=apng.getvalue()),
         "empty-video": pb.MediaItem(modality=pb.MODALITY_VIDEO, encoded_frames=pb.EncodedFrames()),
         "no-data": pb.MediaItem(modality=pb.MODALITY_IMAGE),
