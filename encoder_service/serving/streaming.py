@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # clients import this module: it does not load the model-host
 # (bench/RESULTS.md, progressive_prefill), one connection: 16 MB messages beat 4 MB ones (1-image 65 vs
 # 73 ms, 8-image 240-353 vs 467 ms); 1 MB ones made streams 2.4x slower than unary. Over four connections
 # 4 MB messages did better (8-image 218 vs 263 ms): `--stream-chunk-mb` for clients that spread. Keep it
-# under 32 MiB: larger buffers miss glibc's reused heap (bench/RESULTS.md, latency_breakdown).
+# under 32 MiB: the serving processes keep larger buffers in glibc's heap (`serving.heap`), but a client's
+# process, as glibc leaves it, maps each larger one afresh (bench/RESULTS.md, latency_breakdown).
 DEFAULT_CHUNK_BYTES = 16 << 20
 
 _ROWS_TAG = wire._varint(2 << 3 | wire._LEN)  # EncodeStreamResponse.rows
