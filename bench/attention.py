@@ -25,8 +25,7 @@ import torch.nn.functional as F
 
 from bench.common import IMAGE_MIXES, device_name
 from encoder_service.attention import BACKENDS, AttentionSpec, available_backends, get_backend, reference_attention
-from encoder_service.config import DynamicResolution
-from encoder_service.processor import dynamic_patch_grid
+from encoder_service.contract.tokens import DynamicResolution, dynamic_patch_grid
 
 LAYERS = 32
 

@@ -35,12 +35,14 @@ def client(address: str, app: str, seed: int, start_at: float, schedule: list[tu
     """Send each request of `schedule` ((offset s, heavy)) at its time, on threads (open loop)."""
     import threading
 
-    from encoder_service.processor import MediaInput, Modality
-    from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient
+    from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
+
+    from encoder_service.client.retry import RetryPolicy
+    from encoder_service.contract.media import MediaInput, Modality
 
     rng = np.random.default_rng(seed)
-    pool = PoolEncoderClient(PoolClientConfig([address], app, affinity=False, probe=False, attempt_timeout_s=120,
-                                              total_timeout_s=240))
+    pool = PoolEncoderClient(PoolClientConfig([address], app, affinity=False, probe=False,
+                                              retry=RetryPolicy(attempt_timeout_s=120, total_timeout_s=240)))
     records, lock = [], threading.Lock()
 
     def one(heavy: bool) -> None:
@@ -84,7 +86,7 @@ def make_schedule(args, seed: int) -> list[tuple[float, bool]]:
 def run_policy(policy: str, args, checkpoint: str, port: int) -> dict:
     from ray import serve
 
-    from encoder_service.serving.api.ray_app import deploy, load_serve_config, running_replicas
+    from encoder_service.serving.api.serve.local import deploy, load_serve_config, running_replicas
 
     app = f"encoder-{policy}"
     cfg = copy.deepcopy(load_serve_config())
@@ -145,7 +147,7 @@ def main() -> None:
     from ray import serve
 
     from bench.common import preset_checkpoint
-    from encoder_service.serving.api.ray_app import free_port
+    from encoder_service.serving.api.serve.local import free_port
 
     print(json.dumps({"bench": "autoscale", "cpus": os.cpu_count(), **{k: v for k, v in vars(args).items()}}), flush=True)
     ray.init(address="local", num_cpus=2 * (os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,

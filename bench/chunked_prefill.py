@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from bench.common import jpeg_mix, preset_checkpoint
-from encoder_service.serving.api.client import EncoderClient
+from encoder_service.client.endpoint import EncoderClient
 from encoder_service.config import EngineConfig
-from encoder_service.processor import MediaInput, Modality
+from encoder_service.contract.media import MediaInput, Modality
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig, Sequence
-from llm_worker.multimodal import MediaRef
+from llm_worker.media_fetch import MediaRef
 
 
 class ReencodeEveryChunk(LLMEngine):

@@ -24,9 +24,10 @@ import torch
 
 from bench.common import device_name, interleaved_medians, jpeg_mix, mfu, model_flops
 from encoder_service.config import EngineConfig
+from encoder_service.contract.media import MediaInput, Modality
 from encoder_service.engine import EncoderEngine
-from encoder_service.processor import MediaInput, Modality
 from tests.nemotron_fixture import write_nemotron_checkpoint
+
 
 def write_pair(root: Path, model: str, patches: tuple[int, int], projector: int, llm: int) -> tuple[Path, Path]:
     """The dynamic-resolution checkpoint and a tiled twin sharing its shards."""

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from bench.common import device_name, interleaved_medians, jpeg_mix, mfu, model_flops, preset_checkpoint
 from encoder_service.config import PRESETS, EngineConfig
+from encoder_service.contract.media import MediaInput, Modality
 from encoder_service.engine import EncoderEngine
-from encoder_service.processor import MediaInput, Modality
 
 VARIANTS = {
     "eager": dict(attention_backend="torch", gelu_epilogue=False, compile_norms=False),

@@ -29,8 +29,8 @@ import grpc
 import grpc.experimental
 import torch
 
+from encoder_service.contract.wire.channel import channel_options
 from encoder_service.serving.heap import keep_large_buffers_in_heap
-from encoder_service.serving.wire import channel_options
 
 
 def _payload(nbytes: int) -> torch.Tensor:
@@ -38,7 +38,7 @@ def _payload(nbytes: int) -> torch.Tensor:
 
 
 def serve(port_out: mp.Queue, nbytes: int, chunk: int, options: list, heap: bool = False) -> None:
-    from encoder_service.serving.wire import bytes_of
+    from encoder_service.contract.wire.tensors import bytes_of
 
     if heap:
         keep_large_buffers_in_heap()

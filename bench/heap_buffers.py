@@ -24,7 +24,7 @@ import torch
 
 from bench.common import IMAGE_MIXES, device_name, jpeg_mix, preset_checkpoint
 from bench.served_throughput import as_items, standalone_server_process
-from encoder_service.serving.api.client import EncoderClient
+from encoder_service.client.endpoint import EncoderClient
 
 
 def _tree_rss_mb(pid: int) -> float:

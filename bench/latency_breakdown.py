@@ -26,9 +26,9 @@ import torch
 
 from bench.common import IMAGE_MIXES, device_name, jpeg_mix, preset_checkpoint
 from bench.served_throughput import as_items, standalone_server
+from encoder_service.client.endpoint import EncoderClient
 from encoder_service.config import EngineConfig
 from encoder_service.engine import EncoderEngine
-from encoder_service.serving.api.client import EncoderClient
 from encoder_service.serving.heap import keep_large_buffers_in_heap
 
 SERVER_STATS = ("total_ms", "preprocess_ms", "queue_ms", "forward_ms")
@@ -53,8 +53,8 @@ def engine_rows(checkpoint: str, args, requests) -> list[dict]:
     for items in requests:
         ms, outs = median_of(lambda items=items: engine.encode(items), args.repeats)
         rows.append({"engine_ms": ms,
-                     "engine_preprocess_ms": statistics.median(o.stats["preprocess_ms"] for o in outs),
-                     "engine_forward_ms": statistics.median(o.stats["forward_ms"] for o in outs)})
+                     "engine_preprocess_ms": statistics.median(o.extras["preprocess_ms"] for o in outs),
+                     "engine_forward_ms": statistics.median(o.extras["forward_ms"] for o in outs)})
     return rows
 
 

@@ -36,7 +36,7 @@ import torch
 from bench.common import device_name, jpeg_mix, preset_checkpoint
 from bench.served_throughput import percentile
 from encoder_service.config import PRESETS
-from encoder_service.processor import MediaInput, Modality
+from encoder_service.contract.media import MediaInput, Modality
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(640, 480), (1024, 768), (800, 600), (512, 512), (1280, 720), (300, 400)]
@@ -87,11 +87,12 @@ def ideal_hit_rate(trace) -> float:
 
 def replay(address: str, app: str, variant: str, conversations, library: list[bytes], out: mp.Queue) -> None:
     """Each turn of these conversations in turn (turn 1 of each, then turn 2, ...): per-turn records."""
-    from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient
+    from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
+    from encoder_service.client.retry import RetryPolicy
 
     affinity = variant.startswith("affinity")
     pool = PoolEncoderClient(PoolClientConfig([address], app, affinity=affinity, probe=variant == "affinity+probe",
-                                              attempt_timeout_s=300, total_timeout_s=600))
+                                              retry=RetryPolicy(attempt_timeout_s=300, total_timeout_s=600)))
     records = []
     for turn in range(max(len(c) for c in conversations)):
         for conversation in conversations:
@@ -128,7 +129,7 @@ def run_trace(address: str, app: str, variant: str, trace, library, clients: int
 def pool_config(checkpoint: str, args, replicas: int, variant: str) -> dict:
     """The deploy/serve_config.yaml pool as the variant runs it, as an application of its own: Serve's proxies
     keep the router a deployment first had, so each variant gets a new name (`app_name`)."""
-    from encoder_service.serving.api.ray_app import load_serve_config
+    from encoder_service.serving.api.serve.local import load_serve_config
 
     cfg = copy.deepcopy(load_serve_config())
     cfg["grpc_options"]["port"], cfg["http_options"]["port"] = args.port, args.port + 1
@@ -166,7 +167,7 @@ def replica_stats(app: str, replicas: int) -> list[dict]:
 def warm_routes(address: str, app: str, replicas: int) -> None:
     """Until the proxy's router has sent requests to every replica (it learns them over its first calls;
     a partly known ring would move keys mid-trace)."""
-    from encoder_service.serving.api.client import EncoderClient
+    from encoder_service.client.endpoint import EncoderClient
 
     tiny = MediaInput(Modality.IMAGE, image_library(1, seed=3)[0])
     seen = set()
@@ -182,7 +183,7 @@ def warm_routes(address: str, app: str, replicas: int) -> None:
 def measure(checkpoint: str, args, replicas: int, variant: str, trace, library) -> dict:
     from ray import serve
 
-    from encoder_service.serving.api.ray_app import deploy
+    from encoder_service.serving.api.serve.local import deploy
 
     app = app_name(replicas, variant)
     address = deploy(pool_config(checkpoint, args, replicas, variant))
@@ -220,7 +221,7 @@ def transfer_alone(nbytes: int, repeats: int) -> float:
     import grpc
 
     from bench.grpc_transport import serve as transport_server
-    from encoder_service.serving.wire import channel_options
+    from encoder_service.contract.wire.channel import channel_options
 
     ctx = mp.get_context("spawn")
     port_out = ctx.Queue()
@@ -264,8 +265,8 @@ def hit_vs_miss(checkpoint: str, args, paths: tuple[str, ...] = ("serve-grpc", "
     from ray import serve
 
     from bench.served_throughput import standalone_server
-    from encoder_service.serving.api.client import EncoderClient
-    from encoder_service.serving.api.ray_app import deploy
+    from encoder_service.client.endpoint import EncoderClient
+    from encoder_service.serving.api.serve.local import deploy
 
     rows = []
     if "serve-grpc" in paths:
@@ -319,7 +320,7 @@ def main() -> None:
 
     import ray
 
-    from encoder_service.serving.api.ray_app import free_port
+    from encoder_service.serving.api.serve.local import free_port
 
     args.port = args.port or free_port()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-"))

@@ -31,9 +31,9 @@ import torch
 
 from bench.common import device_name, interleaved_medians, preset_checkpoint
 from bench.served_throughput import as_items, idle_latency, make_requests, run_grpc_clients, standalone_server
-from encoder_service import preprocess_device
 from encoder_service.config import PRESETS, EngineConfig
 from encoder_service.engine import EncoderEngine
+from encoder_service.preprocess import device as preprocess_device
 from encoder_service.serving.host.pipeline import EncodePipeline, PipelineConfig
 
 WORKER_MODULE = "encoder_service.serving.host.preprocess"
@@ -133,13 +133,13 @@ def timed(fn, repeats: int) -> float:
 def in_process(cfg: EngineConfig, requests, args) -> tuple[dict, dict]:
     engine = EncoderEngine(cfg)
     device = engine.device
-    tiler = preprocess_device.DeviceTiler(engine.processor.cfg, device)
+    tiler = preprocess_device.DeviceTiler(engine.preprocessor.cfg, device)
     items = [item for jpegs in requests for item in as_items(jpegs)]
     processed = engine.prepare(items)  # the CPU path's tiles
     tiles = sum(p.num_tiles for p in processed)
     forward_s = timed(lambda: engine.run(processed, output_device=str(device)), args.repeats)
-    plans = [engine.processor.plan(item) for item in items]
-    decoded = [(preprocess_device.host_decoded(engine.processor, item, plan, device), plan)
+    plans = [engine.planner.plan(item) for item in items]
+    decoded = [(preprocess_device.host_decoded(engine.preprocessor, item, plan, device), plan)
                for item, plan in zip(items, plans)]
     tiling_s = timed(lambda: [tiler.pieces(image, plan) for image, plan in decoded], args.repeats)
     result = {"tiles": tiles, "packed_tiles_per_s": tiles / forward_s,
@@ -205,7 +205,7 @@ def main() -> None:
           flush=True)
     base = engine["packed_tiles_per_s"]
 
-    from encoder_service.serving.api.client import EncoderClient
+    from encoder_service.client.endpoint import EncoderClient
 
     for mode in args.modes.split(","):
         args.preprocess_device, args.preprocess_workers = mode, args.workers

@@ -26,9 +26,10 @@ from PIL import Image
 
 from bench.common import IMAGE_MIXES, device_name, jpeg_mix, preset_checkpoint
 from encoder_service.config import EngineConfig
+from encoder_service.contract.media import MediaInput, Modality
 from encoder_service.engine import EncoderEngine
-from encoder_service.preprocess_device import DeviceTiler, decode_nvjpeg, host_decoded
-from encoder_service.processor import MediaInput, Modality, ProcessedItem
+from encoder_service.preprocess.cpu import ProcessedItem
+from encoder_service.preprocess.device import DeviceTiler, decode_nvjpeg, host_decoded
 
 
 def smooth_jpegs(seed: int = 1) -> list[bytes]:
@@ -58,7 +59,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     engine = EncoderEngine(EngineConfig(checkpoint=str(preset_checkpoint(args.preset, workdir)), device=args.device,
                                         max_tokens_per_request=1 << 30))
-    processor = engine.processor
+    processor = engine.preprocessor
     tiler = DeviceTiler(processor.cfg, args.device)
 
     def host_path(data: bytes, plan) -> torch.Tensor:
@@ -71,7 +72,7 @@ def main() -> None:
                       "preset": args.preset, "paths": list(paths)}), flush=True)
     for content, jpegs in (("noise", jpeg_mix(len(IMAGE_MIXES["serving"]), seed=7)), ("smooth", smooth_jpegs())):
         items = [MediaInput(Modality.IMAGE, data) for data in jpegs]
-        plans = [processor.plan(item) for item in items]
+        plans = [processor.planner.plan(item) for item in items]
         cpu = [processor.process(item).pixels for item in items]
         for name, path in paths.items():
             pieces = [path(item.data, plan).cpu().numpy() for item, plan in zip(items, plans)]
@@ -100,7 +101,7 @@ def main() -> None:
 
     for content, jpegs in (("noise", jpeg_mix(len(IMAGE_MIXES["serving"]), seed=7)), ("smooth", smooth_jpegs())):
         items = [MediaInput(Modality.IMAGE, data) for data in jpegs]
-        plans = [processor.plan(item) for item in items]
+        plans = [processor.planner.plan(item) for item in items]
         tiles = sum(plan.num_tiles for plan in plans)
         buffers = [np.empty(plan.decoded_nbytes, dtype=np.uint8) for plan in plans]
         rows = [("cpu path, 1 thread", *timed(lambda: [processor.process(item) for item in items])),

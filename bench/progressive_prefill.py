@@ -34,8 +34,8 @@ import torch
 from bench.common import IMAGE_MIXES, device_name, jpeg_mix, preset_checkpoint
 from bench.served_throughput import APP, as_items, serve_pool, standalone_server
 from encoder_service.config import EngineConfig
+from encoder_service.contract.media import MediaInput, Modality
 from encoder_service.engine import EncoderEngine
-from encoder_service.processor import MediaInput, Modality
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -181,7 +181,7 @@ def main() -> None:
     p.add_argument("--workdir", default=None)
     args = p.parse_args()
 
-    from encoder_service.serving.api.client import EncoderClient
+    from encoder_service.client.endpoint import EncoderClient
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-"))
     checkpoint = str(preset_checkpoint(args.preset, workdir))
@@ -244,7 +244,7 @@ def main() -> None:
                             "llm": Path(llm_dir).name}), flush=True)
                     del engines
     if "serve-grpc" in paths or "serve-handle" in paths:
-        from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient
+        from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
 
         with serve_pool(checkpoint, args) as address:
             if "serve-grpc" in paths:

@@ -36,8 +36,8 @@ import torch
 
 from bench.common import IMAGE_MIXES, device_name, jpeg_mix, preset_checkpoint
 from encoder_service.config import PRESETS, EngineConfig
+from encoder_service.contract.media import MediaInput, Modality
 from encoder_service.engine import EncoderEngine
-from encoder_service.processor import MediaInput, Modality
 
 APP = "encoder"
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def closed_loop(encode, requests: list[list[bytes]], index: int, start_at: float
 
 def grpc_client_process(address: str, metadata, requests, index, ready: mp.Queue, window: mp.Queue,
                         out: mp.Queue) -> None:
-    from encoder_service.serving.api.client import EncoderClient
+    from encoder_service.client.endpoint import EncoderClient
 
     with EncoderClient(address, timeout=600) as client:
         encode = lambda items: client.encode(items, metadata=metadata, copy=False)  # noqa: E731
@@ -131,11 +131,13 @@ def run_handle_clients(n: int, requests, duration: float) -> dict:
     @ray.remote(num_cpus=0)
     class HandleClient:
         def __init__(self, requests):
-            from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient
+            from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
+            from encoder_service.client.retry import RetryPolicy
 
             self.requests = requests
-            self.pool = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle", attempt_timeout_s=600,
-                                                           total_timeout_s=600, affinity=False, probe=False))
+            retry = RetryPolicy(attempt_timeout_s=600, total_timeout_s=600)
+            self.pool = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle", retry=retry,
+                                                           affinity=False, probe=False))
 
         def warm_up(self):
             warm_up(self.pool.encode, self.requests)
@@ -282,7 +284,7 @@ def serve_pool(checkpoint: str, args):
     import ray
     from ray import serve
 
-    from encoder_service.serving.api.ray_app import deploy, free_port, load_serve_config
+    from encoder_service.serving.api.serve.local import deploy, free_port, load_serve_config
 
     gpus = 1 if args.device == "cuda" else 0
     ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=False,
@@ -347,7 +349,7 @@ def main() -> None:
         print(json.dumps(r), flush=True)
 
     if "grpc" in paths:
-        from encoder_service.serving.api.client import EncoderClient
+        from encoder_service.client.endpoint import EncoderClient
 
         with standalone_server(checkpoint, args) as address:
             for n in clients:
@@ -355,8 +357,8 @@ def main() -> None:
             with EncoderClient(address) as c:
                 latency["grpc"] = idle_latency(lambda items: c.encode(items, copy=False), args.repeats)
     if "serve-grpc" in paths or "serve-handle" in paths:
-        from encoder_service.serving.api.client import EncoderClient
-        from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient
+        from encoder_service.client.endpoint import EncoderClient
+        from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
 
         with serve_pool(checkpoint, args) as address:
             metadata = (("application", APP),)

@@ -25,12 +25,11 @@ import numpy as np
 import torch
 
 from bench.common import device_name, preset_checkpoint
+from encoder_service.client.endpoint import EncoderClient
 from encoder_service.config import EngineConfig
-from encoder_service.processor import MediaInput, Modality
-from encoder_service.serving.api.client import EncoderClient
+from encoder_service.contract.media import MediaInput, Modality, VideoSampling
+from encoder_service.contract.tokens import retained_token_count
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig
-from encoder_service.video.decode import VideoSampling
-from encoder_service.video.evs import retained_token_count
 from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig
 from llm_worker.tiny import tiny_llm_dir, tiny_tokenizer_dir
 from tests.video_fixture import mp4_bytes

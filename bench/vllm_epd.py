@@ -38,7 +38,7 @@ from bench.served_throughput import percentile
 from encoder_service.integrations.vllm.launch import consumer_config, start_frontend, start_vllm_server, stop, wait_http
 from encoder_service.integrations.vllm.openai import chat_messages, post_stream
 from encoder_service.integrations.vllm.tiny_model import build
-from encoder_service.serving.api.ray_app import free_port
+from encoder_service.serving.api.serve.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(640, 480), (500, 375), (300, 300), (800, 600), (200, 400)]

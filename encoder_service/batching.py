@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -90,3 +90,35 @@ class TileQueue(Generic[T]):
         if dropped:
             self._entries = deque(e for e in self._entries if not predicate(e.item))
         return dropped
+
+
+@dataclass(frozen=True)
+class PieceSource:
+    """Where one item's pieces come from and where its rows go, for `batch_inputs`."""
+
+    pixels: Any  # flat uint8 tensor: the item's pieces [h, w, 3] back to back (host or device)
+    sizes: Sequence[tuple[int, int]]  # each piece's (h, w)
+    rows: Sequence[int]  # embedding rows of each piece
+    target: Any  # [sum(rows), hidden]: where the item's rows are written
+
+
+def byte_range(sizes: Sequence[tuple[int, int]], start: int, stop: int) -> tuple[int, int]:
+    """Where pieces [start, stop) lie in an item's flat pixel buffer."""
+    begin = sum(h * w * 3 for h, w in sizes[:start])
+    return begin, begin + sum(h * w * 3 for h, w in sizes[start:stop])
+
+
+def batch_inputs(spans: Sequence[Span[T]], source: Callable[[T], PieceSource | None]) -> tuple[list, list, list]:
+    """A batch's (pixels, sizes, outputs) for `EncoderEngine.launch`: each span's pieces and the slice of its
+    item's rows they fill. `source(item)`: None skips the span (an item that failed meanwhile)."""
+    pixels, sizes, outputs = [], [], []
+    for span in spans:
+        src = source(span.item)
+        if src is None:
+            continue
+        begin, end = byte_range(src.sizes, span.start, span.stop)
+        pixels.append(src.pixels[begin:end])
+        sizes.append(list(src.sizes[span.start : span.stop]))
+        first = sum(src.rows[: span.start])
+        outputs.append(src.target[first : first + sum(src.rows[span.start : span.stop])])
+    return pixels, sizes, outputs

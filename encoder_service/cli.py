@@ -1,5 +1,6 @@
-"""Command line: `serve` a checkpoint, `encode` files against a server, `inspect` a checkpoint directory,
-`demo` the whole pipeline."""
+"""Command line: `serve` a checkpoint, `encode` files against a server or pool, `bench` a deployment,
+`health`-check it, `inspect` or `fingerprint` a checkpoint directory (the whole pipeline on an embedded
+default: `encoder-service-demo`)."""
 
 from __future__ import annotations
 
@@ -58,9 +59,9 @@ def fail(message: str, code: int) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from encoder_service.serving.host.pipeline import PipelineConfig
     from encoder_service.serving.api.security import TLSConfig
     from encoder_service.serving.api.server import ServerConfig, serve_forever
+    from encoder_service.serving.host.pipeline import PipelineConfig
 
     if bool(args.tls_cert) != bool(args.tls_key):
         return fail("--tls-cert and --tls-key go together", 2)
@@ -91,11 +92,11 @@ def _wait_ready(client, timeout: float) -> None:
 def cmd_encode(args: argparse.Namespace) -> int:
     import grpc
 
-    from encoder_service.errors import InvalidInput
-    from encoder_service.serving.api.client import EncoderClient
-    from encoder_service.serving.wire import item_from_status
+    from encoder_service.client.endpoint import EncoderClient
+    from encoder_service.contract.errors import InvalidInput
+    from encoder_service.contract.media import VideoSampling
+    from encoder_service.contract.wire.status import item_from_status
     from encoder_service.tools.encode_files import Progress, describe, media_from_files, save
-    from encoder_service.video.decode import VideoSampling
 
     try:
         sampling = None
@@ -143,7 +144,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Load on a running deployment: a live progress line, then a table (and JSON with --json)."""
     import grpc
 
-    from encoder_service.serving.api.client import EncoderClient
+    from encoder_service.client.endpoint import EncoderClient
     from encoder_service.tools.loadgen import LoadConfig, run, table
 
     cfg = LoadConfig(args.address, args.duration, args.concurrency, args.rate, args.images_per_request,
@@ -170,7 +171,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     SERVING, 1 when it answers anything else or nothing."""
     import grpc
 
-    from encoder_service.serving.api.client import EncoderClient
+    from encoder_service.client.endpoint import EncoderClient
 
     try:
         with EncoderClient(args.address, application=args.application) as client:
@@ -236,12 +237,6 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
         return fail(f"cannot fingerprint {args.checkpoint}: {e}", 2)
     print(json.dumps(fingerprint.to_dict(), indent=2))
     return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from encoder_service.demo import run_demo
-
-    return run_demo(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,10 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="the dtype the rows are served in (bfloat16 on GPUs, float32 on CPUs)")
     p.set_defaults(func=cmd_fingerprint)
-
-    p = sub.add_parser("demo", help="local Ray + encoder pool + LLM worker on the embedded tiny models")
-    p.add_argument("--config", default=None, help="Serve config (default: deploy/serve_config.yaml)")
-    p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

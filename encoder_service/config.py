@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from encoder_service.contract.plan import PlanningRules
+from encoder_service.contract.tokens import DynamicResolution, TilingSpec, VideoFrameGeometry
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -77,62 +80,6 @@ class ProjectorConfig:
 
 
 @dataclass(frozen=True)
-class TilingSpec:
-    """Dynamic tiling as Nemotron Nano VL does it: up to `max_tiles` tiles plus a thumbnail.
-
-    Everything the token-count function needs, so that an LLM worker can lay out
-    placeholders before the encoder runs (GetModelInfo carries every field).
-    """
-
-    tile_size: int = 512
-    min_tiles: int = 1
-    max_tiles: int = 12
-    use_thumbnail: bool = True
-    tokens_per_tile: int = 256
-
-
-@dataclass(frozen=True)
-class DynamicResolution:
-    """Nemotron Nano VL's dynamic resolution: an image becomes ONE sequence of about
-    `max_num_patches` patches (at least `min_num_patches`), its aspect ratio kept and both
-    sides an even number of patches (so the pixel shuffle divides them).
-
-    Like TilingSpec, it carries everything the token count needs (GetModelInfo sends it).
-    """
-
-    patch_size: int = 16
-    downsample: int = 2
-    min_num_patches: int = 1024
-    max_num_patches: int = 13312
-
-    def __post_init__(self):
-        if not 0 < self.min_num_patches <= self.max_num_patches:
-            raise ValueError(f"need 0 < min_num_patches <= max_num_patches, got "
-                             f"{self.min_num_patches}, {self.max_num_patches}")
-
-
-@dataclass(frozen=True)
-class VideoFrameGeometry:
-    """Video frames resized to a patch budget instead of one square tile (Nemotron Nano VL's
-    `video_target_num_patches`, or `video_target_img_size` as ceil(size / patch)^2 patches).
-
-    Square: side = floor(sqrt(N)) patches, floored to a multiple of `downsample` (at least it).
-    Aspect kept: ph = round(sqrt(N / aspect)), pw = round(sqrt(N * aspect)) (aspect = w / h, at
-    least 1 each), both raised to a multiple of `downsample` if that stays within N, else both
-    lowered (at least `downsample`). Tokens per frame = (ph / downsample) * (pw / downsample).
-    """
-
-    target_num_patches: int
-    maintain_aspect_ratio: bool = False
-    patch_size: int = 16
-    downsample: int = 2
-
-    def __post_init__(self):
-        if self.target_num_patches <= 0:
-            raise ValueError(f"video target_num_patches must be positive, got {self.target_num_patches}")
-
-
-@dataclass(frozen=True)
 class ProcessorConfig:
     tiling: TilingSpec = field(default_factory=TilingSpec)
     # Images only: when set, each image is one variable-size sequence instead of tiles.
@@ -156,6 +103,11 @@ class ProcessorConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def planning(self) -> PlanningRules:
+        """What plans items (token counts from headers) under this configuration."""
+        return PlanningRules(self.tiling, self.dynamic, self.video_frames, self.video_pruning_rate,
+                             self.default_video_frames, self.max_image_pixels, self.max_video_frames)
 
     @staticmethod
     def from_dict(d: dict[str, Any], tiling: TilingSpec | None = None) -> "ProcessorConfig":

@@ -1,10 +1,11 @@
 """The encoder engine: media items in, ONE embedding tensor [sum(n_i), hidden] + counts out.
 
-request items -> processor (decode, tile) -> batching (token budget) -> model (ragged ViT +
-projector, once per batch) -> one concatenated tensor. The consumer splits by counts.
+request items -> plan (`contract.plan`: pieces and rows from headers) -> preprocess (decode, tile)
+-> batching (token budget) -> model (ragged ViT + projector, once per batch) -> one concatenated
+tensor. The consumer splits by counts.
 
 `launch` is the one place pixels meet the model: it packs groups of pieces (tiles, frames,
-dynamic-resolution images: `processor.ItemPlan`) into one ragged forward and writes each
+dynamic-resolution images: `contract.plan.ItemPlan`) into one ragged forward and writes each
 group's rows where the caller wants them, without waiting for the device. `run`/`encode` use
 it in-process (tests, benchmarks, the reference); the serving pipeline
 (`encoder_service.serving.host.pipeline`) uses it to keep batches in flight. A video to prune (EVS)
@@ -16,76 +17,24 @@ from __future__ import annotations
 import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
-from encoder_service import preprocess_device
 from encoder_service.attention import AttentionSpec, get_backend
-from encoder_service.batching import TileQueue
-from encoder_service.config import DynamicResolution, EngineConfig, TilingSpec, VideoFrameGeometry
-from encoder_service.errors import BudgetExceeded, DeadlineExceeded, InvalidInput, ItemError
-from encoder_service.fingerprint import ModelFingerprint, of_checkpoint
+from encoder_service.batching import PieceSource, TileQueue, batch_inputs
+from encoder_service.config import EngineConfig
+from encoder_service.contract.errors import BudgetExceeded, DeadlineExceeded, InvalidInput, ItemError
+from encoder_service.contract.media import MediaInput
+from encoder_service.contract.model_info import ModelInfo
+from encoder_service.contract.plan import ItemPlan
+from encoder_service.contract.result import EncodeResult, describe_item, dtype_from_name, running_offsets
+from encoder_service.contract.tokens import Size, TilingSpec, check_rate
+from encoder_service.fingerprint import of_checkpoint
 from encoder_service.models import load_checkpoint, tiny_checkpoint_dir
 from encoder_service.models.vit import KernelOptions, PackedTiles, patchify_hwc
-from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, ProcessedItem, Size, byte_range
-from encoder_service.video.decode import SampledFrames
-from encoder_service.video.evs import check_rate, prune
-
-
-@dataclass
-class EncodeOutput:
-    embeddings: torch.Tensor  # [sum(token_counts), hidden], on the host (pinned on CUDA machines)
-    token_counts: list[int]
-    num_tiles: list[int]
-    tokens_per_frame: list[list[int]]  # [] for images; of a pruned video, tokens each frame kept
-    stats: dict[str, float] = field(default_factory=dict)
-    video_frames: list[SampledFrames | None] = field(default_factory=list)  # a video container's sampled frames
-    digests: list[str] = field(default_factory=list)  # media digests (`digest.media_digest`), when computed
-    cache_hits: list[bool] = field(default_factory=list)  # rows that came from the pool's cache
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embeddings.dtype
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.embeddings.shape)
-
-    @property
-    def offsets(self) -> list[int]:
-        return running_offsets(self.token_counts)
-
-    def split(self) -> list[torch.Tensor]:
-        """Per-item views, for consumers and tests (the wire format stays one tensor)."""
-        return list(torch.split(self.embeddings, self.token_counts))
-
-
-def running_offsets(counts: list[int]) -> list[int]:
-    """Where each item's rows start in the one concatenated tensor."""
-    out, acc = [], 0
-    for n in counts:
-        out.append(acc)
-        acc += n
-    return out
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model_name: str
-    hidden_size: int
-    dtype: torch.dtype
-    patch_size: int
-    tiling: TilingSpec
-    dynamic: DynamicResolution | None  # images as one variable-size sequence each, when set
-    max_tokens_per_batch: int
-    max_tokens_per_request: int
-    max_items_per_request: int
-    attention_backend: str
-    video_pruning_rate: float = 0.0  # EVS rate for videos whose request does not set one
-    default_video_frames: int = 16  # frames sampled from a video container when the request does not say
-    fingerprint: ModelFingerprint | None = None  # what produces the rows
-    video_frames: VideoFrameGeometry | None = None  # video frames resized to a patch budget, when set
+from encoder_service.preprocess import device as device_preprocess
+from encoder_service.preprocess.cpu import CpuPreprocessor, ProcessedItem
+from encoder_service.video.evs import prune
 
 
 def resolve_device(device: str) -> torch.device:
@@ -98,17 +47,12 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"unsupported dtype {dtype!r}; choose auto, {', '.join(dtypes)}")
-    return dtypes[dtype]
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"unsupported dtype {dtype!r}; choose auto, float32, bfloat16, float16")
+    return dtype_from_name(dtype)
 
 
 class EncoderEngine:
@@ -121,10 +65,11 @@ class EncoderEngine:
         if cfg.video_pruning_rate is not None:
             check_rate(cfg.video_pruning_rate)
             proc = dataclasses.replace(proc, video_pruning_rate=cfg.video_pruning_rate)
-        self.processor = ImageProcessor(proc)
-        tiling_device = preprocess_device.resolve(cfg.preprocess_device, self.device, proc)
+        self.preprocessor = CpuPreprocessor(proc)
+        self.planner = self.preprocessor.planner
+        tiling_device = device_preprocess.resolve(cfg.preprocess_device, self.device, proc)
         # Resizes and tiles images on the GPU (None: the CPU path does it all).
-        self.device_tiler = None if tiling_device is None else preprocess_device.DeviceTiler(proc, tiling_device)
+        self.device_tiler = None if tiling_device is None else device_preprocess.DeviceTiler(proc, tiling_device)
         vision = self.model.cfg.vision
         self.patch_size = p = vision.patch_size
         # Per patch-row column (channel-major inside a patch, as patchify_hwc lays them out).
@@ -153,7 +98,7 @@ class EncoderEngine:
         kernels = KernelOptions(gelu_epilogue=fast if cfg.gelu_epilogue is None else cfg.gelu_epilogue,
                                 compile_norms=cfg.compile_norms)
         self.model.vit.use_kernels(kernels)
-        self.fingerprint = of_checkpoint(cfg.checkpoint or tiny_checkpoint_dir(), dtype_name(self.dtype),
+        self.fingerprint = of_checkpoint(cfg.checkpoint or tiny_checkpoint_dir(), str(self.dtype).removeprefix("torch."),
                                          numerics=f"gelu_epilogue={kernels.gelu_epilogue}")
 
     def piece_tokens(self, size: Size) -> int:
@@ -166,7 +111,7 @@ class EncoderEngine:
 
     @property
     def tiling(self) -> TilingSpec:
-        return self.processor.tiling
+        return self.planner.tiling
 
     @property
     def hidden_size(self) -> int:
@@ -179,15 +124,15 @@ class EncoderEngine:
             dtype=self.dtype,
             patch_size=self.model.cfg.vision.patch_size,
             tiling=self.tiling,
-            dynamic=self.processor.cfg.dynamic,
+            dynamic=self.planner.rules.dynamic,
             max_tokens_per_batch=self.cfg.max_tokens_per_batch,
             max_tokens_per_request=self.cfg.max_tokens_per_request,
             max_items_per_request=self.cfg.max_items_per_request,
             attention_backend=self.attention.name,
-            video_pruning_rate=self.processor.cfg.video_pruning_rate,
-            default_video_frames=self.processor.cfg.default_video_frames,
+            video_pruning_rate=self.planner.rules.video_pruning_rate,
+            default_video_frames=self.planner.rules.default_video_frames,
             fingerprint=self.fingerprint,
-            video_frames=self.processor.cfg.video_frames,
+            video_frames=self.planner.rules.video_frames,
         )
 
     # ------------------------------------------------------------------ request checks
@@ -208,7 +153,7 @@ class EncoderEngine:
     def plan_item(self, index: int, item: MediaInput) -> ItemPlan:
         """One item's plan from its header or shape; an error names the item."""
         try:
-            plan = self.processor.plan(item)
+            plan = self.planner.plan(item)
             longest = max(self.piece_tokens(size) for size in plan.sizes)
             if longest > self.cfg.max_tokens_per_batch:  # only with a raised max_num_patches or a small budget
                 raise BudgetExceeded(f"needs a sequence of {longest} ViT tokens, over the batch budget "
@@ -296,23 +241,23 @@ class EncoderEngine:
         return list(self._preprocess_pool.map(self._prepare_one, items))
 
     def _prepare_one(self, item: MediaInput) -> ProcessedItem:
-        if self.device_tiler is None or not preprocess_device.on_device(item):
-            return self.processor.process(item)
-        plan = self.processor.plan(item)
-        image = preprocess_device.host_decoded(self.processor, item, plan, self.device)
+        if self.device_tiler is None or not device_preprocess.on_device(item):
+            return self.preprocessor.process(item)
+        plan = self.planner.plan(item)
+        image = device_preprocess.host_decoded(self.preprocessor, item, plan, self.device)
         return ProcessedItem(self.device_tiler.pieces(image, plan), plan.sizes, [], plan)
 
-    def encode(self, items: list[MediaInput], deadline: float | None = None) -> EncodeOutput:
+    def encode(self, items: list[MediaInput], deadline: float | None = None) -> EncodeResult:
         """Validate, preprocess and encode in this process; `deadline` is a time.monotonic() instant."""
         t0 = time.perf_counter()
         processed = self.prepare(items)
         out = self.run(processed, deadline)
-        out.stats["preprocess_ms"] = 1e3 * (time.perf_counter() - t0) - out.stats["forward_ms"]
+        out.extras["preprocess_ms"] = 1e3 * (time.perf_counter() - t0) - out.extras["forward_ms"]
         return out
 
     def run(
         self, processed: list[ProcessedItem], deadline: float | None = None, output_device: str = "cpu"
-    ) -> EncodeOutput:
+    ) -> EncodeResult:
         """Encode already-prepared items as one ragged stream of batches into one output tensor."""
         t0 = time.perf_counter()
         rows = [[self.piece_rows(size) for size in p.sizes] for p in processed]
@@ -321,16 +266,15 @@ class EncoderEngine:
             out = self.new_output(sum(counts))
         else:
             out = torch.empty(sum(counts), self.hidden_size, dtype=self.dtype, device=output_device)
-        first_row, row = [], 0
-        for n in counts:
-            first_row.append(row)
-            row += n
+        first_row = running_offsets(counts)
         # A video to prune is encoded whole into its own rows first; EVS then picks what `out` keeps.
         targets = [
             torch.empty(sum(r), self.hidden_size, dtype=self.dtype, device=out.device) if p.plan and p.plan.pruned
             else out[first_row[i] : first_row[i] + counts[i]]
             for i, (p, r) in enumerate(zip(processed, rows))
         ]
+        sources = [PieceSource(p.pixels if isinstance(p.pixels, torch.Tensor) else torch.from_numpy(p.pixels),
+                               p.sizes, r, target) for p, r, target in zip(processed, rows, targets)]
         queue: TileQueue[int] = TileQueue(self.cfg.max_tokens_per_batch)
         for i, p in enumerate(processed):
             queue.push(i, [self.piece_tokens(size) for size in p.sizes])
@@ -338,30 +282,16 @@ class EncoderEngine:
         while spans := queue.take():
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded("deadline passed while encoding")
-            pixels, sizes, outputs = [], [], []
-            for s in spans:
-                item = processed[s.item]
-                begin, end = byte_range(item.sizes, s.start, s.stop)
-                flat = item.pixels if isinstance(item.pixels, torch.Tensor) else torch.from_numpy(item.pixels)
-                pixels.append(flat[begin:end])
-                sizes.append(list(item.sizes[s.start : s.stop]))
-                row_start = sum(rows[s.item][: s.start])
-                outputs.append(targets[s.item][row_start : row_start + sum(rows[s.item][s.start : s.stop])])
-            self.launch(pixels, sizes, outputs)
+            self.launch(*batch_inputs(spans, sources.__getitem__))
             batches += 1
         self.synchronize()
-        frames = [list(p.tokens_per_frame) for p in processed]
+        items = []
         for i, p in enumerate(processed):
+            frames = list(p.tokens_per_frame)
             if p.plan and p.plan.pruned:
-                frames[i] = self.prune_into(targets[i], p.plan, out[first_row[i] : first_row[i] + counts[i]])
-        return EncodeOutput(
-            embeddings=out,
-            token_counts=counts,
-            num_tiles=[p.num_tiles for p in processed],
-            tokens_per_frame=frames,
-            stats={"forward_ms": 1e3 * (time.perf_counter() - t0), "batches": batches},
-            video_frames=[p.frames for p in processed],
-        )
+                frames = self.prune_into(targets[i], p.plan, out[first_row[i] : first_row[i] + counts[i]])
+            items.append(describe_item(first_row[i], counts[i], p.num_tiles, frames, p.frames))
+        return EncodeResult("", out, items, {"forward_ms": 1e3 * (time.perf_counter() - t0), "batches": batches})
 
     @staticmethod
     def prune_into(rows: torch.Tensor, plan: ItemPlan, out: torch.Tensor) -> list[int]:

@@ -22,52 +22,15 @@ A client computes the expected fingerprint from the same checkpoint directory:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import mmap
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
+from encoder_service.contract.model_info import ModelFingerprint
+
 PROCESSING_VERSION = 2  # 2: video frames sampled by index with vLLM's rule
-
-
-@dataclass(frozen=True)
-class ModelFingerprint:
-    weights: str
-    processing: str
-    hidden_size: int
-    dtype: str  # "float32" | "bfloat16" | "float16"
-    numerics: str = ""  # engine options that move rows by rounding only (part of `key`, not of the contract)
-
-    @property
-    def key(self) -> str:
-        fields = (self.weights, self.processing, str(self.hidden_size), self.dtype, self.numerics)
-        return "sha256:" + hashlib.sha256("\x1f".join(fields).encode()).hexdigest()
-
-    @property
-    def contract(self) -> str:
-        """What a consumer checks: the weights, the preprocessing and the width (not dtype or numerics)."""
-        fields = (self.weights, self.processing, str(self.hidden_size))
-        return "sha256:" + hashlib.sha256("\x1f".join(fields).encode()).hexdigest()
-
-    def mismatches(self, expected: "ModelFingerprint", check_dtype: bool = False) -> list[str]:
-        """What differs from `expected` in a way that makes the rows wrong for its consumer."""
-        out = []
-        if self.weights != expected.weights:
-            out.append(f"vision weights differ (pool {self.weights[:19]}…, expected {expected.weights[:19]}…)")
-        if self.processing != expected.processing:
-            out.append(f"preprocessing / token-count rules differ (pool {self.processing[:19]}…, "
-                       f"expected {expected.processing[:19]}…)")
-        if self.hidden_size != expected.hidden_size:
-            out.append(f"row width {self.hidden_size}, expected {expected.hidden_size}")
-        if check_dtype and self.dtype != expected.dtype:
-            out.append(f"dtype {self.dtype}, expected {expected.dtype}")
-        return out
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "contract": self.contract, "key": self.key}
 
 
 class _Safetensors:

@@ -11,9 +11,9 @@ from typing import Any
 
 import ray
 
+from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
 from llm_worker.codec import pack_outputs, unpack_requests
 from llm_worker.engine import LLMEngine, LLMWorkerConfig
-from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient
 
 
 @ray.remote

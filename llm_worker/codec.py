@@ -7,17 +7,19 @@ import dataclasses
 import msgpack
 import numpy as np
 
-from encoder_service.processor import MediaInput, Modality
-from encoder_service.video.decode import VideoSampling
+from encoder_service.contract.media import MediaDigest, MediaInput, Modality, Source, VideoSampling
 from llm_worker.engine import GenerationOutput, GenerationRequest
 
 
 def _pack_media(m: MediaInput) -> dict:
     out = {"modality": m.modality.value, "item_id": m.item_id, "content_hash": m.content_hash}
-    if isinstance(m.data, np.ndarray):
+    source = m.source
+    if source == Source.RAW_PIXELS:
         out["pixels"] = {"shape": list(m.data.shape), "data": np.ascontiguousarray(m.data, np.uint8).tobytes()}
-    elif isinstance(m.data, list):
+    elif source == Source.ENCODED_FRAMES:
         out["frames"] = list(m.data)
+    elif source == Source.DIGEST:
+        out["digest"] = m.data.value
     else:
         out["bytes"] = bytes(m.data)
     if m.pruning_rate is not None:
@@ -32,6 +34,8 @@ def _unpack_media(d: dict) -> MediaInput:
         data = np.frombuffer(d["pixels"]["data"], np.uint8).reshape(d["pixels"]["shape"])
     elif "frames" in d:
         data = list(d["frames"])
+    elif "digest" in d:
+        data = MediaDigest(d["digest"])
     else:
         data = d["bytes"]
     sampling = VideoSampling(**d["sampling"]) if "sampling" in d else None

@@ -1,4 +1,5 @@
-"""Reference LLM engine: any HF causal LM that takes `inputs_embeds`, chunked prefill, greedy decode.
+"""Reference LLM engine: chunked prefill and greedy decode scheduled over a pool of media rows
+(running the model: `model_runner`; fetching rows: `media_fetch`; placing them: `multimodal`).
 
 A scheduler step:
 1. admits waiting requests: ONE Encode call for all their uncached media, pinned in the cache; with
@@ -14,21 +15,21 @@ from __future__ import annotations
 
 import enum
 import itertools
-import os
 import uuid
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
-from encoder_service.config import ProcessorConfig
-from encoder_service.processor import ImageProcessor, MediaInput
-from llm_worker.mm_cache import EmbeddingCache, content_hash
+from encoder_service.client.checks import CheckedEncoder, Encoder
+from encoder_service.contract.media import MediaInput
+from encoder_service.contract.plan import MediaPlanner
 from encoder_service.fingerprint import of_checkpoint
-from llm_worker.multimodal import (CheckedEncoder, Encoder, MediaRef, fetch_embeddings, media_region, merge_chunk,
-                                   relayout_frames)
+from llm_worker.media_fetch import MediaRef, StreamedFetch, fetch_embeddings
+from llm_worker.mm_cache import EmbeddingCache, item_cache_key
+from llm_worker.model_runner import ModelRunner
+from llm_worker.multimodal import media_region, relayout_frames
 from llm_worker.prompt import PromptLayout, count_markers, layout_prompt
-from llm_worker.streamed_fetch import StreamedFetch
 from llm_worker.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 
@@ -108,25 +109,17 @@ class LLMEngine:
             encoder = CheckedEncoder(encoder, of_checkpoint(cfg.encoder_checkpoint))
         self.encoder = encoder
         self.tokenizer = tokenizer or (HFTokenizer(cfg.tokenizer_dir) if cfg.tokenizer_dir else ByteTokenizer())
-        self.device = torch.device(cfg.device)
-        model_dir = cfg.model_dir or tiny_llm_dir()
-        if not os.path.isdir(model_dir):
-            raise FileNotFoundError(f"LLM checkpoint dir {model_dir} does not exist (no hub downloads)")
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype)).to(self.device).eval()
-        self.embed_tokens = self.model.get_input_embeddings()
+        self.runner = ModelRunner(cfg.model_dir or tiny_llm_dir(), cfg.device, cfg.dtype)
         vocab = getattr(self.tokenizer, "vocab_size", None)
-        if vocab is not None and vocab > self.embed_tokens.num_embeddings:
-            raise ValueError(f"the tokenizer has {vocab} ids, the LLM's embedding table {self.embed_tokens.num_embeddings}")
+        if vocab is not None and vocab > self.runner.vocab_size:
+            raise ValueError(f"the tokenizer has {vocab} ids, the LLM's embedding table {self.runner.vocab_size}")
         info = self.encoder.model_info()
-        if info.hidden_size != self.model.config.hidden_size:
+        if info.hidden_size != self.runner.hidden_size:
             raise ValueError(
-                f"encoder emits {info.hidden_size}-wide embeddings, the LLM expects {self.model.config.hidden_size}"
+                f"encoder emits {info.hidden_size}-wide embeddings, the LLM expects {self.runner.hidden_size}"
             )
-        # Token counts from sizes alone: the same pure function the encoder uses.
-        self.media_counter = ImageProcessor(ProcessorConfig(
-            tiling=info.tiling, dynamic=info.dynamic, video_frames=info.video_frames,
-            video_pruning_rate=info.video_pruning_rate,
-            default_video_frames=info.default_video_frames or ProcessorConfig.default_video_frames))
+        # Token counts from sizes alone: the same rules the encoder plans with.
+        self.planner = MediaPlanner.for_model(info)
         self.cache = EmbeddingCache(cfg.cache_bytes)
         self.encode_calls = 0
         self._fetches: list[StreamedFetch] = []  # streamed Encodes still delivering
@@ -142,10 +135,10 @@ class LLMEngine:
                 f"request {request.request_id}: {len(count_markers(request.prompt))} markers, "
                 f"{len(request.media)} media items"
             )
-        plans = [self.media_counter.plan(item) for item in request.media]
+        plans = [self.planner.plan(item) for item in request.media]
         layout = layout_prompt(request.prompt, [media_region(m, p) for m, p in zip(request.media, plans)],
                                self.tokenizer)
-        refs = [MediaRef(content_hash(m, p.pruning_rate), span, m, p.pruned)
+        refs = [MediaRef(item_cache_key(m, p.pruning_rate), span, m, p.pruned)
                 for m, p, span in zip(request.media, plans, layout.spans)]
         seq = Sequence(request, layout, refs, next(self._arrivals))
         self._sequences.append(seq)
@@ -265,7 +258,7 @@ class LLMEngine:
 
     def _start_prefill(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
-            seq.kv = DynamicCache(config=self.model.config)
+            seq.kv = self.runner.new_kv()
             seq.status = Status.PREFILL
 
     def _abort(self, seqs: list[Sequence], release: bool) -> None:
@@ -278,14 +271,11 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ model work
 
-    @torch.inference_mode()
     def _prefill_chunk(self, seq: Sequence, n: int) -> None:
         start, end = seq.num_prefilled, seq.num_prefilled + n
-        ids = torch.tensor(seq.layout.token_ids[start:end], device=self.device)
-        embeds = self.embed_tokens(ids).clone()
         overlapping = [r for r in seq.media if r.span.offset < end and r.span.end > start]
-        merge_chunk(embeds, start, [(r.span, self._media_rows(r)) for r in overlapping])
-        logits = self.model(inputs_embeds=embeds[None], past_key_values=seq.kv, use_cache=True).logits[0]
+        logits = self.runner.prefill(seq.kv, seq.layout.token_ids[start:end], start,
+                                     [(r.span, self._media_rows(r)) for r in overlapping])
         if self.cfg.record_prompt_logits:
             seq.prompt_logits.append(logits.float().cpu())
         seq.num_prefilled = end
@@ -304,11 +294,8 @@ class LLMEngine:
         for key in seq.fetch.abandon(keys) if seq.fetch is not None else keys:
             self.cache.unpin(key)
 
-    @torch.inference_mode()
     def _decode_one(self, seq: Sequence) -> None:
-        ids = torch.tensor([[seq.output_ids[-1]]], device=self.device)
-        logits = self.model(input_ids=ids, past_key_values=seq.kv, use_cache=True).logits[0, -1]
-        self._emit(seq, logits)
+        self._emit(seq, self.runner.decode(seq.kv, seq.output_ids[-1]))
 
     def _emit(self, seq: Sequence, logits: torch.Tensor) -> None:
         seq.last_logits = logits.float().cpu()

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from encoder_service.digest import item_key, media_digest
-from encoder_service.processor import MediaInput, Modality
+from encoder_service.contract.media import MediaInput, Modality, item_key, media_digest
 
 
-def content_hash(item: MediaInput, pruning_rate: float = 0.0) -> str:
+def item_cache_key(item: MediaInput, pruning_rate: float = 0.0) -> str:
     """Stable key of what an item encodes to (`digest.item_key`: the media digest, computed here from the
     bytes, the video sampling and the EVS rate actually applied): the same key the pool's cache uses,
     without the pool's model and tenant parts. A client-supplied hash is never trusted."""
@@ -38,7 +37,7 @@ class CacheEntry:
 
 
 @dataclass
-class CacheStats:
+class EmbeddingCacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
@@ -50,7 +49,7 @@ class EmbeddingCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
-        self.stats = CacheStats()
+        self.stats = EmbeddingCacheStats()
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries

@@ -1,8 +1,6 @@
-"""Getting media embeddings into prefill chunks.
+"""Media rows in the prompt: where they go, and into which prefill chunk (fetching them: `media_fetch`).
 
-1. `fetch_embeddings`: for a batch of requests, ONE Encode call for every item
-   not already cached (identical items deduplicated), the single returned tensor
-   split by the returned counts, the cache filled and the entries pinned.
+1. `media_region`: an item's prompt region from its plan (sizes and counts only), before encoding.
 2. `relayout_frames`: a pruned video's region, laid out before encoding with its final length,
    gets the per-frame counts the encoder reported (kept with the cached rows, so every later
    request and chunk rebuilds the same layout) before any chunk touching it is prefilled.
@@ -13,124 +11,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 
-from encoder_service.engine import ModelInfo
-from encoder_service.fingerprint import ModelFingerprint
-from encoder_service.processor import ItemPlan, MediaInput, Modality
-from encoder_service.serving.wire import EncodeResult
-from llm_worker.mm_cache import EmbeddingCache
+from encoder_service.client.checks import EmbeddingCountMismatch
+from encoder_service.contract.media import MediaInput, Modality
+from encoder_service.contract.plan import ItemPlan
 from llm_worker.prompt import MediaRegion, MediaSpan, PromptLayout, nemotron_frame_time
-
-
-class Encoder(Protocol):
-    """What the worker needs of the encoder pool (EncoderClient, or the Ray actor's pool client)."""
-
-    def encode(self, items: list[MediaInput]) -> EncodeResult: ...
-
-    def model_info(self) -> ModelInfo: ...
-
-
-class EmbeddingCountMismatch(ValueError):
-    """The encoder returned a different number of rows than the prompt has placeholders."""
-
-
-class WrongEncoder(ValueError):
-    """The pool serves another model than the one this LLM's embeddings must come from."""
-
-
-class CheckedEncoder:
-    """The pool, every answer checked against the model this LLM expects (`fingerprint.ModelFingerprint`):
-    at connect (GetModelInfo) and on each response (`extras["model"]`, whichever replica answered), so a
-    replica changed under the worker is refused, never merged."""
-
-    def __init__(self, encoder: Encoder, expected: ModelFingerprint):
-        self.encoder, self.expected = encoder, expected
-        served = encoder.model_info().fingerprint
-        problems = ["the pool reports no model fingerprint"] if served is None else served.mismatches(expected)
-        if problems:
-            raise WrongEncoder(f"the encoder pool serves another model than this LLM expects: {'; '.join(problems)}")
-
-    def model_info(self) -> ModelInfo:
-        return self.encoder.model_info()
-
-    def encode(self, items: list[MediaInput]) -> EncodeResult:
-        result = self.encoder.encode(items)
-        self._check({answer.get("model") for answer in [result.extras, *result.extras.get("parts", [])]})
-        return result
-
-    def encode_stream(self, items: list[MediaInput], on_item) -> EncodeResult:
-        """Each streamed item is checked before it is passed on (its rows are used before the stream ends)."""
-        def checked(index, item, rows, model: str) -> None:
-            self._check({model})
-            on_item(index, item, rows, model)
-
-        return self.encoder.encode_stream(items, checked)
-
-    def _check(self, models: set) -> None:
-        """The contract digests an answer carries must all be the expected model's."""
-        if models != {self.expected.contract}:
-            raise WrongEncoder("a replica of the encoder pool answered for another model than this LLM expects")
-
-
-@dataclass
-class MediaRef:
-    """One media item of one request: its cache key and where its rows go."""
-
-    key: str
-    span: MediaSpan
-    media: MediaInput
-    pruned: bool = False  # an EVS-pruned video: its per-frame counts arrive with its rows
-
-
-def pin_cached(requests: list[list[MediaRef]], cache: EmbeddingCache) -> tuple[dict[str, MediaInput], dict[str, int],
-                                                                                list[str]]:
-    """Pin, once per request, every distinct item of these requests the cache holds (so this batch's
-    inserts cannot evict it); returns (missing: key -> media, in order; pins each missing key needs: one
-    per request; the keys pinned now)."""
-    missing: dict[str, MediaInput] = {}
-    pins_needed: dict[str, int] = {}
-    pinned: list[str] = []
-    for refs in requests:
-        for key in dict.fromkeys(r.key for r in refs):  # distinct keys, in order
-            if key in missing:
-                pins_needed[key] += 1
-            elif cache.lookup(key) is not None:
-                cache.pin(key)
-                pinned.append(key)
-            else:
-                missing[key] = next(r.media for r in refs if r.key == key)
-                pins_needed[key] = 1
-    return missing, pins_needed, pinned
-
-
-def check_answer_count(sent: int, result: EncodeResult) -> None:
-    if len(result.items) != sent:
-        raise EmbeddingCountMismatch(f"sent {sent} items, encoder answered {len(result.items)}")
-
-
-def fetch_embeddings(requests: list[list[MediaRef]], encoder: Encoder, cache: EmbeddingCache) -> int:
-    """Make every item of these requests resident and pinned once per request; returns Encode calls made.
-
-    The caller unpins each request's distinct keys when that request's prefill is over.
-    """
-    missing, pins_needed, pinned = pin_cached(requests, cache)
-    if not missing:
-        return 0
-    try:
-        result = encoder.encode(list(missing.values()))
-        check_answer_count(len(missing), result)
-    except BaseException:
-        for key in pinned:  # leave the cache as it was: no pins for requests that will not run
-            cache.unpin(key)
-        raise
-    for key, rows, meta in zip(missing, result.split(), result.items):
-        # A copy per item: the cache's byte accounting must not keep the whole batch tensor alive.
-        cache.put(key, rows.clone(), meta.tokens_per_frame, pins=pins_needed[key])
-    return 1
 
 
 def media_region(item: MediaInput, plan: ItemPlan) -> MediaRegion:

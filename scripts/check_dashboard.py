@@ -28,9 +28,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from encoder_service.processor import MediaInput, Modality  # noqa: E402
-from encoder_service.serving.api.client import EncoderClient  # noqa: E402
-from encoder_service.serving.api.ray_app import deploy, free_port, load_serve_config  # noqa: E402
+from encoder_service.client.endpoint import EncoderClient  # noqa: E402
+from encoder_service.contract.media import MediaInput, Modality  # noqa: E402
+from encoder_service.serving.api.serve.local import deploy, free_port, load_serve_config  # noqa: E402
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig  # noqa: E402
 from encoder_service.serving.host.pipeline import PipelineConfig  # noqa: E402
 from tests.conftest import image_bytes  # noqa: E402

@@ -21,7 +21,6 @@ from encoder_service.config import EngineConfig
 from encoder_service.engine import EncoderEngine
 from encoder_service.models import tiny_checkpoint_dir
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

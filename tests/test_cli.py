@@ -11,9 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from encoder_service.processor import MediaInput, Modality
-from encoder_service.serving.api.client import EncoderClient
-from encoder_service.video.decode import VideoSampling
+from encoder_service.client.endpoint import EncoderClient
+from encoder_service.contract.media import MediaInput, Modality, VideoSampling
 from tests.conftest import image_bytes
 from tests.video_fixture import mp4_bytes
 

@@ -9,8 +9,8 @@ import re
 import urllib.request
 from pathlib import Path
 
-from encoder_service.processor import MediaInput, Modality
-from encoder_service.serving.api.client import EncoderClient
+from encoder_service.client.endpoint import EncoderClient
+from encoder_service.contract.media import MediaInput, Modality
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 from encoder_service.serving.host.pipeline import PipelineConfig
 from tests.conftest import image_bytes

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from encoder_service.attention import attend
 from encoder_service.config import EngineConfig
+from encoder_service.contract.media import MediaInput, Modality
 from encoder_service.engine import EncoderEngine
-from encoder_service.processor import MediaInput, Modality
 from tests.conftest import image_bytes
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -34,7 +34,7 @@ def test_engine_bf16_cuda_matches_fp32_cpu(tiny_checkpoint):
 
 def test_grpc_server_on_cuda_serves_bf16_batches(tiny_checkpoint):
     """The production path: bf16 on the GPU, one tensor over real gRPC, split by counts."""
-    from encoder_service.serving.api.client import EncoderClient
+    from encoder_service.client.endpoint import EncoderClient
     from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 
     items = [MediaInput(Modality.IMAGE, image_bytes(w, h)) for w, h in [(640, 480), (90, 300), (64, 64)]]

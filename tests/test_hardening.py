@@ -23,11 +23,13 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from encoder_service.processor import MediaInput, Modality
+from encoder_service.client.endpoint import ENCODE_METHOD, EncoderClient
+from encoder_service.client.security import ClientSecurity
+from encoder_service.contract.media import MediaInput, Modality
+from encoder_service.contract.wire.channel import channel_options
+from encoder_service.contract.wire.status import STATUS_DETAILS_KEY, item_from_status
 from encoder_service.proto import encoder_pb2 as pb
-from encoder_service.serving import wire
-from encoder_service.serving.api.client import ENCODE_METHOD, EncoderClient
-from encoder_service.serving.api.security import ClientSecurity, TLSConfig
+from encoder_service.serving.api.security import TLSConfig
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 from tests.conftest import image_bytes, wait_for
 
@@ -42,7 +44,7 @@ def client(encoder_server):
 
 
 def _raw_call(address: str, request: pb.EncodeRequest) -> grpc.RpcError:
-    with grpc.insecure_channel(address, options=wire.channel_options()) as channel:
+    with grpc.insecure_channel(address, options=channel_options()) as channel:
         call = channel.unary_unary(ENCODE_METHOD, request_serializer=pb.EncodeRequest.SerializeToString,
                                    response_deserializer=pb.EncodeResponse.FromString)
         with pytest.raises(grpc.RpcError) as failed:
@@ -63,12 +65,12 @@ def test_overflowing_or_negative_shapes_are_invalid_argument_never_internal(enco
     error = _raw_call(encoder_server.address, pb.EncodeRequest(items=[good, bad]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert error.details().startswith("item 1 ('huge'): ")
-    assert wire.item_from_status(error) == (1, "huge")
+    assert item_from_status(error) == (1, "huge")
     _still_serves(client)
 
 
 def _status_details(error: grpc.RpcError) -> status_pb2.Status:
-    [value] = [v for k, v in error.trailing_metadata() if k == wire.STATUS_DETAILS_KEY]
+    [value] = [v for k, v in error.trailing_metadata() if k == STATUS_DETAILS_KEY]
     return status_pb2.Status.FromString(value)
 
 
@@ -110,7 +112,7 @@ def test_every_per_item_error_names_its_item_in_message_and_standard_details(enc
             request = error_details_pb2.BadRequest()
             assert status.details[0].Unpack(request)
             assert request.field_violations[0].field == f"items[{index}]"
-            assert wire.item_from_status(error) == (index, name)
+            assert item_from_status(error) == (index, name)
     _still_serves(client)
 
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from encoder_service.config import EngineConfig
+from encoder_service.contract.media import MediaInput, Modality
+from encoder_service.contract.tokens import count_image_tokens
 from encoder_service.engine import EncoderEngine
 from encoder_service.integrations.vllm.tiny_model import build
-from encoder_service.processor import MediaInput, Modality, count_image_tokens
 from tests.conftest import image_bytes
 
 
@@ -41,14 +42,15 @@ def reference(checkpoint):
 def test_rows_and_counts_equal_transformers_internvl(checkpoint, reference):
     processor, model = reference
     engine = EncoderEngine(EngineConfig(checkpoint=str(checkpoint), device="cpu", max_tokens_per_batch=4096))
-    assert engine.processor.cfg.resize == "pil"
+    assert engine.preprocessor.cfg.resize == "pil"
     rng = np.random.default_rng()
     sizes = [(64, 64), (200, 90), (90, 200), (150, 100), (333, 77), (500, 400)]
     items = [MediaInput(Modality.IMAGE, image_bytes(w, h, seed=int(rng.integers(1 << 30)))) for w, h in sizes]
     ours = engine.encode(items)
     for (w, h), item, rows in zip(sizes, items, ours.split()):
-        from PIL import Image
         import io
+
+        from PIL import Image
 
         pixels = processor(images=[Image.open(io.BytesIO(item.data)).convert("RGB")], return_tensors="pt")
         with torch.no_grad():

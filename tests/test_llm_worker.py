@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from encoder_service.serving.api.client import EncoderClient
-from encoder_service.config import TilingSpec
-from encoder_service.processor import ImageProcessor, MediaInput, Modality, ProcessorConfig
+from encoder_service.client.checks import EmbeddingCountMismatch
+from encoder_service.client.endpoint import EncoderClient
+from encoder_service.contract.media import MediaInput, Modality, VideoSampling
+from encoder_service.contract.plan import MediaPlanner, PlanningRules
+from encoder_service.contract.tokens import TilingSpec
 from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig, Status
-from llm_worker.multimodal import EmbeddingCountMismatch
 from llm_worker.tiny import tiny_llm_dir, tiny_tokenizer_dir
 from llm_worker.tokenizer import HFTokenizer
-from encoder_service.video.decode import VideoSampling
 from tests.conftest import image_bytes
 from tests.video_fixture import mp4_bytes
 
@@ -58,11 +58,11 @@ def _one_shot_logits(engine: LLMEngine, client: EncoderClient, seq) -> torch.Ten
     """Independent reference: every item encoded ALONE, placed at its positions, one forward."""
     ids = torch.tensor(seq.layout.token_ids)
     with torch.no_grad():
-        embeds = engine.embed_tokens(ids).clone()
+        embeds = engine.runner.embed_tokens(ids).clone()
         for ref in seq.media:
             rows = client.encode([ref.media]).embeddings  # bf16 from a GPU encoder: the LLM's dtype, as it merges them
             embeds[ref.span.positions()] = rows.to(embeds.dtype)
-        return engine.model(inputs_embeds=embeds[None]).logits[0]
+        return engine.runner.model(inputs_embeds=embeds[None]).logits[0]
 
 
 @pytest.mark.parametrize("progressive", [False, True])
@@ -200,14 +200,14 @@ def test_count_mismatch_raises_a_clear_error(client, llm_dir):
     """Worker and encoder disagreeing on tiling (version skew) must fail loudly, not misplace rows."""
     engine = _engine(client, llm_dir)
     skewed = TilingSpec(tile_size=64, max_tiles=4, use_thumbnail=True, tokens_per_tile=16)
-    engine.media_counter = ImageProcessor(ProcessorConfig(tiling=skewed))
+    engine.planner = MediaPlanner(PlanningRules(tiling=skewed))
     engine.add_request(GenerationRequest("<image>", [_image(300, 100)], 2))
     with pytest.raises(EmbeddingCountMismatch, match="placeholders but the encoder returned"):
         while engine.has_work():
             engine.step()
     # The failed request leaves nothing behind, and the engine goes on serving.
     assert not engine.has_work() and engine.cache.pinned_keys() == set()
-    engine.media_counter = ImageProcessor(ProcessorConfig(tiling=client.model_info().tiling))
+    engine.planner = MediaPlanner(PlanningRules(tiling=client.model_info().tiling))
     assert len(engine.generate([GenerationRequest("<image>", [_image(300, 100)], 2)])[0].token_ids) == 2
 
 
@@ -349,10 +349,10 @@ def test_a_client_supplied_content_hash_never_shares_cached_rows(client, llm_dir
 
 def test_a_pool_serving_another_model_is_refused(client, llm_dir, encoder_server, tiny_checkpoint, tmp_path):
     """The contract handshake: the worker names the checkpoint its embeddings must come from."""
+    from encoder_service.client.checks import WrongEncoder
     from encoder_service.config import tiny_encoder_config
     from encoder_service.models import save_checkpoint
     from encoder_service.models.checkpoint import random_encoder
-    from llm_worker.multimodal import WrongEncoder
 
     engine = _engine(client, llm_dir, encoder_checkpoint=str(tiny_checkpoint))
     [out] = engine.generate([GenerationRequest("Look <image>", [_image(64, 64)], max_new_tokens=2)])

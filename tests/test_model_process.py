@@ -12,13 +12,13 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from encoder_service.client.endpoint import ENCODE_METHOD, EncoderClient
+from encoder_service.contract.media import MediaInput, Modality
+from encoder_service.contract.wire.media import media_to_proto
 from encoder_service.engine import EncoderEngine
-from encoder_service.processor import MediaInput, Modality
 from encoder_service.proto import encoder_pb2 as pb
-from encoder_service.serving import wire
-from encoder_service.serving.api.client import ENCODE_METHOD, EncoderClient
-from encoder_service.serving.host.pipeline import PipelineConfig
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig
+from encoder_service.serving.host.pipeline import PipelineConfig
 from tests.conftest import image_bytes
 
 
@@ -51,7 +51,7 @@ def test_shared_memory_is_given_back_after_successes_errors_deadlines_and_cancel
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         call = client.channel.unary_unary(ENCODE_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)
         video = MediaInput(Modality.VIDEO, rng.integers(0, 256, (6, 48, 64, 3), dtype=np.uint8), pruning_rate=0.5)
-        request = pb.EncodeRequest(items=[wire.media_to_proto(i) for i in _images(rng, 8) + [video]])
+        request = pb.EncodeRequest(items=[media_to_proto(i) for i in _images(rng, 8) + [video]])
         pending = [call.future(request, timeout=60) for _ in range(4)]
         time.sleep(0.05)
         for future in pending:

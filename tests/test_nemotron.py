@@ -14,16 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoder_service.config import DynamicResolution, EngineConfig
+from encoder_service.config import EngineConfig
+from encoder_service.contract.media import MediaInput, Modality
+from encoder_service.contract.tokens import DynamicResolution, count_dynamic_tokens, dynamic_patch_grid
 from encoder_service.engine import EncoderEngine
 from encoder_service.models import load_checkpoint
 from encoder_service.models.checkpoint import inspect_checkpoint, read_tensors
-from encoder_service.processor import (
-    MediaInput,
-    Modality,
-    count_dynamic_tokens,
-    dynamic_patch_grid,
-)
 from tests.conftest import image_bytes
 from tests.nemotron_fixture import language_model_shard, write_nemotron_checkpoint
 
@@ -117,7 +113,7 @@ def _assert_matches_reference(engine, path, items):
     tensors = _vision_tensors(path)
     out = engine.encode(items)
     for item, rows in zip(items, out.split()):
-        processed = engine.processor.process(item)
+        processed = engine.preprocessor.process(item)
         expected = torch.cat([reference_embeddings(tensors, config, piece) for piece in processed.pieces()])
         assert rows.shape == expected.shape
         torch.testing.assert_close(rows.double(), expected, rtol=2e-4, atol=2e-4)
@@ -198,24 +194,23 @@ def test_dynamic_resolution_mixed_with_video_matches_the_reference(tmp_path, ps_
     items = [MediaInput(Modality.IMAGE, image_bytes(w, h, seed=i)) for i, (w, h) in enumerate(sizes)]
     items.insert(2, MediaInput(Modality.VIDEO, rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)))
     out = _assert_matches_reference(engine, path, items)
-    spec = engine.processor.cfg.dynamic
+    spec = engine.preprocessor.cfg.dynamic
     expected = [count_dynamic_tokens(w, h, spec) for w, h in sizes]
     assert out.token_counts[:2] + out.token_counts[3:] == expected
-    assert out.tokens_per_frame[2] == [4, 4]
+    assert out.items[2].tokens_per_frame == [4, 4]
 
 
 def test_served_model_info_lets_an_llm_worker_count_dynamic_tokens(nemotron_dir):
     """GetModelInfo over real gRPC carries the dynamic-resolution spec; the counts it gives match."""
-    from encoder_service.processor import ImageProcessor
-    from encoder_service.config import ProcessorConfig
-    from encoder_service.serving.api.client import EncoderClient
+    from encoder_service.client.endpoint import EncoderClient
+    from encoder_service.contract.plan import MediaPlanner
     from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 
     engine_cfg = EngineConfig(checkpoint=str(nemotron_dir), max_tokens_per_batch=2048)
     with BackgroundServer(ServerConfig(port=0, engine=engine_cfg)) as server, EncoderClient(server.address) as client:
         info = client.model_info()
         assert info.dynamic == DynamicResolution(16, 2, 16, 64)
-        counter = ImageProcessor(ProcessorConfig(tiling=info.tiling, dynamic=info.dynamic))
+        counter = MediaPlanner.for_model(info)
         sizes = [(200, 100), (17, 300), (48, 48)]
         items = [MediaInput(Modality.IMAGE, image_bytes(w, h, seed=i)) for i, (w, h) in enumerate(sizes)]
         result = client.encode(items)
@@ -256,12 +251,12 @@ def test_mtp_checkpoint_applies_the_vision_norm_and_inspect_says_so(tmp_path, ca
     {"video_target_img_size": 72, "video_maintain_aspect_ratio": True},  # ceil(72 / 16)^2 = 25 patches
 ])
 def test_video_frames_follow_the_checkpoints_geometry(tmp_path, video):
-    from encoder_service.processor import count_frame_tokens, video_frame_size
+    from encoder_service.contract.tokens import count_frame_tokens, video_frame_size
 
     path = write_nemotron_checkpoint(tmp_path / "video", seed=9, dynamic=None, video=video)
     engine = EncoderEngine(EngineConfig(checkpoint=str(path), device="cpu", max_tokens_per_batch=512))
     geometry = engine.info().video_frames
-    from encoder_service.serving.wire import model_info_from_proto, model_info_to_proto
+    from encoder_service.contract.wire.model_info import model_info_from_proto, model_info_to_proto
     assert model_info_from_proto(model_info_to_proto(engine.info())).video_frames == geometry  # GetModelInfo carries it
     patches = video.get("video_target_num_patches") or math.ceil(video["video_target_img_size"] / 16) ** 2
     assert geometry.target_num_patches == patches
@@ -271,10 +266,10 @@ def test_video_frames_follow_the_checkpoints_geometry(tmp_path, video):
              [(160, 90), (40, 120), (64, 64)]]
     items.insert(1, MediaInput(Modality.IMAGE, image_bytes(150, 70, seed=int(rng.integers(1 << 30)))))
     out = _assert_matches_reference(engine, path, items)
-    for item, frames in zip(items, out.tokens_per_frame):
+    for item, frames in zip(items, [i.tokens_per_frame for i in out.items]):
         if item.modality == Modality.VIDEO:
             size = video_frame_size(item.data.shape[2], item.data.shape[1], engine.tiling, geometry)
-            assert engine.processor.plan(item).sizes == (size,) * 3
+            assert engine.planner.plan(item).sizes == (size,) * 3
             assert frames == [count_frame_tokens(size, 16, 2)] * 3
             h, w = size
             assert h % 32 == 0 and w % 32 == 0 and (h // 16) * (w // 16) <= patches
@@ -282,8 +277,8 @@ def test_video_frames_follow_the_checkpoints_geometry(tmp_path, video):
                 assert h == w == 6 * 16 if patches == 36 else h == w
     # EVS works on such frames: K rows kept over the video, the first frame whole.
     pruned = engine.encode([MediaInput(Modality.VIDEO, items[0].data, pruning_rate=0.5)])
-    assert pruned.tokens_per_frame[0][0] == out.tokens_per_frame[0][0]
-    assert sum(pruned.tokens_per_frame[0]) == pruned.token_counts[0] < out.token_counts[0]
+    assert pruned.items[0].tokens_per_frame[0] == out.items[0].tokens_per_frame[0]
+    assert sum(pruned.items[0].tokens_per_frame) == pruned.token_counts[0] < out.token_counts[0]
 
 
 def test_variants_this_loader_does_not_implement_are_refused_by_name(tmp_path):
@@ -359,9 +354,9 @@ def test_dynamic_grid_properties():
 def test_served_videos_with_a_frame_geometry_equal_the_engine(tmp_path):
     """Through the real gRPC server (preprocessing workers, shared arenas): an MP4 and raw frames resized
     to the checkpoint's aspect-preserving frame geometry give the engine's rows, bit for bit."""
-    from encoder_service.serving.api.client import EncoderClient
+    from encoder_service.client.endpoint import EncoderClient
+    from encoder_service.contract.media import VideoSampling
     from encoder_service.serving.api.server import BackgroundServer, ServerConfig
-    from encoder_service.video.decode import VideoSampling
     pytest.importorskip("av")
     from tests.video_fixture import mp4_bytes
 
@@ -377,6 +372,6 @@ def test_served_videos_with_a_frame_geometry_equal_the_engine(tmp_path):
     with BackgroundServer(ServerConfig(port=0, engine=cfg)) as server, EncoderClient(server.address) as client:
         result = client.encode(items)
     torch.testing.assert_close(result.embeddings, expected.embeddings, rtol=0, atol=0)
-    assert [i.tokens_per_frame for i in result.items] == expected.tokens_per_frame
+    assert [i.tokens_per_frame for i in result.items] == [i.tokens_per_frame for i in expected.items]
     assert result.items[0].frame_indices == [0, 2, 5] and result.items[0].video_fps == 10.0
-    assert expected.tokens_per_frame[0] == [10] * 3  # 48x96 at 40 patches: 4 x 10 patches -> 2 x 5 tokens
+    assert expected.items[0].tokens_per_frame == [10] * 3  # 48x96 at 40 patches: 4 x 10 patches -> 2 x 5 tokens

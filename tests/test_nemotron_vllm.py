@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from encoder_service.config import ProcessorConfig
-from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, Modality
-from encoder_service.video import decode as video_decode
-from encoder_service.video.decode import SampledFrames, VideoSampling
-from encoder_service.video.evs import retained_token_count
+from encoder_service.contract import video as video_decode
+from encoder_service.contract.media import MediaInput, Modality, SampledFrames, VideoSampling
+from encoder_service.contract.plan import ItemPlan
+from encoder_service.contract.tokens import retained_token_count
+from encoder_service.preprocess.cpu import CpuPreprocessor
 from llm_worker.multimodal import media_region, relayout_frames
 from llm_worker.prompt import layout_prompt
 from llm_worker.tiny import tiny_tokenizer_dir
@@ -116,11 +117,11 @@ def test_an_mp4s_prompt_region_equals_vllms_from_its_own_loader(vllm_python, tok
                                                                tmp_path):
     """End to end: the worker plans the video from the file (indices and rate from the headers) and lays
     it out; vLLM reads the same file with its loader and lays it out with get_video_repl."""
-    processor = ImageProcessor(ProcessorConfig(max_video_frames=4096))
+    processor = CpuPreprocessor(ProcessorConfig(max_video_frames=4096))
     cases, ours = [], []
     for path, data in videos:
         for n, f in [(8, -1), (-1, 2), (5, 7.5), (-1, 0.5)]:
-            plan = processor.plan(MediaInput(Modality.VIDEO, data, sampling=_sampling(n, f)))
+            plan = processor.planner.plan(MediaInput(Modality.VIDEO, data, sampling=_sampling(n, f)))
             cases.append({"tokenizer": tokenizer_dir, "tokens_per_frame": list(plan.tokens_per_frame),
                           "video": {"path": path, "num_frames": n, "fps": f}, "media_ids": _media_ids(tokenizer)})
             ours.append(_video_ids(tokenizer, plan))
@@ -166,9 +167,9 @@ def test_every_variant_equals_vllms_own_vision_modules(vllm_python, tmp_path):
                  MediaInput(Modality.VIDEO, rng.integers(0, 256, (1, 120, 48, 3), dtype=np.uint8))]
         pieces, dynamic = {}, []
         for item in items:
-            for piece in engine.processor.process(item).pieces():
+            for piece in engine.preprocessor.process(item).pieces():
                 pieces[f"piece{len(dynamic)}"] = piece
-                dynamic.append(item.modality == Modality.IMAGE and engine.processor.cfg.dynamic is not None)
+                dynamic.append(item.modality == Modality.IMAGE and engine.preprocessor.cfg.dynamic is not None)
         np.savez(tmp_path / f"{name}-pieces.npz", **pieces)
         cases.append({"checkpoint": str(path), "pieces": str(tmp_path / f"{name}-pieces.npz"), "dynamic": dynamic,
                       "out": str(tmp_path / f"{name}-rows.npz")})
@@ -185,8 +186,15 @@ def test_every_variant_equals_vllms_own_vision_modules(vllm_python, tmp_path):
 def test_token_counts_equal_vllms_processor_over_many_sizes(vllm_python, tmp_path):
     """Fixed tiling, dynamic resolution and each video frame geometry, over random image and frame
     sizes and aspect ratios: the pure token-count functions give what vLLM's processor computes."""
-    from encoder_service.config import DynamicResolution, TilingSpec, VideoFrameGeometry
-    from encoder_service.processor import count_frame_tokens, count_image_tiles, dynamic_patch_grid, video_frame_size
+    from encoder_service.contract.tokens import (
+        DynamicResolution,
+        TilingSpec,
+        VideoFrameGeometry,
+        count_frame_tokens,
+        count_image_tiles,
+        dynamic_patch_grid,
+        video_frame_size,
+    )
 
     rng = random.Random()
     sizes = [[rng.randint(1, 4000), rng.randint(1, 4000)] for _ in range(1500)]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from encoder_service.contract.errors import DeadlineExceeded, InvalidInput, Unavailable
+from encoder_service.contract.media import MediaInput, Modality
 from encoder_service.engine import EncoderEngine
-from encoder_service.errors import DeadlineExceeded, InvalidInput, Unavailable
-from encoder_service.processor import MediaInput, Modality
 from encoder_service.serving.host.pipeline import EncodePipeline, PipelineConfig
 from tests.conftest import image_bytes
 
@@ -48,9 +48,10 @@ def test_results_equal_the_engine_and_the_arena_drains(pipeline, engine):
     ]
     out = pipeline.encode(items).result(timeout=60)
     ref = engine.encode(items)
-    assert out.token_counts == ref.token_counts and out.tokens_per_frame == ref.tokens_per_frame
+    assert out.token_counts == ref.token_counts
+    assert [i.tokens_per_frame for i in out.items] == [i.tokens_per_frame for i in ref.items]
     torch.testing.assert_close(out.embeddings, ref.embeddings, rtol=1e-5, atol=1e-5)
-    assert {"preprocess_ms", "queue_ms", "forward_ms", "batches"} <= set(out.stats)
+    assert {"preprocess_ms", "queue_ms", "forward_ms", "batches"} <= set(out.extras)
     assert pipeline.arena.wait_idle(5)
 
 
@@ -73,8 +74,8 @@ def test_concurrent_requests_merge_within_the_token_budget(engine):
         outs = [f.result(timeout=60) for f in [pipeline.encode(items) for items in requests]]
     finally:
         pipeline.close()
-    assert max(o.stats["batch_tiles"] for o in outs) == 15
-    assert max(o.stats["batch_requests"] for o in outs) == 15
+    assert max(o.extras["batch_tiles"] for o in outs) == 15
+    assert max(o.extras["batch_requests"] for o in outs) == 15
     for items, out in zip(requests, outs):
         torch.testing.assert_close(out.embeddings, engine.encode(items).embeddings, rtol=1e-5, atol=1e-5)
 

@@ -12,17 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from encoder_service.digest import MediaDigest, media_digest
-from encoder_service.errors import CacheMiss, InvalidInput
-from encoder_service.processor import MediaInput, Modality
+from encoder_service.client.endpoint import EncoderClient, by_digest
+from encoder_service.client.security import ClientSecurity
+from encoder_service.contract.errors import CacheMiss, InvalidInput
+from encoder_service.contract.media import MediaDigest, MediaInput, Modality, VideoSampling, media_digest
+from encoder_service.contract.wire.media import media_to_proto
+from encoder_service.contract.wire.status import cache_misses_from_status
 from encoder_service.proto import encoder_pb2 as pb
-from encoder_service.serving import wire
-from encoder_service.serving.api.client import EncoderClient, by_digest
-from encoder_service.serving.api.security import ClientSecurity
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 from encoder_service.serving.host.pipeline import EncodePipeline, PipelineConfig
 from encoder_service.serving.host.rows import OUTPUTS
-from encoder_service.video.decode import VideoSampling
 from tests.conftest import image_bytes
 from tests.video_fixture import mp4_bytes
 
@@ -43,14 +42,15 @@ def cached(engine):
 def test_a_hit_is_the_first_encode_bit_for_bit_and_runs_nothing(cached, engine):
     items = [_image(300, 200), _image(64, 64)]
     first = cached.encode(items).result(timeout=60)
-    assert first.cache_hits == [False, False]
+    assert [i.cache_hit for i in first.items] == [False, False]
     inserts = cached.store.stats.inserts
     again = cached.encode(list(reversed(items))).result(timeout=60)  # same items, another request
-    assert again.cache_hits == [True, True] and again.stats["batches"] == 0 and again.stats["preprocess_ms"] == 0
+    assert [i.cache_hit for i in again.items] == [True, True]
+    assert again.extras["batches"] == 0 and again.extras["preprocess_ms"] == 0
     assert cached.store.stats.inserts == inserts  # nothing encoded
     assert torch.equal(again.split()[0], first.split()[1]) and torch.equal(again.split()[1], first.split()[0])
     torch.testing.assert_close(first.embeddings, engine.encode(items).embeddings, rtol=1e-5, atol=1e-5)
-    assert first.digests == [media_digest(i.data) for i in items]
+    assert [i.digest for i in first.items] == [media_digest(i.data) for i in items]
 
 
 def test_options_are_part_of_the_key(cached):
@@ -60,10 +60,10 @@ def test_options_are_part_of_the_key(cached):
     runs = [dataclasses.replace(video, pruning_rate=q, sampling=VideoSampling(num_frames=n))
             for q, n in [(0.0, 4), (0.5, 4), (0.0, 6), (0.5, 4)]]
     outs = [cached.encode([item]).result(timeout=60) for item in runs]
-    assert [o.cache_hits[0] for o in outs] == [False, False, False, True]
+    assert [o.items[0].cache_hit for o in outs] == [False, False, False, True]
     assert [o.token_counts[0] for o in outs] == [64, 32, 96, 32]
     assert torch.equal(outs[1].embeddings, outs[3].embeddings)
-    assert outs[1].tokens_per_frame == outs[3].tokens_per_frame  # EVS's per-frame counts come with the rows
+    assert outs[1].items[0].tokens_per_frame == outs[3].items[0].tokens_per_frame  # EVS's per-frame counts come with the rows
 
 
 def test_identical_items_in_flight_are_encoded_once(engine):
@@ -82,7 +82,7 @@ def test_identical_items_in_flight_are_encoded_once(engine):
         assert pipeline.store.stats.inserts == 0  # the cache is off: single-flight alone
         assert pipeline.jobs_started == 1
         assert pipeline.store.stats.joins == 14  # 7 requests x 2 items joined the one job
-        assert sorted(sum(o.cache_hits) for o in outs) == [0] + [2] * 7
+        assert sorted(sum(i.cache_hit for i in o.items) for o in outs) == [0] + [2] * 7
         reference = outs[0].embeddings
         assert all(torch.equal(o.embeddings, reference) for o in outs)
         assert pipeline.store.arenas[OUTPUTS].wait_idle(5)
@@ -94,7 +94,7 @@ def test_digest_only_items_hit_or_name_every_miss(cached):
     known, unknown = _image(200, 100), _image(90, 90)
     cached.encode([known]).result(timeout=60)
     hit = cached.encode([by_digest(known)]).result(timeout=60)
-    assert hit.cache_hits == [True] and hit.digests == [media_digest(known.data)]
+    assert hit.items[0].cache_hit and hit.items[0].digest == media_digest(known.data)
     with pytest.raises(CacheMiss) as miss:
         cached.encode([by_digest(unknown), by_digest(known), by_digest(_image(5, 5))])
     assert [i for i, _ in miss.value.missing] == [0, 2]
@@ -113,7 +113,7 @@ def test_eviction_keeps_the_cache_within_its_budget(engine):
         assert stats.evictions > 0 and stats.bytes <= pipeline.store.cache.size
         assert pipeline.store.cache.bytes_in_use <= pipeline.store.cache.size
         again = pipeline.encode([first]).result(timeout=60)
-        assert again.cache_hits == [False]  # evicted: a miss, encoded again, never an error
+        assert not again.items[0].cache_hit  # evicted: a miss, encoded again, never an error
     finally:
         pipeline.close()
 
@@ -150,8 +150,8 @@ def test_probe_then_upload_sends_a_repeat_turn_as_digests(cache_server):
         assert [i.cache_hit for i in repeat.items] == [True, True, False]
         assert torch.equal(repeat.embeddings[: first.embeddings.shape[0]], first.embeddings)
         assert cache_server.counters.encode_calls == calls + 2  # the failed probes are not successes
-    probe = pb.EncodeRequest(items=[wire.media_to_proto(by_digest(i)) for i in items])
-    upload = pb.EncodeRequest(items=[wire.media_to_proto(i) for i in items])
+    probe = pb.EncodeRequest(items=[media_to_proto(by_digest(i)) for i in items])
+    upload = pb.EncodeRequest(items=[media_to_proto(i) for i in items])
     assert probe.ByteSize() <= 0.01 * upload.ByteSize()
 
 
@@ -164,7 +164,7 @@ def test_fetch_by_digest_and_malformed_digests_over_grpc(cache_server):
         with pytest.raises(grpc.RpcError) as miss:
             client.encode([by_digest(_image(10, 10)), by_digest(item)])
         assert miss.value.code() == grpc.StatusCode.NOT_FOUND
-        assert wire.cache_misses_from_status(miss.value) == [0]
+        assert cache_misses_from_status(miss.value) == [0]
         bad = pb.EncodeRequest(items=[pb.MediaItem(modality=pb.MODALITY_IMAGE, digest=pb.MediaDigest(sha256="md5:abc"))])
         with pytest.raises(grpc.RpcError) as malformed:
             client.stub.Encode(bad, timeout=30)
@@ -203,7 +203,7 @@ def test_tenants_do_not_see_each_others_entries(cache_server):
 
 
 def test_the_hash_ring_spreads_keys_and_moves_few_when_a_replica_joins():
-    from encoder_service.serving.api.routing import HashRing
+    from encoder_service.serving.api.serve.routing import HashRing
 
     keys = [media_digest(bytes([i, j])) for i in range(20) for j in range(50)]
     three = HashRing(["a", "b", "c"])
@@ -217,7 +217,7 @@ def test_the_hash_ring_spreads_keys_and_moves_few_when_a_replica_joins():
 
 
 def test_a_busy_owner_hands_its_keys_to_the_next_replica_on_the_ring():
-    from encoder_service.serving.api.routing import bounded_choice
+    from encoder_service.serving.api.serve.routing import bounded_choice
 
     owners = ["a", "b", "c"]
     assert bounded_choice(owners, {"a": 3, "b": 0, "c": 0}, 1.25) == ["a", "b", "c"]  # under min_load
@@ -226,7 +226,7 @@ def test_a_busy_owner_hands_its_keys_to_the_next_replica_on_the_ring():
 
 
 def test_the_autoscaling_policy_counts_vit_tokens_and_requests_queued_before_replicas():
-    from encoder_service.serving.api.autoscaling import desired_replicas
+    from encoder_service.serving.api.serve.autoscaling import desired_replicas
 
     assert desired_replicas(0, 65536, 0, 32) == 0  # idle: Serve's min_replicas applies
     assert desired_replicas(3 * 65536, 65536, 3, 32) == 3  # three replicas' worth of tiles

@@ -22,10 +22,11 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
+from encoder_service.client.retry import RetryPolicy  # noqa: E402
+from encoder_service.contract.media import MediaInput, Modality  # noqa: E402
 from encoder_service.engine import EncoderEngine  # noqa: E402
-from encoder_service.processor import MediaInput, Modality  # noqa: E402
-from encoder_service.serving.api.ray_app import deploy, free_port, load_serve_config, running_replicas  # noqa: E402
-from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient  # noqa: E402
+from encoder_service.serving.api.serve.local import deploy, free_port, load_serve_config, running_replicas  # noqa: E402
 from tests.conftest import image_bytes, wait_for  # noqa: E402
 
 APP = "encoder"
@@ -61,7 +62,8 @@ def test_a_node_killed_under_load_loses_no_request_and_no_row_is_wrong(cluster, 
     images = [MediaInput(Modality.IMAGE, image_bytes(int(w), int(h), seed=int(rng.integers(1 << 30))))
               for w, h in rng.integers(40, 400, size=(16, 2))]
     expected = [reference.encode([image]).embeddings for image in images]
-    client = PoolEncoderClient(PoolClientConfig([address], APP, attempt_timeout_s=20, backoff_s=0.2, max_attempts=8))
+    retry = RetryPolicy(attempt_timeout_s=20, backoff_s=0.2, max_attempts=8)
+    client = PoolEncoderClient(PoolClientConfig([address], APP, retry=retry))
     stop, done, wrong, errors, hits = threading.Event(), [], [], [], []
 
     def load(seed: int) -> None:

@@ -12,12 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from encoder_service import preprocess_device
-from encoder_service.config import EngineConfig, ProcessorConfig, TilingSpec
+from encoder_service.config import EngineConfig, ProcessorConfig
+from encoder_service.contract.errors import InvalidInput, ItemError, Unavailable
+from encoder_service.contract.media import MediaInput, Modality
+from encoder_service.contract.tokens import TilingSpec
 from encoder_service.engine import EncoderEngine
-from encoder_service.errors import InvalidInput, ItemError, Unavailable
-from encoder_service.preprocess_device import DeviceTiler, pil_bicubic_resize
-from encoder_service.processor import ImageProcessor, MediaInput, Modality
+from encoder_service.preprocess import device as preprocess_device
+from encoder_service.preprocess.cpu import CpuPreprocessor
+from encoder_service.preprocess.device import DeviceTiler, pil_bicubic_resize
 from encoder_service.serving.host.pipeline import EncodePipeline, PipelineConfig
 from encoder_service.serving.host.rows import OUTPUTS
 from tests.conftest import image_bytes
@@ -68,23 +70,23 @@ def _jpeg(w: int, h: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _host_decoded(processor: ImageProcessor, item: MediaInput) -> torch.Tensor:
-    return preprocess_device.host_decoded(processor, item, processor.plan(item), DEVICE)
+def _host_decoded(processor: CpuPreprocessor, item: MediaInput) -> torch.Tensor:
+    return preprocess_device.host_decoded(processor, item, processor.planner.plan(item), DEVICE)
 
 
 def test_device_tiles_follow_the_cpu_paths_plan_and_layout():
     """Tiles, thumbnail and layout as the CPU path makes them, from host-decoded pixels: exact where the
     resize is one-axis (the thumbnail of a 2:1 image, tiles at their own size), else within Pillow 13's
     pass-order rounding; dynamic resolution's single piece likewise."""
-    processor = ImageProcessor(ProcessorConfig(tiling=TilingSpec(tile_size=64, tokens_per_tile=16)))
+    processor = CpuPreprocessor(ProcessorConfig(tiling=TilingSpec(tile_size=64, tokens_per_tile=16)))
     tiler = DeviceTiler(processor.cfg, DEVICE)
     exact = MediaInput(Modality.IMAGE, image_bytes(128, 64))  # 2 x 1 tiles at their size + a one-axis thumbnail
-    plan = processor.plan(exact)
+    plan = processor.planner.plan(exact)
     assert torch.equal(tiler.pieces(_host_decoded(processor, exact), plan).cpu(),
                        torch.from_numpy(processor.process(exact).pixels))
     for w, h in [(300, 200), (640, 480), (50, 300)]:
         item = MediaInput(Modality.IMAGE, _jpeg(w, h, seed=w))
-        plan = processor.plan(item)
+        plan = processor.planner.plan(item)
         ours = tiler.pieces(_host_decoded(processor, item), plan).cpu().numpy().astype(int)
         theirs = processor.process(item).pixels.astype(int)
         assert ours.shape == theirs.shape == (plan.nbytes,)
@@ -119,7 +121,7 @@ def _device_engine(engine_config: EngineConfig) -> EncoderEngine:
     engine = EncoderEngine(EngineConfig(**{**engine_config.__dict__, "device": DEVICE, "dtype": "float32",
                                            "preprocess_device": "cuda" if DEVICE == "cuda" else "cpu"}))
     if engine.device_tiler is None:
-        engine.device_tiler = DeviceTiler(engine.processor.cfg, DEVICE)
+        engine.device_tiler = DeviceTiler(engine.preprocessor.cfg, DEVICE)
     return engine
 
 
@@ -215,7 +217,7 @@ class _TilerFailsOn(DeviceTiler):
 
 def test_a_device_tiling_failure_fails_only_its_item(engine_config):
     engine = _device_engine(engine_config)
-    engine.device_tiler = _TilerFailsOn(engine.processor.cfg, DEVICE)
+    engine.device_tiler = _TilerFailsOn(engine.preprocessor.cfg, DEVICE)
     engine.device_tiler.width = 301
     pipeline = EncodePipeline(engine, PipelineConfig(preprocess_workers=1, arena_mb=64, cache_mb=0))
     try:

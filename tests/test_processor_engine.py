@@ -4,15 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from encoder_service.config import TilingSpec
-from encoder_service.errors import BudgetExceeded, InvalidInput
-from encoder_service.processor import (
-    MediaInput,
-    Modality,
-    choose_grid,
-    count_image_tiles,
-    count_image_tokens,
-)
+from encoder_service.contract.errors import BudgetExceeded, InvalidInput
+from encoder_service.contract.media import MediaInput, Modality
+from encoder_service.contract.tokens import TilingSpec, choose_grid, count_image_tiles, count_image_tokens
 from tests.conftest import image_bytes
 
 
@@ -26,14 +20,14 @@ def test_token_count_function_matches_engine_for_random_sizes(engine):
         items = [MediaInput(Modality.IMAGE, rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in batch]
         out = engine.encode(items)
         assert out.token_counts == [count_image_tokens(w, h, spec) for w, h in batch]
-        assert out.num_tiles == [count_image_tiles(w, h, spec) for w, h in batch]
+        assert [i.num_tiles for i in out.items] == [count_image_tiles(w, h, spec) for w, h in batch]
         assert out.embeddings.shape == (sum(out.token_counts), engine.info().hidden_size)
 
 
 def test_video_counts_per_frame(engine):
     frames = np.random.default_rng().integers(0, 256, (5, 40, 72, 3), dtype=np.uint8)
     out = engine.encode([MediaInput(Modality.VIDEO, frames)])
-    assert out.tokens_per_frame == [[engine.tiling.tokens_per_tile] * 5]
+    assert [i.tokens_per_frame for i in out.items] == [[engine.tiling.tokens_per_tile] * 5]
     assert out.token_counts == [5 * engine.tiling.tokens_per_tile]
 
 
@@ -56,7 +50,7 @@ def test_tiles_pack_across_batches_without_changing_results(engine, tiny_checkpo
     small = EncoderEngine(EngineConfig(checkpoint=str(tiny_checkpoint), max_tokens_per_batch=3 * 67))
     items = [MediaInput(Modality.IMAGE, image_bytes(w, h)) for w, h in [(300, 100), (64, 64), (90, 200)]]
     a, b = engine.encode(items), small.encode(items)
-    assert b.stats["batches"] > a.stats["batches"]
+    assert b.extras["batches"] > a.extras["batches"]
     torch.testing.assert_close(a.embeddings, b.embeddings, rtol=1e-5, atol=1e-5)
 
 

@@ -5,9 +5,10 @@ import random
 import pytest
 import torch
 
-from encoder_service.processor import MediaInput, Modality
-from llm_worker.mm_cache import EmbeddingCache, content_hash
-from llm_worker.multimodal import EmbeddingCountMismatch, merge_chunk, relayout_frames
+from encoder_service.client.checks import EmbeddingCountMismatch
+from encoder_service.contract.media import MediaInput, Modality
+from llm_worker.mm_cache import EmbeddingCache, item_cache_key
+from llm_worker.multimodal import merge_chunk, relayout_frames
 from llm_worker.prompt import MediaRegion, layout_prompt
 from llm_worker.tokenizer import ByteTokenizer
 
@@ -78,9 +79,9 @@ def test_cache_lru_pins_and_stats():
 
 def test_content_hash_distinguishes_content_and_modality():
     a = MediaInput(Modality.IMAGE, b"\x01\x02")
-    assert content_hash(a) == content_hash(MediaInput(Modality.IMAGE, b"\x01\x02"))
-    assert content_hash(a) != content_hash(MediaInput(Modality.IMAGE, b"\x01\x03"))
-    assert content_hash(MediaInput(Modality.VIDEO, [b"\x01\x02"])) != content_hash(a)
+    assert item_cache_key(a) == item_cache_key(MediaInput(Modality.IMAGE, b"\x01\x02"))
+    assert item_cache_key(a) != item_cache_key(MediaInput(Modality.IMAGE, b"\x01\x03"))
+    assert item_cache_key(MediaInput(Modality.VIDEO, [b"\x01\x02"])) != item_cache_key(a)
 
 
 def test_video_frames_must_match_encoder_counts_not_just_the_total():
@@ -130,25 +131,25 @@ def test_pruned_video_relayout_keeps_the_region_length_and_moves_nothing_else(se
 
 
 def test_cache_key_covers_pruning_rate_and_sampling():
-    from encoder_service.video.decode import VideoSampling
+    from encoder_service.contract.media import VideoSampling
 
     video = MediaInput(Modality.VIDEO, b"same container bytes")
     keys = {
-        content_hash(video),
-        content_hash(video, 0.5),
-        content_hash(video, 0.75),
-        content_hash(MediaInput(Modality.VIDEO, b"same container bytes", sampling=VideoSampling(num_frames=8))),
-        content_hash(MediaInput(Modality.VIDEO, b"same container bytes", sampling=VideoSampling(fps=2.0))),
+        item_cache_key(video),
+        item_cache_key(video, 0.5),
+        item_cache_key(video, 0.75),
+        item_cache_key(MediaInput(Modality.VIDEO, b"same container bytes", sampling=VideoSampling(num_frames=8))),
+        item_cache_key(MediaInput(Modality.VIDEO, b"same container bytes", sampling=VideoSampling(fps=2.0))),
     }
     assert len(keys) == 5
-    assert content_hash(video, 0.5) == content_hash(MediaInput(Modality.VIDEO, b"same container bytes"), 0.5)
+    assert item_cache_key(video, 0.5) == item_cache_key(MediaInput(Modality.VIDEO, b"same container bytes"), 0.5)
 
 
 def test_actor_codec_keeps_every_media_field():
     """The LLM worker actor's msgpack API must not drop a video's sampling or pruning rate (other rows)."""
     import numpy as np
 
-    from encoder_service.video.decode import VideoSampling
+    from encoder_service.contract.media import VideoSampling
     from llm_worker.codec import pack_requests, unpack_requests
     from llm_worker.engine import GenerationRequest
 

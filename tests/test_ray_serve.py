@@ -24,17 +24,18 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
+from encoder_service.client.endpoint import EncoderClient  # noqa: E402
+from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
+from encoder_service.client.retry import RetryPolicy  # noqa: E402
+from encoder_service.contract.media import MediaInput, Modality  # noqa: E402
 from encoder_service.engine import EncoderEngine  # noqa: E402
-from encoder_service.serving.api.client import EncoderClient  # noqa: E402
-from encoder_service.processor import MediaInput, Modality  # noqa: E402
 from encoder_service.proto import encoder_pb2 as pb  # noqa: E402
 from encoder_service.serving.api import services  # noqa: E402
-from encoder_service.serving.api.ray_app import (  # noqa: E402
-    deploy, free_port, load_serve_config, running_replicas, unplaceable_replicas)
+from encoder_service.serving.api.serve.app import unplaceable_replicas
+from encoder_service.serving.api.serve.local import deploy, free_port, load_serve_config, running_replicas
 from llm_worker.actor import LLMWorkerActor  # noqa: E402
 from llm_worker.codec import pack_requests, unpack_outputs  # noqa: E402
 from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig  # noqa: E402
-from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient  # noqa: E402
 from llm_worker.tiny import tiny_llm_dir  # noqa: E402
 from tests.conftest import image_bytes, wait_for  # noqa: E402
 
@@ -280,7 +281,8 @@ def test_killing_a_replica_mid_load_loses_no_request(ray_cluster, tiny_checkpoin
     address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=2, max_replicas=2))
     assert wait_for(lambda: running_replicas(APP) == 2, timeout_s=60)
     client = PoolEncoderClient(
-        PoolClientConfig([address], APP, transport=transport, attempt_timeout_s=20, backoff_s=0.2, max_attempts=8)
+        PoolClientConfig([address], APP, transport=transport,
+                         retry=RetryPolicy(attempt_timeout_s=20, backoff_s=0.2, max_attempts=8))
     )
     stop, results, errors = threading.Event(), [], []
     threads = [threading.Thread(target=_load, args=(client, stop, results, errors)) for _ in range(4)]

@@ -8,11 +8,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from encoder_service.serving.api.client import EncoderClient
+from encoder_service.client.endpoint import EncoderClient
 from encoder_service.config import EngineConfig, tiny_encoder_config
+from encoder_service.contract.media import MediaInput, Modality
 from encoder_service.models import save_checkpoint
 from encoder_service.models.checkpoint import random_encoder
-from encoder_service.processor import MediaInput, Modality
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 from tests.conftest import image_bytes
@@ -85,7 +85,7 @@ def test_wait_ready_falls_back_to_model_info_without_the_health_service(encoder_
 
 def test_wait_ready_names_what_is_not_ready():
     """Nothing listening: FutureTimeoutError (the CLI's "no encoder server answering")."""
-    from encoder_service.serving.api.ray_app import free_port
+    from encoder_service.serving.api.serve.local import free_port
 
     with EncoderClient(f"127.0.0.1:{free_port()}", timeout=5) as c, pytest.raises(grpc.FutureTimeoutError):
         c.wait_ready(timeout=0.5)
@@ -186,13 +186,12 @@ def test_reflection_lists_the_service(encoder_server):
 
 def test_standalone_server_batches_concurrent_requests(engine_config):
     """Concurrent Encodes share one ragged batch; each caller still gets exactly its own rows."""
+    import dataclasses
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from encoder_service.engine import EncoderEngine
     from encoder_service.serving.host.pipeline import PipelineConfig
-
-    import dataclasses
 
     engine_config = dataclasses.replace(engine_config, max_tokens_per_batch=16384)  # room for several requests
     cfg = ServerConfig(port=0, engine=engine_config, pipeline=PipelineConfig(max_wait_ms=50))

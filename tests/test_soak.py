@@ -25,12 +25,13 @@ import numpy as np
 import pytest
 import torch
 
+from encoder_service.client.endpoint import ENCODE_METHOD, EncoderClient
+from encoder_service.client.security import ClientSecurity
+from encoder_service.contract.media import MediaInput, Modality
+from encoder_service.contract.wire.channel import channel_options
+from encoder_service.contract.wire.media import media_to_proto
 from encoder_service.engine import EncoderEngine
-from encoder_service.processor import MediaInput, Modality
 from encoder_service.proto import encoder_pb2 as pb
-from encoder_service.serving import wire
-from encoder_service.serving.api.client import ENCODE_METHOD, EncoderClient
-from encoder_service.serving.api.security import ClientSecurity
 from tests.conftest import image_bytes
 
 RSS_CEILING_MB = 3000  # transport + model process + preprocessing workers, tiny model, 64 MB arenas and cache
@@ -117,7 +118,7 @@ def soak(engine_config, seconds: float, clients: int = 4) -> dict:
                         client.encode([MediaInput(Modality.IMAGE, os.urandom((MAX_REQUEST_MB + 1) << 20))])
                         note("unexpected_ok", "an oversized request was accepted")
                     elif action == "cancel":
-                        request = pb.EncodeRequest(items=[wire.media_to_proto(i) for i in items])
+                        request = pb.EncodeRequest(items=[media_to_proto(i) for i in items])
                         encode = client.channel.unary_unary(ENCODE_METHOD,
                                                             request_serializer=pb.EncodeRequest.SerializeToString)
                         call = encode.future(request, timeout=60)
@@ -128,9 +129,9 @@ def soak(engine_config, seconds: float, clients: int = 4) -> dict:
                         client.encode(items, timeout=0.002 + r.random() * 0.02)
                         note("ok_in_time")
                     else:  # a client that disappears mid-call: its own channel, closed under the call
-                        channel = grpc.insecure_channel(address, options=wire.channel_options())
+                        channel = grpc.insecure_channel(address, options=channel_options())
                         call = channel.unary_unary(ENCODE_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)
-                        call.future(pb.EncodeRequest(items=[wire.media_to_proto(i) for i in items]), timeout=60)
+                        call.future(pb.EncodeRequest(items=[media_to_proto(i) for i in items]), timeout=60)
                         time.sleep(r.random() * 0.05)
                         channel.close()
                         note("vanished")

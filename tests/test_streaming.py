@@ -13,19 +13,25 @@ import numpy as np
 import pytest
 import torch
 
-from encoder_service.processor import MediaInput, Modality
+from encoder_service.client.endpoint import ENCODE_STREAM_METHOD, EncoderClient
+from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
+from encoder_service.contract.media import MediaInput, Modality, VideoSampling
+from encoder_service.contract.wire.media import media_to_proto
+from encoder_service.contract.wire.status import item_from_status
+from encoder_service.contract.wire.streams import (
+    IncompleteStream,
+    StreamAssembler,
+    end_message,
+    item_messages,
+    parse_message,
+    start_message,
+)
+from encoder_service.contract.wire.tensors import TORCH_TO_PB
 from encoder_service.proto import encoder_pb2 as pb
-from encoder_service.serving import wire
-from encoder_service.serving.api.client import ENCODE_STREAM_METHOD, EncoderClient
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 from encoder_service.serving.host.pipeline import PipelineConfig
-from encoder_service.serving.streaming import (IncompleteStream, StreamAssembler, end_message, item_messages,
-                                                parse_message, start_message)
-from encoder_service.video.decode import VideoSampling
-from llm_worker.pool_client import PoolClientConfig, PoolEncoderClient
 from tests.conftest import image_bytes, wait_for
 from tests.test_model_process import _wait_until_returned
-
 from tests.video_fixture import av, mp4_bytes
 
 
@@ -79,7 +85,7 @@ def test_streamed_items_reassemble_bit_for_bit_into_encodes_answer(client):
 
 def test_the_stream_is_start_items_in_chunks_end(client):
     rng = np.random.default_rng()
-    request = pb.EncodeRequest(request_id="r1", items=[wire.media_to_proto(i) for i in _mixed_items(rng)[:3]])
+    request = pb.EncodeRequest(request_id="r1", items=[media_to_proto(i) for i in _mixed_items(rng)[:3]])
     call = client.channel.unary_stream(ENCODE_STREAM_METHOD, request_serializer=pb.EncodeRequest.SerializeToString,
                                        response_deserializer=pb.EncodeStreamResponse.FromString)
     messages = list(call(request, timeout=60))
@@ -111,7 +117,7 @@ def test_stream_messages_are_read_with_their_rows_in_place(client):
     """The client parses each message as it arrived (bytes): the rows are a view of those bytes, never copied
     through protobuf, and everything else is what the generated parser reads."""
     rng = np.random.default_rng()
-    request = pb.EncodeRequest(request_id="r2", items=[wire.media_to_proto(i) for i in _mixed_items(rng)[:2]])
+    request = pb.EncodeRequest(request_id="r2", items=[media_to_proto(i) for i in _mixed_items(rng)[:2]])
     raw = list(client.channel.unary_stream(ENCODE_STREAM_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)(
         request, timeout=60))
     assert all(isinstance(m, bytes) for m in raw)
@@ -143,7 +149,7 @@ def test_without_copy_a_one_message_answer_stays_in_its_message(client):
     rows = torch.randn(5, hidden, dtype=dtype)
     meta = pb.ItemMetadata(item_id="a", offset=0, token_count=5).SerializeToString()
     end = pb.EncodeResponse(request_id="r", items=[pb.ItemMetadata.FromString(meta)],
-                            embeddings=pb.Tensor(dtype=wire._TORCH_TO_PB[dtype], shape=[5, hidden])).SerializeToString()
+                            embeddings=pb.Tensor(dtype=TORCH_TO_PB[dtype], shape=[5, hidden])).SerializeToString()
     flat = rows.view(-1).view(torch.uint8)
     for chunk_bytes, in_place in ((1 << 20, True), (2 * hidden * 4, False)):  # one message; three
         messages = [start_message("r", dtype, hidden, [5], "m"), *item_messages(0, meta, flat, hidden * 4, chunk_bytes),
@@ -174,7 +180,7 @@ def test_a_failing_item_ends_the_stream_with_encodes_status(client, server):
         client.encode(items)
     assert streamed.value.code() == unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert streamed.value.details() == unary.value.details() and "item 1 ('broken')" in streamed.value.details()
-    assert wire.item_from_status(streamed.value) == (1, "broken")
+    assert item_from_status(streamed.value) == (1, "broken")
     assert 1 not in arrived
     ok = client.encode_stream([MediaInput(Modality.IMAGE, image_bytes(40, 30))], None)  # still serving
     assert ok.embeddings.shape[0] == ok.token_counts[0] > 0
@@ -184,7 +190,7 @@ def test_a_failing_item_ends_the_stream_with_encodes_status(client, server):
 def test_rows_go_back_after_cancelled_and_expired_streams(client, server):
     rng = np.random.default_rng()
     items = [MediaInput(Modality.IMAGE, image_bytes(int(w), int(h))) for w, h in rng.integers(200, 500, (8, 2))]
-    request = pb.EncodeRequest(items=[wire.media_to_proto(i) for i in items])
+    request = pb.EncodeRequest(items=[media_to_proto(i) for i in items])
     call = client.channel.unary_stream(ENCODE_STREAM_METHOD, request_serializer=pb.EncodeRequest.SerializeToString,
                                        response_deserializer=pb.EncodeStreamResponse.FromString)
     started = time.perf_counter()
@@ -222,7 +228,7 @@ def test_a_request_spread_over_several_connections_answers_as_one(server, client
         with pytest.raises(grpc.RpcError) as err:  # item 4 rides the second connection as its item 1
             spread.encode_stream(broken, None)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "item 4 ('broken')" in err.value.details() and wire.item_from_status(err.value) == (4, "broken")
+        assert "item 4 ('broken')" in err.value.details() and item_from_status(err.value) == (4, "broken")
 
 
 def _connections_to(port: int) -> int:

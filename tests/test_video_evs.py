@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from encoder_service.processor import MediaInput, Modality
-from encoder_service.serving.api.client import EncoderClient
-from encoder_service.video.decode import VideoSampling
-from encoder_service.video.evs import retained_token_count, retention_mask
+from encoder_service.client.endpoint import EncoderClient
+from encoder_service.contract.media import MediaInput, Modality, VideoSampling
+from encoder_service.contract.tokens import retained_token_count
+from encoder_service.video.evs import retention_mask
 from tests.conftest import image_bytes
 from tests.video_fixture import mp4_bytes
 

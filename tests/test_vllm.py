@@ -21,13 +21,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from encoder_service.config import EngineConfig
-from encoder_service.digest import media_digest
+from encoder_service.contract.media import MediaInput, Modality, media_digest
+from encoder_service.contract.tokens import count_image_tokens
 from encoder_service.engine import EncoderEngine
 from encoder_service.integrations.vllm.launch import consumer_config, start_frontend, start_vllm_server, stop, wait_http
 from encoder_service.integrations.vllm.openai import chat_messages, post_json, post_stream
 from encoder_service.integrations.vllm.tiny_model import build
-from encoder_service.processor import MediaInput, Modality, count_image_tokens
-from encoder_service.serving.api.ray_app import free_port
+from encoder_service.serving.api.serve.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "tests" / "vllm_scenarios.py"

@@ -73,7 +73,7 @@ def generate(llm, step: dict) -> dict:
     from PIL import Image
     from vllm import SamplingParams
 
-    from encoder_service.digest import media_digest
+    from encoder_service.contract.media import media_digest
 
     prompts = []
     for p in step["prompts"]:
@@ -107,7 +107,7 @@ def encoder_outputs(llm, step: dict) -> dict:
     from safetensors.torch import save_file
     from vllm import SamplingParams
 
-    from encoder_service.digest import media_digest
+    from encoder_service.contract.media import media_digest
 
     rows = {}
     for path in step["images"]:
@@ -143,8 +143,8 @@ class Pool:
         return {}
 
     def encode(self, images: list[str]) -> dict:
-        from encoder_service.processor import MediaInput, Modality
-        from encoder_service.serving.api.client import EncoderClient
+        from encoder_service.client.endpoint import EncoderClient
+        from encoder_service.contract.media import MediaInput, Modality
 
         with EncoderClient(self.server.address, timeout=60, probe=True) as client:
             client.wait_ready(timeout=30)

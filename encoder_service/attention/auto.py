@@ -1,6 +1,6 @@
 """`auto`: pick the attention kernel per batch from the batch's shape.
 
-No single kernel wins everywhere (bench/attention.py, H100, 16 heads x 80, bf16): cuDNN's
+No single kernel wins everywhere (bench/attention.py; figures in bench/RESULTS.md): cuDNN's
 fused attention is fastest on long sequences, SDPA's flash kernel on one short sequence,
 and one ragged call (FlashInfer, varlen) on batches of many lengths. A batch is put in
 one of a few shape classes and the class's first available backend runs it. The classes'

@@ -5,9 +5,8 @@ or a few length groups; grouping keeps memory at O(group * L^2) per group (and
 O(L) with fused SDPA kernels) instead of a dense block-diagonal mask over all
 tokens, and it never lets one sequence see another.
 
-Two registered names share this code: "torch" lets SDPA pick its kernel (on an H100 with
-torch 2.11 it already takes cuDNN for some shapes, flash for others; math/efficient on the
-CPU); "torch-cudnn" makes cuDNN's fused attention SDPA's first choice, with flash for the
+Two registered names share this code: "torch" lets SDPA pick its kernel (cuDNN for some
+shapes, flash for others on recent GPUs; math/efficient on the CPU); "torch-cudnn" makes cuDNN's fused attention SDPA's first choice, with flash for the
 shapes cuDNN declines (very short sequences), so no batch shape can fail mid-request.
 """
 

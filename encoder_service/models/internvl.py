@@ -26,14 +26,8 @@ import math
 
 import torch
 
-from encoder_service.config import (
-    EncoderConfig,
-    ProcessorConfig,
-    ProjectorConfig,
-    TilingSpec,
-    VisionConfig,
-    with_derived_tokens,
-)
+from encoder_service.config import EncoderConfig, ProcessorConfig, ProjectorConfig, VisionConfig, with_derived_tokens
+from encoder_service.contract.tokens import TilingSpec
 
 TOWER = "vision_tower."
 PROJECTOR = "multi_modal_projector."

@@ -39,15 +39,13 @@ import torch
 from encoder_service.config import (
     CLIP_MEAN,
     CLIP_STD,
-    DynamicResolution,
     EncoderConfig,
     ProcessorConfig,
     ProjectorConfig,
-    TilingSpec,
-    VideoFrameGeometry,
     VisionConfig,
     with_derived_tokens,
 )
+from encoder_service.contract.tokens import DynamicResolution, TilingSpec, VideoFrameGeometry
 
 MODEL_TYPE_PREFIX = "nemotronh_nano_vl"
 TOWER = "vision_model.radio_model."

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from encoder_service.config import EncoderConfig, ProcessorConfig, TilingSpec, VisionConfig, with_derived_tokens
+from encoder_service.config import EncoderConfig, ProcessorConfig, VisionConfig, with_derived_tokens
+from encoder_service.contract.tokens import TilingSpec
+
 
 def matches(raw: dict) -> bool:
     return raw.get("model_type") == "siglip_vision_model"

@@ -18,8 +18,8 @@ VIRTUAL_PREFIX = "encoder_service/proto"
 
 def generate(proto_dir: Path = DEFAULT_PROTO_DIR, package_dir: Path = PACKAGE_DIR) -> list[Path]:
     """Run protoc (from grpcio-tools) over every .proto in `proto_dir`; return the written files."""
-    from grpc_tools import protoc  # build-time dependency only
     import grpc_tools
+    from grpc_tools import protoc  # build-time dependency only
 
     protos = sorted(proto_dir.glob("*.proto"))
     if not protos:

@@ -1,13 +1,13 @@
-"""Large buffers from the reused heap, not from fresh mappings: why a 34 MB answer cost 3x a 30 MB one.
+"""Large buffers from the reused heap, not from fresh mappings: why answers just above 32 MiB cost far more
+than answers just below.
 
 glibc's malloc hands out a block above its mmap threshold (which adapts, but to 32 MiB at most) as a
 fresh `mmap`: the kernel zeroes and faults it in page by page as it is written, and `free` unmaps it.
 An answer travels whole through several such blocks (the rows framed into a message, gRPC's copy of
 it, the bytes received; on the CPU path the forward's activations too), so every answer above 32 MiB
 paid that again on every call. Taking malloc's mmap away, and keeping the heap's free top instead of
-trimming it, lets large blocks be reused as small ones are: one unary 34 MB message over loopback
-gRPC took 96 ms, now 27 ms (30 MB: 25 ms either way); 64 MB 165 -> 45 ms (bench/RESULTS.md,
-heap_buffers; 2-core CPU machine).
+trimming it, lets large blocks be reused as small ones are (bench/RESULTS.md, heap_buffers: the
+cliff above 32 MiB is gone).
 
 The price: memory a process freed stays with it (its RSS keeps near its high-water mark, with up to
 `trim_threshold_bytes` free at the heap's top), so this is for processes that serve: the encoder

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from encoder_service.processor import MediaInput, Modality
-from encoder_service.serving.wire import EncodeResult
-from encoder_service.video.decode import VideoSampling
+from encoder_service.contract.media import MediaInput, Modality, VideoSampling
+from encoder_service.contract.result import EncodeResult
 
 VIDEO_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".avi"}
 

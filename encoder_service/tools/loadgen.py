@@ -24,8 +24,8 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from encoder_service.processor import MediaInput, Modality
-from encoder_service.serving.api.client import EncoderClient
+from encoder_service.client.endpoint import EncoderClient
+from encoder_service.contract.media import MediaInput, Modality
 
 MIX = [(640, 480), (1920, 1080), (512, 512), (300, 800), (1024, 1024), (200, 200), (1280, 720), (800, 1200)]
 

@@ -15,16 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def check_rate(q: float) -> None:
-    if not 0.0 <= q < 1.0:
-        raise ValueError(f"video pruning rate must be in [0, 1), got {q}")
-
-
-def retained_token_count(tokens_per_frame: int, num_frames: int, q: float) -> int:
-    """Tokens a video keeps: known before encoding, so placeholders can be sized first."""
-    check_rate(q)
-    return max(tokens_per_frame, int(tokens_per_frame * num_frames * (1.0 - q)))
+from encoder_service.contract.tokens import retained_token_count
 
 
 def retention_mask(embeddings: torch.Tensor, q: float) -> torch.Tensor:

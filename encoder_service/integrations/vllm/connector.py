@@ -46,11 +46,11 @@ from safetensors.torch import load_file, save_file
 from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorBase, ECConnectorMetadata, ECConnectorRole
 from vllm.distributed.ec_transfer.ec_connector.metrics import ECConnectorStats
 
-from encoder_service.digest import MediaDigest, is_media_digest
-from encoder_service.engine import dtype_name
-from encoder_service.fingerprint import ModelFingerprint, of_checkpoint
-from encoder_service.processor import MediaInput, Modality
-from encoder_service.serving.api.client import EncoderClient
+from encoder_service.client.endpoint import EncoderClient
+from encoder_service.contract.media import MediaDigest, MediaInput, Modality, is_media_digest
+from encoder_service.contract.model_info import ModelFingerprint
+from encoder_service.contract.result import dtype_name
+from encoder_service.fingerprint import of_checkpoint
 
 log = logging.getLogger(__name__)
 

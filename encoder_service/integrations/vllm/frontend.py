@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import ClientSession, ClientTimeout, web
 
-from encoder_service.processor import MediaInput, Modality
-from encoder_service.serving.api.client import EncoderClient
+from encoder_service.client.endpoint import EncoderClient
+from encoder_service.contract.media import MediaInput, Modality
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,2 @@
-"""What faces clients: the gRPC server and client, security, metrics, the Ray Serve pool."""
+"""What faces clients: the edge every door shares, the standalone gRPC server, the Ray Serve pool (`serve`),
+security, metrics, streaming on the serving side."""

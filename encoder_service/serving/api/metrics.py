@@ -14,19 +14,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-import msgpack
-
-from encoder_service.proto import encoder_pb2 as pb
-
 STAGES = ("queue", "preprocess", "forward", "serialize")
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def request_stats(header: bytes) -> dict:
-    """The stats the model process put in a response header's extras (small: no tensor bytes)."""
-    extras = pb.EncodeResponse.FromString(header).extras
-    return msgpack.unpackb(extras) if extras else {}
 
 
 class EncoderMetrics:
@@ -74,6 +64,9 @@ class EncoderMetrics:
         self.items.inc(items)
         self.tokens.inc(tokens)
         self.bytes_out.inc(nbytes)
+
+    def refusal(self) -> None:
+        self.refused.inc()
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """/metrics on `port` (0: a free one); returns the port."""
@@ -138,8 +131,13 @@ class RayEncoderMetrics:
                                        boundaries=list(LATENCY_BUCKETS_S), tag_keys=("replica", "stage"))
         self.tokens = metrics.Counter("encoder_tokens_out", "embedding rows sent", tag_keys=("replica",))
         self.bytes_out = metrics.Counter("encoder_bytes_out", "response bytes sent", tag_keys=("replica",))
-        for m in (self.requests, self.latency, self.stage, self.tokens, self.bytes_out):
+        self.refused = metrics.Counter("encoder_refused", "calls turned away by admission control",
+                                       tag_keys=("replica",))
+        for m in (self.requests, self.latency, self.stage, self.tokens, self.bytes_out, self.refused):
             m.set_default_tags(tags)
+
+    def refusal(self) -> None:
+        self.refused.inc()
 
     def record(self, code: str, seconds: float, stats: dict | None = None, items: int = 0, tokens: int = 0,
                nbytes: int = 0, serialize_s: float = 0.0) -> None:

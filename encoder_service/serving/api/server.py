@@ -3,7 +3,7 @@
 The model runs in a child process (`ModelProcess`); this process is the transport only: the
 event loop hands each request's bytes to the child unparsed, and a finished response is framed
 from the child's header and the rows in shared memory on serialiser threads
-(`wire.response_bytes`), then sent as ready-made bytes, so a 31 MB response never blocks the
+(`responses.response_bytes`), then sent as ready-made bytes, so a 31 MB response never blocks the
 loop and never stalls the model's kernel launches.
 
 Bad input is answered with INVALID_ARGUMENT / RESOURCE_EXHAUSTED and a clear message; the
@@ -27,9 +27,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from encoder_service.config import EngineConfig
-from encoder_service.serving import streaming, wire
-from encoder_service.serving.api.metrics import EncoderMetrics, request_stats
-from encoder_service.serving.api.security import TLSConfig, TokenCheck, cache_namespace, is_loopback, tokens_from
+from encoder_service.contract.wire.channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from encoder_service.contract.wire.status import status_for, status_message, status_trailers
+from encoder_service.contract.wire.streams import DEFAULT_CHUNK_BYTES
+from encoder_service.serving.api import streaming
+from encoder_service.serving.api.edge import Edge, EdgeLimits, ServiceCounters, deadline_in
+from encoder_service.serving.api.metrics import EncoderMetrics
+from encoder_service.serving.api.security import TLSConfig, TokenCheck, is_loopback, tokens_from
 from encoder_service.serving.api.services import ENCODER_SERVICE, HEALTH_NAMES, REFLECTED_SERVICES
 from encoder_service.serving.heap import keep_large_buffers_in_heap
 from encoder_service.serving.host.model_process import ModelProcess
@@ -42,17 +46,17 @@ log = logging.getLogger(__name__)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port
-    max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES  # largest response sent
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # largest response sent
     max_request_bytes: int = 64 << 20  # largest request accepted (gRPC refuses more: RESOURCE_EXHAUSTED)
-    # Admission: requests beyond these in flight are refused at once with UNAVAILABLE + retry-after-ms
-    # (retry later or on another replica) instead of queueing without bound.
+    # Admission (`edge.EdgeLimits`): requests beyond these in flight are refused at once with UNAVAILABLE +
+    # retry-after-ms (retry later or on another replica) instead of queueing without bound.
     max_inflight_request_bytes: int = 256 << 20
     max_inflight_requests: int = 128
     retry_after_ms: int = 200
     drain_grace_s: float = 30.0  # on SIGTERM: NOT_SERVING, no new calls, in-flight ones get this long
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one); None: off
     serialize_threads: int = 4
-    stream_chunk_bytes: int = streaming.DEFAULT_CHUNK_BYTES  # EncodeStream: rows per message at most
+    stream_chunk_bytes: int = DEFAULT_CHUNK_BYTES  # EncodeStream: rows per message at most
     tls: TLSConfig | None = None
     # Accepted tokens, one per line (a tenant each, or old + new while rotating); else $ENCODER_SERVICE_TOKEN_FILE /
     # $ENCODER_SERVICE_TOKEN; none: no token.
@@ -69,114 +73,75 @@ class ServerConfig:
             raise ValueError(f"refusing to listen on {self.host!r} without TLS: give a certificate and key "
                              f"(--tls-cert/--tls-key), or pass --insecure to serve plaintext on purpose")
 
-
-@dataclass
-class ServiceCounters:
-    """What the server did: lets tests and operators see how often the encoder really ran."""
-
-    encode_calls: int = 0
-    items_encoded: int = 0
-    tokens_out: int = 0
-    errors: int = 0
-    refused: int = 0  # turned away by admission control
+    @property
+    def limits(self) -> EdgeLimits:
+        return EdgeLimits(self.max_inflight_request_bytes, self.max_inflight_requests, self.retry_after_ms)
 
 
 class EncoderServicer:
     """The EncoderService methods, on raw-bytes handlers: requests go to the model process as they
-    arrived, responses leave pre-serialised."""
+    arrived, responses leave pre-serialised. Admission, tenant, statuses and metrics: the edge's."""
 
     def __init__(self, model: ModelProcess, cfg: ServerConfig):
         self.model, self.cfg = model, cfg
-        self.counters = ServiceCounters()
-        self.inflight_requests = self.inflight_bytes = 0
-        self.metrics = EncoderMetrics(model.stats, lambda: (self.inflight_requests, self.inflight_bytes))
+        self.metrics = EncoderMetrics(model.stats, lambda: (self.edge.inflight_requests, self.edge.inflight_bytes))
+        self.edge = Edge(cfg.limits, self.metrics, cfg.cache_per_token)
         self._serialize = ThreadPoolExecutor(cfg.serialize_threads, thread_name_prefix="encoder-serialize")
 
-    async def _admit(self, request: bytes, context: grpc.aio.ServicerContext, started: float) -> float | None:
-        """Admission control (refuses with UNAVAILABLE + retry-after-ms); returns the call's deadline."""
-        remaining = context.time_remaining()
-        if (self.inflight_requests >= self.cfg.max_inflight_requests
-                or self.inflight_bytes + len(request) > self.cfg.max_inflight_request_bytes):
-            self.counters.refused += 1
-            self.metrics.refused.inc()
-            self.metrics.record("UNAVAILABLE", time.perf_counter() - started)
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                f"encoder busy: {self.inflight_requests} requests ({self.inflight_bytes >> 20} MB) in flight; "
-                f"retry after {self.cfg.retry_after_ms} ms or on another replica",
-                (("retry-after-ms", str(self.cfg.retry_after_ms)),),
-            )
-        return time.monotonic() + remaining if remaining is not None else None
+    @property
+    def counters(self) -> ServiceCounters:
+        return self.edge.counters
 
-    async def _failed(self, e: Exception, context: grpc.aio.ServicerContext, started: float,
-                      deadline: float | None) -> None:
+    async def _fail(self, e: Exception, context: grpc.aio.ServicerContext, started: float,
+                    deadline: float | None) -> None:
         """Every failure becomes a status; the server keeps serving."""
-        self.counters.errors += 1
-        self.metrics.record(wire.status_for(e).name, time.perf_counter() - started)
+        self.edge.failed(e, started)
         if context.cancelled() or (deadline is not None and time.monotonic() >= deadline):
             raise asyncio.CancelledError from None  # the caller is gone: no status to send
-        await context.abort(wire.status_for(e), wire.status_message(e), wire.status_trailers(e))
+        await context.abort(status_for(e), status_message(e), status_trailers(e))
 
     async def Encode(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
-        deadline = await self._admit(request, context, started)
-        self.inflight_requests += 1
-        self.inflight_bytes += len(request)
-        failure = None
+        deadline = deadline_in(context.time_remaining())
         try:
-            namespace = cache_namespace(context.invocation_metadata(), self.cfg.cache_per_token)
-            encoded = await asyncio.wrap_future(self.model.submit(request, deadline, namespace=namespace))
-            try:
-                serialize_from = time.perf_counter()
-                response = await asyncio.get_running_loop().run_in_executor(self._serialize, encoded.response_bytes)
-                serialize_s = time.perf_counter() - serialize_from
-            finally:
-                self.model.release(encoded)
+            with self.edge.admitted(len(request), started):
+                namespace = self.edge.tenant(context.invocation_metadata())
+                reply = await asyncio.wrap_future(self.model.submit(request, deadline, namespace=namespace))
+                try:
+                    serialize_from = time.perf_counter()
+                    response = await asyncio.get_running_loop().run_in_executor(self._serialize, reply.response_bytes)
+                    serialize_s = time.perf_counter() - serialize_from
+                finally:
+                    self.model.release(reply)
         except asyncio.CancelledError:  # the client went away; cancelling the call drops its work
-            self.metrics.record("CANCELLED", time.perf_counter() - started)
+            self.edge.cancelled(started)
             raise
         except Exception as e:
-            failure = e
-        finally:
-            self.inflight_requests -= 1  # before any status goes out: a caller told of it sees the gauge drop
-            self.inflight_bytes -= len(request)
-        if failure is not None:
-            await self._failed(failure, context, started, deadline)
-        self._succeeded(encoded, started, len(response), serialize_s)
+            await self._fail(e, context, started, deadline)
+        self.edge.succeeded(reply.header, reply.items, reply.rows, started, len(response), serialize_s)
         return response
-
-    def _succeeded(self, encoded, started: float, nbytes: int, serialize_s: float) -> None:
-        self.counters.encode_calls += 1
-        self.counters.items_encoded += encoded.items
-        self.counters.tokens_out += encoded.rows
-        self.metrics.record("OK", time.perf_counter() - started, request_stats(encoded.header), encoded.items,
-                            encoded.rows, nbytes, serialize_s)
 
     async def EncodeStream(self, request: bytes, context: grpc.aio.ServicerContext):
         """Encode, each item's rows sent as soon as they are ready (`streaming`): a StreamStart, the items
         in completion order, a StreamEnd; a failure ends the stream with Encode's status."""
         started = time.perf_counter()
-        deadline = await self._admit(request, context, started)
-        self.inflight_requests += 1
-        self.inflight_bytes += len(request)
-        info, tally, failure = self.model.info, streaming.StreamTally(), None
+        deadline = deadline_in(context.time_remaining())
+        info, tally = self.model.info, streaming.StreamTally()
         try:
-            namespace = cache_namespace(context.invocation_metadata(), self.cfg.cache_per_token)
-            async with contextlib.aclosing(streaming.model_events(self.model, request, deadline, namespace)) as events:
-                async for message in streaming.wire_messages(events, info.dtype, info.hidden_size,
-                                                             self.cfg.stream_chunk_bytes, self._serialize, tally):
-                    yield message
+            with self.edge.admitted(len(request), started):
+                namespace = self.edge.tenant(context.invocation_metadata())
+                async with contextlib.aclosing(streaming.model_events(self.model, request, deadline,
+                                                                      namespace)) as events:
+                    async for message in streaming.wire_messages(events, info.dtype, info.hidden_size,
+                                                                 self.cfg.stream_chunk_bytes, self._serialize, tally):
+                        yield message
         except asyncio.CancelledError:
-            self.metrics.record("CANCELLED", time.perf_counter() - started)
+            self.edge.cancelled(started)
             raise
         except Exception as e:
-            failure = e
-        finally:
-            self.inflight_requests -= 1
-            self.inflight_bytes -= len(request)
-        if failure is not None:
-            await self._failed(failure, context, started, deadline)
-        self._succeeded(tally.encoded, started, tally.sent, tally.serialize_s)
+            await self._fail(e, context, started, deadline)
+        reply = tally.reply
+        self.edge.succeeded(reply.header, reply.items, reply.rows, started, tally.sent, tally.serialize_s)
 
     async def GetModelInfo(self, request: bytes, context) -> bytes:
         return self.model.info_bytes
@@ -224,7 +189,7 @@ class EncoderServer:
 
     async def start(self) -> str:
         self._loop = asyncio.get_running_loop()
-        options = wire.channel_options(self.cfg.max_message_bytes, self.cfg.max_request_bytes)
+        options = channel_options(self.cfg.max_message_bytes, self.cfg.max_request_bytes)
         interceptors = [TokenCheck(self.tokens)] if self.tokens else []
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self.server.add_generic_rpc_handlers((self.servicer.handler(),))

@@ -3,7 +3,7 @@ pool's proxy: the encoder API, the standard health service (what Kubernetes prob
 balancers call) and server reflection (what grpcurl lists and describes).
 
 Serve's proxy routes a call by its method's name to the application's deployment, which implements
-`Check`, `Watch` and `ServerReflectionInfo` itself (`ray_app.EncoderDeployment`), so the services must
+`Check`, `Watch` and `ServerReflectionInfo` itself (`serve.deployment.EncoderDeployment`), so the services must
 be registered with the proxy too (`SERVE_SERVICER_FUNCTIONS`, in deploy/serve_config.yaml).
 """
 

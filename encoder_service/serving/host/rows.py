@@ -14,13 +14,15 @@ A region counts its readers: the job writing it holds one, each response holding
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
+from encoder_service.contract.media import SampledFrames
+from encoder_service.contract.result import ItemEmbedding, describe_item
 from encoder_service.serving.host.arena import SharedArena
-from encoder_service.video.decode import SampledFrames
 
 OUTPUTS, CACHE = 0, 1  # arena ids, as segments name them to the transport
 
@@ -42,15 +44,23 @@ class Region:
     frames: SampledFrames | None = None  # a video container's sampled frames
     digest: str = ""
 
+    def describe(self, offset: int, cache_hit: bool, item_id: str = "", content_hash: str = "") -> ItemEmbedding:
+        """What an answer says of these rows, placed at `offset` of its tensor."""
+        return describe_item(offset, self.rows, self.num_tiles, self.tokens_per_frame, self.frames, self.digest,
+                             cache_hit, item_id, content_hash)
+
 
 @dataclass
-class CacheStats:
+class RowCacheStats:
     hits: int = 0  # items answered from a resident region
     joins: int = 0  # items answered by an identical item being encoded at the time (single-flight)
     inserts: int = 0
     evictions: int = 0
     bytes: int = 0  # resident
     entries: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
 
 
 class RowStore:
@@ -59,7 +69,7 @@ class RowStore:
         self.cache = cache
         self._lock = threading.Lock()
         self._index: OrderedDict[str, Region] = OrderedDict()  # resident regions, least recently used first
-        self.stats = CacheStats()
+        self.stats = RowCacheStats()
 
     # ------------------------------------------------------------------ lookups
 

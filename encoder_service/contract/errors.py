@@ -56,16 +56,26 @@ class Unavailable(RuntimeError):
     a retry, on this replica or another, may succeed."""
 
 
+class Busy(Unavailable):
+    """Admission control turned the call away (requests or request bytes in flight over the limits) ->
+    UNAVAILABLE with a `retry-after-ms` hint: retry later or on another replica."""
+
+    def __init__(self, message: str, retry_after_ms: int):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
 class EncodeFailed(Exception):
     """A failed Encode crossing a process boundary, as data: the gRPC status code name, a message,
     and the failing item's index/id when one item caused it, so a caller maps it exactly as it
     would the gRPC status."""
 
     def __init__(self, code: str, message: str, item_index: int | None = None, item_id: str = "",
-                 missing: list[tuple[int, str]] | None = None):
+                 missing: list[tuple[int, str]] | None = None, retry_after_ms: int | None = None):
         super().__init__(code, message)
         self.code, self.message, self.item_index, self.item_id = code, message, item_index, item_id
         self.missing = missing or []  # CACHE_MISS: (index, item_id) of every item to send with its media
+        self.retry_after_ms = retry_after_ms  # a busy server's hint
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

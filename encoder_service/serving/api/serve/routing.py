@@ -3,7 +3,7 @@ that item's rows, unless that replica is busier than its share.
 
 The routing key is the request's `session_id` (gRPC metadata "session_id" through Serve's proxy,
 `handle.options(session_id=...)` on the handle path): clients set it to the item's media digest
-(`PoolEncoderClient` does, sending one item per request; see `llm_worker.pool_client`). Keys map to
+(`PoolEncoderClient` does, sending one item per request; see `encoder_service.client.pool`). Keys map to
 replicas by consistent hashing, so adding or losing a replica moves only the keys it owned.
 
 Why not Ray's `ConsistentHashRouter`: it leaves an item's owner only when the owner refuses at
@@ -27,7 +27,7 @@ from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-ROUTER_CLASS = "encoder_service.serving.api.routing:ContentAffinityRouter"
+ROUTER_CLASS = "encoder_service.serving.api.serve.routing:ContentAffinityRouter"
 
 
 def _point(text: str) -> int:

@@ -1,18 +1,18 @@
 """Resizing and tiling on the device: the CPU path's pixels, bit for bit, from decoded images.
 
-Why: on the H200 the CPU path (PIL decode + bicubic resize + tiling in worker processes) needs 4-8
-cores per GPU to keep the encoder fed, and most of that CPU time (2/3 on noise JPEGs, 6/7 on smooth
-ones) is the resize and tiling. With `preprocess_device="cuda"` the workers only decode (libjpeg, as
+Why: the CPU path (PIL decode + bicubic resize + tiling in worker processes) needs several cores per
+GPU to keep the encoder fed, and most of that CPU time is the resize and tiling (bench/RESULTS.md,
+preprocess). With `preprocess_device="cuda"` the workers only decode (libjpeg, as
 the CPU path does: nvJPEG's pixels are far from libjpeg's, bench/RESULTS.md preprocess_numerics) into
 the tile arena, and the model process resizes, tiles and makes the thumbnail here, on the device,
-straight into the engine's input (bench/RESULTS.md preprocess: 0.96x of the engine with 2 cores).
+straight into the engine's input.
 
 The resize is Pillow's bicubic as its published C code (`Resample.c`) runs it, in exact arithmetic:
 coefficients computed as Pillow computes them (support 2 x scale, a = -0.5, normalised, 22-bit fixed
 point), a horizontal then a vertical pass, each rounded and clipped to uint8. Each pass is one float64
 matrix product with the pass's band matrix: every product and partial sum is an integer below 2^53,
 so it is exact in any summation order, and a pass costs a handful of kernels whatever the scale.
-Header parsing, the tiling plan and token counts stay on the host (`ImageProcessor.plan`), so they
+Header parsing, the tiling plan and token counts stay on the host (`contract.plan`), so they
 never depend on the path.
 
 Agreement with the CPU path (tests/test_preprocess_device.py, bench/preprocess_numerics.py): equal
@@ -32,8 +32,11 @@ import numpy as np
 import torch
 
 from encoder_service.config import ProcessorConfig
-from encoder_service.errors import InvalidInput
-from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, Modality, choose_grid
+from encoder_service.contract.errors import InvalidInput
+from encoder_service.contract.media import MediaInput, Modality
+from encoder_service.contract.plan import ItemPlan
+from encoder_service.contract.tokens import choose_grid
+from encoder_service.preprocess.cpu import CpuPreprocessor
 
 PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed point for 8-bit images
 CHOICES = ("auto", "cpu", "cuda")
@@ -44,9 +47,8 @@ def resolve(setting: str, engine_device: torch.device, processor: ProcessorConfi
     """Where images are resized and tiled: the engine's CUDA device, or None for the CPU path.
 
     auto: the device whenever the engine runs on CUDA and the checkpoint resamples with Pillow's bicubic
-    (exact there: the same rows); the CPU path otherwise. Measured on the H200 (bench/RESULTS.md,
-    preprocess): the device path serves more tiles/s than the CPU path at every core count, for a
-    fraction of the CPU time. Videos keep the CPU path either way (decoded frame by frame by PyAV)."""
+    (exact there: the same rows); the CPU path otherwise. The device path serves more tiles/s than the
+    CPU path for a fraction of the CPU time (bench/RESULTS.md, preprocess). Videos keep the CPU path either way (decoded frame by frame by PyAV)."""
     if setting not in CHOICES:
         raise ValueError(f"unknown preprocess_device {setting!r}; choose {', '.join(CHOICES)}")
     if setting == "cpu" or (setting == "auto" and (engine_device.type != "cuda" or processor.resize != "pil")):
@@ -64,7 +66,7 @@ def on_device(item: MediaInput) -> bool:
     return item.modality == Modality.IMAGE
 
 
-def host_decoded(processor: ImageProcessor, item: MediaInput, plan: ItemPlan, device: torch.device | str) -> torch.Tensor:
+def host_decoded(processor: CpuPreprocessor, item: MediaInput, plan: ItemPlan, device: torch.device | str) -> torch.Tensor:
     """An image decoded on the host, by the CPU path's decoder, as uint8 [H, W, 3] on `device`."""
     decoded = np.empty(plan.decoded_nbytes, dtype=np.uint8)
     processor.decode_into(item, decoded)
@@ -181,7 +183,7 @@ def pil_bicubic_resize(image: torch.Tensor, width: int, height: int, vertical_fi
 
 
 class DeviceTiler:
-    """An image's pieces as `ImageProcessor` lays them out (tiles row-major, then the thumbnail; or one
+    """An image's pieces as `CpuPreprocessor` lays them out (tiles row-major, then the thumbnail; or one
     dynamic-resolution piece), resized on `device` from its decoded RGB pixels."""
 
     def __init__(self, processor: ProcessorConfig, device: torch.device | str):

@@ -1,32 +1,27 @@
 """Out-of-process preprocessing: worker processes decode and tile media into the tile arena.
 
 Decoding JPEGs and resizing them is CPU work that, in threads of the serving process,
-fights the model thread and the gRPC event loop for the GIL (the profile of the served
-path: GPU 9 % busy). Here each worker is a separate Python process running
-`encoder_service.processor`; the serving process sends it one item at a time over a
-pipe (length-prefixed msgpack: no pickle) with an arena offset to write the tiles at,
-and gets back a small status message. A dispatcher thread per worker does the
-blocking I/O, with the GIL released. With `preprocess_device` on (GPUs), a worker only decodes
-an image (RGB at its own size); the model process resizes and tiles it on the device.
+fights the model thread and the gRPC event loop for the GIL (../shared/notes/served-path-profile.md).
+Here each worker is a separate Python process running `preprocess.cpu`; the serving process sends
+it one item at a time over a pipe (length-prefixed msgpack: no pickle) with an arena offset to write
+the tiles at, and gets back a small status message. A dispatcher thread per worker does the
+blocking I/O, with the GIL released. With device tiling on (GPUs), a worker only decodes an image
+(RGB at its own size); the model process resizes and tiles it on the device (`preprocess.device`).
 
 A job whose request is no longer live (cancelled, deadline passed) is never started,
 and a worker still busy with one after `stale_job_s` is killed and replaced, so dead
 requests never hold up the ones behind them. A worker that dies fails only its
 current item and is restarted.
 
-    python -m encoder_service.serving.host.preprocess --fd N --size BYTES --config JSON   (worker side)
+    python -m encoder_service.serving.host.preprocess_workers --config JSON --tiles-fd N --tiles-size BYTES
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import mmap
-import os
 import queue
 import select
-import subprocess
 import sys
 import threading
 import time
@@ -36,12 +31,16 @@ from typing import Callable
 import numpy as np
 
 from encoder_service.config import ProcessorConfig
-from encoder_service.errors import InvalidInput, Unavailable
-from encoder_service.processor import ImageProcessor, ItemPlan, MediaInput, Modality
+from encoder_service.contract.errors import InvalidInput, Unavailable
+from encoder_service.contract.media import MediaInput, Modality, SampledFrames, Source
+from encoder_service.contract.plan import ItemPlan
+from encoder_service.preprocess.cpu import CpuPreprocessor
+from encoder_service.serving.host import child
 from encoder_service.serving.host.framing import read_frame, write_frame
-from encoder_service.video.decode import SampledFrames
 
 log = logging.getLogger(__name__)
+
+MODULE = "encoder_service.serving.host.preprocess_workers"
 
 
 # ---------------------------------------------------------------- jobs (both sides)
@@ -52,18 +51,17 @@ def _job_message(item: MediaInput, offset: int, nbytes: int, plan: ItemPlan, dec
     if plan.frames:  # the sampled frames the plan (and the token count) was made for
         msg["frame_indices"] = list(plan.frames.indices)
         msg["frame_size"] = list(plan.sizes[0])
-    if isinstance(item.data, np.ndarray):
+    source = item.source
+    if source == Source.RAW_PIXELS:
         data = np.ascontiguousarray(item.data)
-        msg.update(kind="pixels", shape=list(data.shape), data=memoryview(data).cast("B"))
-    elif isinstance(item.data, list):
-        msg.update(kind="frames", data=item.data)
-    else:
-        msg.update(kind="bytes", data=item.data)
+        msg.update(source=source.value, shape=list(data.shape), data=memoryview(data).cast("B"))
+    else:  # bytes, or a list of encoded frames
+        msg.update(source=source.value, data=item.data)
     return msg
 
 
 def _job_item(msg: dict) -> MediaInput:
-    if msg["kind"] == "pixels":
+    if msg["source"] == Source.RAW_PIXELS.value:
         data = np.frombuffer(msg["data"], dtype=np.uint8).reshape(msg["shape"])
     else:
         data = msg["data"]
@@ -88,16 +86,13 @@ class _Job:
 
 
 class _Worker:
-    def __init__(self, args: list[str], fd: int):
-        self._args, self._fd = args, fd
-        self.proc: subprocess.Popen | None = None
+    def __init__(self, config: dict, arena):
+        self._config, self._arena = config, arena
+        self.proc = None
 
     def start(self, timeout_s: float = 120.0) -> None:
-        self.proc = subprocess.Popen(
-            self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, pass_fds=(self._fd,)
-        )
-        ready, _, _ = select.select([self.proc.stdout.fileno()], [], [], timeout_s)
-        if not ready or read_frame(self.proc.stdout.fileno()) != {"ready": True}:
+        self.proc = child.spawn(MODULE, self._config, {"tiles": (self._arena.fd, self._arena.size)})
+        if not child.started(self.proc, timeout_s) or read_frame(self.proc.stdout.fileno()) != {"ready": True}:
             self.kill()
             raise RuntimeError("preprocessing worker did not start")
 
@@ -132,12 +127,9 @@ class PreprocessPool:
 
     def __init__(self, processor: ProcessorConfig, arena, workers: int, stale_job_s: float = 0.25):
         self.arena = arena
-        self.processor = ImageProcessor(processor)
         self.stale_job_s = stale_job_s
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        args = [sys.executable, "-m", "encoder_service.serving.host.preprocess", "--fd", str(arena.fd),
-                "--size", str(arena.size), "--config", json.dumps(processor.to_dict())]
-        self._workers = [_Worker(args, arena.fd) for _ in range(max(1, workers))]
+        self._workers = [_Worker(processor.to_dict(), arena) for _ in range(max(1, workers))]
         starters = [threading.Thread(target=w.start) for w in self._workers]  # start in parallel
         for t in starters:
             t.start()
@@ -211,15 +203,10 @@ class PreprocessPool:
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--fd", type=int, required=True)
-    p.add_argument("--size", type=int, required=True)
-    p.add_argument("--config", required=True)
-    args = p.parse_args(argv)
-    arena = mmap.mmap(args.fd, args.size)
-    processor = ImageProcessor(ProcessorConfig.from_dict(json.loads(args.config)))
-    inp, out = sys.stdin.fileno(), os.dup(sys.stdout.fileno())
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the protocol
+    args = child.child_args(("tiles",), argv)
+    arena = mmap.mmap(args.tiles_fd, args.tiles_size)
+    processor = CpuPreprocessor(ProcessorConfig.from_dict(args.config))
+    inp, out = child.child_pipes()
     write_frame(out, {"ready": True})
     while (job := read_frame(inp)) is not None:
         try:

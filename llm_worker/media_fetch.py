@@ -1,24 +1,81 @@
-"""Media rows that arrive while prefill runs: the pool streams each item as soon as it is encoded
-(EncodeStream), and a prompt's chunks are prefilled up to the first item still missing.
+"""Fetching media rows from the pool into the LLM worker's embedding cache, for a batch of requests.
 
-`StreamedFetch` is `fetch_embeddings` split in two: it pins what is cached at once and starts ONE
-streamed Encode for the rest on a background thread; the encoder's thread only queues arrivals,
-and the engine's thread moves them into the cache (`drain`), so the cache stays single-threaded.
-An item is `ready` once its rows are resident and pinned for every request that needs it.
+- `fetch_embeddings`: ONE Encode call for every item not already cached (identical items deduplicated),
+  the single returned tensor split by the returned counts, the cache filled and the entries pinned.
+- `StreamedFetch`: the same split in two, for rows that arrive while prefill runs: the pool streams each
+  item as soon as it is encoded (EncodeStream), and a prompt's chunks are prefilled up to the first item
+  still missing. It pins what is cached at once and starts ONE streamed Encode for the rest on a
+  background thread; the encoder's thread only queues arrivals, and the engine's thread moves them into
+  the cache (`drain`), so the cache stays single-threaded. An item is `ready` once its rows are resident
+  and pinned for every request that needs it.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from encoder_service.processor import MediaInput
-from encoder_service.serving.wire import EncodeResult, ItemEmbedding
+from encoder_service.client.checks import Encoder, check_answer_count
+from encoder_service.contract.media import MediaInput
+from encoder_service.contract.result import EncodeResult, ItemEmbedding
 from llm_worker.mm_cache import EmbeddingCache
-from llm_worker.multimodal import Encoder, MediaRef, check_answer_count, pin_cached
+from llm_worker.prompt import MediaSpan
+
+
+@dataclass
+class MediaRef:
+    """One media item of one request: its cache key and where its rows go."""
+
+    key: str
+    span: MediaSpan
+    media: MediaInput
+    pruned: bool = False  # an EVS-pruned video: its per-frame counts arrive with its rows
+
+
+def pin_cached(requests: list[list[MediaRef]], cache: EmbeddingCache) -> tuple[dict[str, MediaInput], dict[str, int],
+                                                                                list[str]]:
+    """Pin, once per request, every distinct item of these requests the cache holds (so this batch's
+    inserts cannot evict it); returns (missing: key -> media, in order; pins each missing key needs: one
+    per request; the keys pinned now)."""
+    missing: dict[str, MediaInput] = {}
+    pins_needed: dict[str, int] = {}
+    pinned: list[str] = []
+    for refs in requests:
+        for key in dict.fromkeys(r.key for r in refs):  # distinct keys, in order
+            if key in missing:
+                pins_needed[key] += 1
+            elif cache.lookup(key) is not None:
+                cache.pin(key)
+                pinned.append(key)
+            else:
+                missing[key] = next(r.media for r in refs if r.key == key)
+                pins_needed[key] = 1
+    return missing, pins_needed, pinned
+
+
+def fetch_embeddings(requests: list[list[MediaRef]], encoder: Encoder, cache: EmbeddingCache) -> int:
+    """Make every item of these requests resident and pinned once per request; returns Encode calls made.
+
+    The caller unpins each request's distinct keys when that request's prefill is over.
+    """
+    missing, pins_needed, pinned = pin_cached(requests, cache)
+    if not missing:
+        return 0
+    try:
+        result = encoder.encode(list(missing.values()))
+        check_answer_count(len(missing), result)
+    except BaseException:
+        for key in pinned:  # leave the cache as it was: no pins for requests that will not run
+            cache.unpin(key)
+        raise
+    for key, rows, meta in zip(missing, result.split(), result.items):
+        # A copy per item: the cache's byte accounting must not keep the whole batch tensor alive.
+        cache.put(key, rows.clone(), meta.tokens_per_frame, pins=pins_needed[key])
+    return 1
 
 _DONE = object()
 

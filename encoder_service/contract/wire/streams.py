@@ -1,44 +1,37 @@
 """EncodeStream on the wire: an Encode answered item by item, and put back together.
 
-The server sends a StreamStart (every item's row count, so the whole tensor can be allocated at
-once, and the model's contract digest, checked before any row is used), then each item's rows as
-soon as they are ready (in completion order, in chunks of at most `chunk_bytes`, the first carrying
-the item's metadata), then a StreamEnd with Encode's response minus the tensor bytes.
-`StreamAssembler` gives back exactly what `Encode` gives (one tensor, split by counts), bit for
-bit, and refuses a stream that ended early or whose chunks do not tile the tensor.
+The server sends a StreamStart (every item's row count, so the whole tensor can be allocated at once,
+and the model's contract digest, checked before any row is used), then each item's rows as soon as they
+are ready (in completion order, in chunks of at most `chunk_bytes`, the first carrying the item's
+metadata), then a StreamEnd with Encode's response minus the tensor bytes. `StreamAssembler` gives back
+exactly what `Encode` gives (one tensor, split by counts), bit for bit, and refuses a stream that ended
+early or whose chunks do not tile the tensor.
 
-Item chunks are framed by hand (`item_messages`): the rows are copied once, GIL-free, from where
-they live into the message bytes, as `wire.response_bytes` does for the unary response.
+Item chunks are framed by hand (`item_messages`): the rows are copied once, GIL-free, from where they
+live into the message bytes, as `responses.response_bytes` does for the unary response.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator
 
 import torch
 
-from encoder_service.engine import running_offsets
+from encoder_service.contract.result import EncodeResult, ItemEmbedding, running_offsets
+from encoder_service.contract.wire.protobuf import length_prefixed, split_field
+from encoder_service.contract.wire.responses import item_from_proto, result_from_parts
+from encoder_service.contract.wire.tensors import PB_TO_TORCH, TORCH_TO_PB, bytes_of
 from encoder_service.proto import encoder_pb2 as pb
-from encoder_service.serving import wire
-from encoder_service.serving.wire import EncodeResult, ItemEmbedding
 
-if TYPE_CHECKING:  # clients import this module: it does not load the model-hosting half
-    from encoder_service.serving.host.model_process import Encoded
-
-# Rows per message at most this many bytes: large items stream as several messages, so the first rows
-# of a long video move while the rest are framed. Per-message costs dominate small messages. On the H200
-# (bench/RESULTS.md, progressive_prefill), one connection: 16 MB messages beat 4 MB ones (1-image 65 vs
-# 73 ms, 8-image 240-353 vs 467 ms); 1 MB ones made streams 2.4x slower than unary. Over four connections
-# 4 MB messages did better (8-image 218 vs 263 ms): `--stream-chunk-mb` for clients that spread. Keep it
-# under 32 MiB: the serving processes keep larger buffers in glibc's heap (`serving.heap`), but a client's
-# process, as glibc leaves it, maps each larger one afresh (bench/RESULTS.md, latency_breakdown).
+# Rows per message at most this many bytes: large items stream as several messages, so the first rows of
+# a long video move while the rest are framed; per-message costs dominate small messages (bench/RESULTS.md,
+# progressive_prefill: 16 MB beat 4 MB over one connection, 1 MB was far slower). Keep it under 32 MiB:
+# a client's process, as glibc leaves it, maps each larger buffer afresh (bench/RESULTS.md, latency_breakdown).
 DEFAULT_CHUNK_BYTES = 16 << 20
 
-_ROWS_TAG = wire._varint(2 << 3 | wire._LEN)  # EncodeStreamResponse.rows
+ROWS_FIELD = 2  # EncodeStreamResponse.rows
+ROWS_DATA_FIELD = 5  # ItemRows.data
 
 
 class IncompleteStream(RuntimeError):
@@ -50,7 +43,7 @@ class IncompleteStream(RuntimeError):
 
 def start_message(request_id: str, dtype: torch.dtype, hidden_size: int, token_counts: list[int],
                   model: str) -> bytes:
-    start = pb.StreamStart(request_id=request_id, dtype=wire._TORCH_TO_PB[dtype], hidden_size=hidden_size,
+    start = pb.StreamStart(request_id=request_id, dtype=TORCH_TO_PB[dtype], hidden_size=hidden_size,
                            token_counts=token_counts, model=model)
     return pb.EncodeStreamResponse(start=start).SerializeToString()
 
@@ -69,10 +62,9 @@ def item_messages(index: int, metadata: bytes, rows: torch.Tensor, row_bytes: in
         if first == 0:
             head.item.ParseFromString(metadata)
         size = count * row_bytes
-        data_field = wire._varint(5 << 3 | wire._LEN) + wire._varint(size)
-        inner = head.SerializeToString() + data_field
-        prefix = _ROWS_TAG + wire._varint(len(inner) + size) + inner
-        out.append(wire.bytes_of(prefix, [rows[first * row_bytes : first * row_bytes + size]]))
+        inner = head.SerializeToString() + length_prefixed(ROWS_DATA_FIELD, size)
+        prefix = length_prefixed(ROWS_FIELD, len(inner) + size) + inner
+        out.append(bytes_of(prefix, [rows[first * row_bytes : first * row_bytes + size]]))
     return out
 
 
@@ -81,74 +73,20 @@ def end_message(header: bytes) -> bytes:
     return pb.EncodeStreamResponse(end=pb.StreamEnd(response=pb.EncodeResponse.FromString(header))).SerializeToString()
 
 
-async def model_events(model, request: bytes, deadline: float | None, namespace: str = "",
-                       extras: dict | None = None) -> AsyncIterator:
-    """A streamed call on a `ModelProcess`, as an async iterator: the start event, each item's event (its
-    `rows` readable until the iterator is closed), then the finished `Encoded` (its rows already given
-    back: read its header only). Failures raise as `ModelProcess.submit`'s future would; closing the
-    iterator early cancels the call. Every item's rows go back when it ends, whatever the outcome."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    future = model.submit(request, deadline, extras, namespace,
-                          on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
-    future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, None))
-    try:
-        while (event := await events.get()) is not None:
-            yield event
-        encoded = await asyncio.wrap_future(future)
-        model.release(encoded)
-        yield encoded
-    finally:
-        future.cancel()  # a no-op once it is done
-        model.release_items(future.call_id)
-
-
-@dataclass
-class StreamTally:
-    """What `wire_messages` sent: the item messages' bytes, the time spent framing rows, the finished call."""
-
-    sent: int = 0
-    serialize_s: float = 0.0
-    encoded: Encoded | None = None
-
-
-async def wire_messages(events: AsyncIterator, dtype: torch.dtype, hidden_size: int,
-                        chunk_bytes: int = DEFAULT_CHUNK_BYTES, executor=None,
-                        tally: StreamTally | None = None) -> AsyncIterator[bytes]:
-    """A streamed call's events (`model_events`) as its EncodeStream messages: the StreamStart, each item's
-    rows (framed on `executor`, off the event loop), the StreamEnd."""
-    tally = tally if tally is not None else StreamTally()
-    loop = asyncio.get_running_loop()
-    async for event in events:
-        if hasattr(event, "header"):  # the finished call (`Encoded`), after every item
-            tally.encoded = event
-            yield end_message(event.header)
-        elif event.token_counts is not None:
-            yield start_message(event.request_id, dtype, hidden_size, event.token_counts, event.model)
-        else:
-            framing_from = time.perf_counter()
-            messages = await loop.run_in_executor(executor, item_messages, event.index, event.metadata, event.rows,
-                                                  hidden_size * dtype.itemsize, chunk_bytes)
-            tally.serialize_s += time.perf_counter() - framing_from
-            for message in messages:
-                tally.sent += len(message)
-                yield message
-
-
 # ------------------------------------------------------------------ client side
 
 
 def parse_message(data: bytes) -> tuple[pb.EncodeStreamResponse, memoryview | None]:
     """One EncodeStream message as received (bytes), its rows left out of protobuf: (the message without
     its rows' bytes, a view of those bytes in `data`; None when the message carries none). Parsing them
-    through protobuf would copy every chunk once more (a 16 MB chunk: 5-15 ms). Unusual but valid
+    through protobuf would copy every chunk once more. Unusual but valid
     encodings go through the generated parser."""
     view = memoryview(data)
     try:
-        span, rest = wire._split_field(view, 0, len(view), 2)  # EncodeStreamResponse.rows
+        span, rest = split_field(view, 0, len(view), ROWS_FIELD)
         if span is None or rest:
             return pb.EncodeStreamResponse.FromString(data), None
-        data_span, head = wire._split_field(view, span[0], span[1], 5)  # ItemRows.data
+        data_span, head = split_field(view, span[0], span[1], ROWS_DATA_FIELD)
         msg = pb.EncodeStreamResponse()
         msg.rows.MergeFromString(head)
         return msg, view[data_span[0] : data_span[1]] if data_span else view[:0]
@@ -187,7 +125,7 @@ class StreamAssembler:
         part = msg.WhichOneof("part")
         if part == "start":
             s = msg.start
-            self.start(s.request_id, wire._PB_TO_TORCH[s.dtype], s.hidden_size, list(s.token_counts), s.model)
+            self.start(s.request_id, PB_TO_TORCH[s.dtype], s.hidden_size, list(s.token_counts), s.model)
             return []
         if part == "rows":
             r = msg.rows
@@ -251,7 +189,7 @@ class StreamAssembler:
         if not self.complete(index):
             raise IncompleteStream(f"item {index} is not complete")
         meta = self._items[index].meta
-        return wire.item_embedding(meta), self._tensor()[self.starts[index] : self.starts[index] + self.counts[index]]
+        return item_from_proto(meta), self._tensor()[self.starts[index] : self.starts[index] + self.counts[index]]
 
     def result(self) -> EncodeResult:
         """The whole result, as Encode gives it; raises IncompleteStream unless the stream is whole."""
@@ -263,8 +201,8 @@ class StreamAssembler:
         header, embeddings = self._end, self._tensor()
         if [m.token_count for m in header.items] != self.counts or list(header.embeddings.shape) != list(embeddings.shape):
             raise IncompleteStream("the StreamEnd does not match the rows streamed")
-        result = wire.result_from_parts(header, embeddings)
-        streamed = [wire.item_embedding(item.meta) for item in self._items]
+        result = result_from_parts(header, embeddings)
+        streamed = [item_from_proto(item.meta) for item in self._items]
         if [dataclasses.astuple(a) for a in streamed] != [dataclasses.astuple(b) for b in result.items]:
             raise IncompleteStream("the StreamEnd's item metadata differs from what was streamed")
         return result

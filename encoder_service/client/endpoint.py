@@ -1,4 +1,4 @@
-"""Blocking gRPC client for the encoder service (the LLM worker's side of the wire).
+"""Blocking gRPC client of one encoder endpoint: a standalone server or a Ray Serve pool's gRPC proxy.
 
 Probe, then upload (`probe=True`): items go first as their media digests alone; the server answers
 cached items from its cache and names the others (NOT_FOUND, CACHE_MISS), which are then sent with
@@ -20,21 +20,25 @@ import grpc.experimental
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from encoder_service.digest import MediaDigest, media_digest
-from encoder_service.engine import ModelInfo
-from encoder_service.errors import EncodeFailed
-from encoder_service.processor import MediaInput, Modality
+from encoder_service.client.security import ClientSecurity
+from encoder_service.contract.errors import EncodeFailed
+from encoder_service.contract.media import MediaDigest, MediaInput, Modality, media_digest
+from encoder_service.contract.model_info import ModelInfo
+from encoder_service.contract.result import EncodeResult, ItemEmbedding, assemble
+from encoder_service.contract.wire.channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options
+from encoder_service.contract.wire.media import media_to_proto
+from encoder_service.contract.wire.model_info import model_info_from_proto
+from encoder_service.contract.wire.responses import decode_response
+from encoder_service.contract.wire.status import cache_misses_from_status, item_from_status, status_trailers
+from encoder_service.contract.wire.streams import StreamAssembler, parse_message
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.proto import encoder_pb2_grpc as pb_grpc
-from encoder_service.serving import wire
-from encoder_service.serving.api.security import ClientSecurity
-from encoder_service.serving.streaming import StreamAssembler, parse_message
 
 ENCODE_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EncoderService'].full_name}/Encode"
 ENCODE_STREAM_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EncoderService'].full_name}/EncodeStream"
 # An item's rows as they arrive on a stream: its index, metadata, rows (a view of the tensor being assembled)
 # and the contract digest of the model that produced them (check it before using the rows).
-OnItem = Callable[[int, wire.ItemEmbedding, "torch.Tensor", str], None]
+OnItem = Callable[[int, ItemEmbedding, "torch.Tensor", str], None]
 
 
 def by_digest(item: MediaInput, digest: str | None = None) -> MediaInput:
@@ -42,8 +46,8 @@ def by_digest(item: MediaInput, digest: str | None = None) -> MediaInput:
     return dataclasses.replace(item, data=MediaDigest(digest or media_digest(item.data)))
 
 
-def probe_then_upload(call: Callable[[list[MediaInput]], wire.EncodeResult], items: list[MediaInput],
-                      digests: Sequence[str] | None = None) -> wire.EncodeResult:
+def probe_then_upload(call: Callable[[list[MediaInput]], EncodeResult], items: list[MediaInput],
+                      digests: Sequence[str] | None = None) -> EncodeResult:
     """`call` with every item by digest; items the server lacks are sent again with their media. Entries
     evicted between the two calls are uploaded on a third; an item already sent by digest stays so."""
     digests = digests or [media_digest(item.data) for item in items]
@@ -52,7 +56,7 @@ def probe_then_upload(call: Callable[[list[MediaInput]], wire.EncodeResult], ite
         try:
             return call(sent)
         except grpc.RpcError as e:
-            missing = wire.cache_misses_from_status(e)
+            missing = cache_misses_from_status(e)
             if not missing or all(sent[i] is items[i] for i in missing):
                 raise
             for i in missing:
@@ -63,12 +67,12 @@ def probe_then_upload(call: Callable[[list[MediaInput]], wire.EncodeResult], ite
 class RemoteCallError(grpc.RpcError):
     """A failure raised here rather than by a gRPC call (the Ray-native transport, a request split over
     connections), shaped like a gRPC error: `code()`, `details()` and the same `trailing_metadata()`
-    status details (`wire.status_trailers`)."""
+    status details (`status.status_trailers`)."""
 
     def __init__(self, code: grpc.StatusCode, details: str, failure: EncodeFailed | None = None):
         super().__init__(f"{code.name}: {details}")
         self._code, self._details = code, details
-        self._trailers = wire.status_trailers(failure) if failure is not None else ()
+        self._trailers = status_trailers(failure) if failure is not None else ()
 
     def code(self) -> grpc.StatusCode:
         return self._code
@@ -82,12 +86,12 @@ class RemoteCallError(grpc.RpcError):
 
 def _renumbered(error: grpc.RpcError, indices: list[int]) -> grpc.RpcError:
     """A failure of a call that carried items `indices` of a request, naming them by their request index."""
-    item = wire.item_from_status(error)
+    item = item_from_status(error)
     if item is None:
         return error
     local, item_id = item
     details = error.details().replace(f"item {local} ('{item_id}')", f"item {indices[local]} ('{item_id}')", 1)
-    missing = wire.cache_misses_from_status(error) or []
+    missing = cache_misses_from_status(error) or []
     failure = EncodeFailed(error.code().name, details, indices[local], item_id,
                            [(indices[i], "") for i in missing])
     return RemoteCallError(error.code(), details, failure)
@@ -98,7 +102,7 @@ NOT_READY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.
 
 
 class EncoderClient:
-    def __init__(self, address: str, timeout: float = 60.0, max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
+    def __init__(self, address: str, timeout: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  security: ClientSecurity | None = None, probe: bool = False, application: str = "",
                  extra_options: Sequence[tuple[str, int | str]] = (), connections: int = 1):
         """`address`: a standalone server or a Ray Serve pool's gRPC proxy (host:port).
@@ -114,21 +118,21 @@ class EncoderClient:
         self.metadata: tuple[tuple[str, str], ...] = (("application", application),) if application else ()
         self.bytes_sent = 0  # serialised EncodeRequest bytes (what probing saves)
         security = security if security is not None else ClientSecurity.from_env()
-        options = wire.channel_options(max_message_bytes) + list(extra_options)
+        options = channel_options(max_message_bytes) + list(extra_options)
         # Streams read on the calling thread, as unary calls are: by default gRPC hands every stream message
-        # over from its channel thread, which made moving the same bytes as a stream 3-4x slower than as
-        # one unary answer on the H200 (bench.grpc_transport, modes stream vs stream-handoff; bench/RESULTS.md).
+        # over from its channel thread, which made moving the same bytes as a stream several times slower than
+        # as one unary answer (bench.grpc_transport, modes stream vs stream-handoff; bench/RESULTS.md).
         options.append((grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1))
         if connections > 1:  # channels sharing the global subchannel pool would share one connection
             options.append(("grpc.use_local_subchannel_pool", 1))
         self.channels = [security.channel(address, options) for _ in range(max(1, connections))]
         self.channel = self.channels[0]
         self.stub = pb_grpc.EncoderServiceStub(self.channel)
-        # Responses arrive as bytes and are parsed in place (`wire.decode_response`).
+        # Responses arrive as bytes and are parsed in place (`decode_response`).
         self._encodes = [channel.unary_unary(ENCODE_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)
                          for channel in self.channels]
         self._turns = itertools.count()  # which connection the next `encode` call takes (atomic under the GIL)
-        # Stream messages arrive as bytes too: their rows are read in place (`streaming.parse_message`).
+        # Stream messages arrive as bytes too: their rows are read in place (`streams.parse_message`).
         self._streams = [channel.unary_stream(ENCODE_STREAM_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)
                          for channel in self.channels]
 
@@ -141,17 +145,17 @@ class EncoderClient:
         copy: bool = True,
         probe: bool | None = None,
         digests: Sequence[str] | None = None,
-    ) -> wire.EncodeResult:
+    ) -> EncodeResult:
         """Encode `items` in one call (two with `probe` when some are not cached). copy=False returns a
         read-only view of the received message (saves a copy for callers that copy rows out anyway, like
         the LLM worker's cache). `digests`: the items' media digests, if the caller has them."""
         request_id = request_id or uuid.uuid4().hex
 
-        def call(sent: list[MediaInput]) -> wire.EncodeResult:
-            request = pb.EncodeRequest(request_id=request_id, items=[wire.media_to_proto(i) for i in sent])
+        def call(sent: list[MediaInput]) -> EncodeResult:
+            request = pb.EncodeRequest(request_id=request_id, items=[media_to_proto(i) for i in sent])
             self.bytes_sent += request.ByteSize()
             method = self._encodes[next(self._turns) % len(self._encodes)]
-            return wire.decode_response(
+            return decode_response(
                 method(request, timeout=timeout or self.timeout, metadata=self.metadata + tuple(metadata or ())),
                 copy=copy)
 
@@ -167,10 +171,10 @@ class EncoderClient:
         probe: bool | None = None,
         digests: Sequence[str] | None = None,
         copy: bool = True,
-    ) -> wire.EncodeResult:
+    ) -> EncodeResult:
         """`encode` through EncodeStream: `on_item(index, item, rows, model)` as each item's rows arrive (in
         completion order), then the same result `encode` gives (bit for bit over one connection). A
-        stream cut short raises `streaming.IncompleteStream`; a failure raises the grpc.RpcError `encode`
+        stream cut short raises `streams.IncompleteStream`; a failure raises the grpc.RpcError `encode`
         would, naming the item by its index in `items`. `copy=False` as for `encode`: an answer that
         arrives in one message stays a read-only view of it (`StreamAssembler`)."""
         request_id = request_id or uuid.uuid4().hex
@@ -182,7 +186,7 @@ class EncoderClient:
                                      copy)
         groups = [list(range(k, len(items), lanes)) for k in range(lanes)]
 
-        def lane(k: int) -> wire.EncodeResult:  # copy=False: `wire.assemble` copies the lanes into one tensor
+        def lane(k: int) -> EncodeResult:  # copy=False: `assemble` copies the lanes into one tensor
             group = groups[k]
             relay = None if on_item is None else (lambda j, *rest: on_item(group[j], *rest))
             return self._stream_call(self._streams[k], [items[i] for i in group], relay, f"{request_id}/{k}", timeout,
@@ -196,12 +200,12 @@ class EncoderClient:
                     parts.append(future.result())
                 except grpc.RpcError as e:
                     raise _renumbered(e, group) from None
-        return wire.assemble(parts, request_id, groups)
+        return assemble(parts, request_id, groups)
 
     def _stream_call(self, stream, items, on_item, request_id, timeout, metadata, probe, digests,
-                     copy: bool) -> wire.EncodeResult:
-        def call(sent: list[MediaInput]) -> wire.EncodeResult:
-            request = pb.EncodeRequest(request_id=request_id, items=[wire.media_to_proto(i) for i in sent])
+                     copy: bool) -> EncodeResult:
+        def call(sent: list[MediaInput]) -> EncodeResult:
+            request = pb.EncodeRequest(request_id=request_id, items=[media_to_proto(i) for i in sent])
             self.bytes_sent += request.ByteSize()
             responses = stream(request, timeout=timeout or self.timeout, metadata=self.metadata + tuple(metadata or ()))
             assembler = StreamAssembler(copy=copy)
@@ -220,7 +224,7 @@ class EncoderClient:
     def model_info(self, timeout: float | None = None, metadata=None) -> ModelInfo:
         msg = self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout,
                                      metadata=self.metadata + tuple(metadata or ()))
-        return wire.model_info_from_proto(msg)
+        return model_info_from_proto(msg)
 
     def health(self, timeout: float = 5.0) -> str:
         """The standard health check's answer (SERVING, NOT_SERVING, ...); raises grpc.RpcError when the

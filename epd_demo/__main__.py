@@ -1,5 +1,10 @@
 """The main job on an embedded default: local Ray, the encoder pool on Serve (tiny model, CPU),
-one LLM worker actor, a prompt with two images -> generated text + the encoder's metadata."""
+one LLM worker actor, a prompt with two images -> generated text + the encoder's metadata.
+
+    encoder-service-demo [--config deploy/serve_config.yaml]
+
+It uses the library as an application would: the pool (`encoder_service`), its client and an LLM worker
+(`llm_worker`); it is no part of either."""
 
 from __future__ import annotations
 
@@ -7,11 +12,12 @@ import argparse
 import io
 import logging
 import os
+import sys
 
 import numpy as np
 from PIL import Image
 
-from encoder_service.processor import MediaInput, Modality
+from encoder_service.contract.media import MediaInput, Modality
 
 
 def demo_images() -> list[MediaInput]:
@@ -31,8 +37,8 @@ def run_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
-    from encoder_service.serving.api.client import EncoderClient
-    from encoder_service.serving.api.ray_app import DEFAULT_CONFIG, deploy, free_port, load_serve_config
+    from encoder_service.client.endpoint import EncoderClient
+    from encoder_service.serving.api.serve.local import DEFAULT_CONFIG, deploy, free_port, load_serve_config
     from llm_worker.actor import LLMWorkerActor
     from llm_worker.codec import pack_requests, unpack_outputs
     from llm_worker.engine import GenerationRequest
@@ -69,3 +75,16 @@ def run_demo(args: argparse.Namespace) -> int:
         # The local cluster goes as a whole: Serve's own shutdown would kill its controller under its own
         # pending graceful-shutdown call and log that as a failure.
         ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="encoder-service-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="Serve config (default: deploy/serve_config.yaml)")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,11 +5,8 @@
   worker actors). The embedding tensor comes back through Ray's object store and is read in
   place on the same node: no protobuf, no socket.
 
-Both transports report failures as `grpc.RpcError` with the same status codes, so one
-retry policy covers both. Encode is idempotent: a call that fails because a replica died,
-a proxy is unreachable or an attempt ran out of time is retried (with backoff) on the
-next proxy address; Serve routes it to a live replica. Errors that are the caller's
-(INVALID_ARGUMENT, RESOURCE_EXHAUSTED) are never retried.
+Both transports report failures as `grpc.RpcError` with the same status codes; `retry.RetryPolicy`
+decides what is retried (on the next proxy address, if there are several).
 
 Content affinity (`affinity`): each item is its own call, keyed by its media digest (`session_id`),
 so the pool's router sends it to the replica whose cache holds it; the calls run concurrently and
@@ -21,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import threading
 import time
 import uuid
@@ -29,22 +25,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
-import torch
 
-from encoder_service.digest import media_digest
-from encoder_service.engine import ModelInfo
-from encoder_service.errors import EncodeFailed
-from encoder_service.processor import MediaInput
+from encoder_service.client.endpoint import EncoderClient, RemoteCallError, probe_then_upload
+from encoder_service.client.retry import RetryPolicy
+from encoder_service.contract.errors import EncodeFailed
+from encoder_service.contract.media import MediaInput, media_digest
+from encoder_service.contract.model_info import ModelInfo
+from encoder_service.contract.result import EncodeResult, assemble, dtype_from_name
+from encoder_service.contract.wire.media import media_to_proto
+from encoder_service.contract.wire.model_info import model_info_from_proto
+from encoder_service.contract.wire.responses import decode_parts
+from encoder_service.contract.wire.streams import StreamAssembler
 from encoder_service.proto import encoder_pb2 as pb
-from encoder_service.serving import wire
-from encoder_service.serving.api.client import EncoderClient, RemoteCallError, probe_then_upload
-from encoder_service.serving.streaming import StreamAssembler
-from encoder_service.serving.wire import EncodeResult
 
 log = logging.getLogger(__name__)
-
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-             grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
 
 
 @dataclass
@@ -53,11 +47,7 @@ class PoolClientConfig:
     application: str = "encoder"  # Serve application name
     transport: str = "grpc"  # "grpc" or "handle" (inside the Ray cluster)
     deployment: str = "EncoderDeployment"  # for "handle"
-    attempt_timeout_s: float = 30.0  # deadline of one attempt
-    total_timeout_s: float = 120.0  # deadline of the call, retries included
-    max_attempts: int = 5
-    backoff_s: float = 0.2  # first retry delay; doubles, with jitter
-    retryable: set[grpc.StatusCode] = field(default_factory=lambda: set(RETRYABLE))
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # a dict of its fields in a config
     affinity: bool = True  # one call per item, routed by its digest to the replica caching it
     probe: bool = True  # items by digest first, bytes only for those the replica lacks
     tenant: str = ""  # handle transport: the cache namespace (gRPC: derived from the bearer token)
@@ -107,16 +97,16 @@ class ServeHandleTransport:
     def encode(self, items: list[MediaInput], timeout_s: float, routing_key: str = "", probe: bool = False,
                digests: list[str] | None = None) -> EncodeResult:
         def call(sent: list[MediaInput]) -> EncodeResult:
-            request = pb.EncodeRequest(request_id=uuid.uuid4().hex, items=[wire.media_to_proto(i) for i in sent])
+            request = pb.EncodeRequest(request_id=uuid.uuid4().hex, items=[media_to_proto(i) for i in sent])
             header, payload = self._result("encode_native", timeout_s, routing_key, request.SerializeToString(),
                                            timeout_s, self.tenant)
-            return wire.decode_parts(header, payload, copy=False)
+            return decode_parts(header, payload, copy=False)
 
         return probe_then_upload(call, items, digests) if probe else call(items)
 
     def encode_stream(self, items: list[MediaInput], timeout_s: float, on_item) -> EncodeResult:
         """`encode` through `encode_stream_native`: items as they are ready, then the whole result."""
-        request = pb.EncodeRequest(request_id=uuid.uuid4().hex, items=[wire.media_to_proto(i) for i in items])
+        request = pb.EncodeRequest(request_id=uuid.uuid4().hex, items=[media_to_proto(i) for i in items])
         stream = self.methods["encode_stream_native"].remote(request.SerializeToString(), timeout_s, self.tenant)
         assembler = StreamAssembler(copy=False)  # as `encode`: the caller copies rows into its cache
         deadline = time.monotonic() + timeout_s
@@ -124,7 +114,7 @@ class ServeHandleTransport:
             for event in stream:
                 if event[0] == "start":
                     _, request_id, counts, model, dtype, hidden = event
-                    assembler.start(request_id, getattr(torch, dtype), hidden, counts, model)
+                    assembler.start(request_id, dtype_from_name(dtype), hidden, counts, model)
                 elif event[0] == "item":
                     _, index, metadata, rows = event
                     meta = pb.ItemMetadata.FromString(metadata)
@@ -137,7 +127,7 @@ class ServeHandleTransport:
         return assembler.result()
 
     def model_info(self, timeout_s: float) -> ModelInfo:
-        return wire.model_info_from_proto(pb.ModelInfo.FromString(self._result("model_info_native", timeout_s, "")))
+        return model_info_from_proto(pb.ModelInfo.FromString(self._result("model_info_native", timeout_s, "")))
 
     def _result(self, method: str, timeout_s: float, routing_key: str, *args):
         handle = self.methods[method]
@@ -173,13 +163,15 @@ class ServeHandleTransport:
 
 class PoolEncoderClient:
     def __init__(self, cfg: PoolClientConfig):
+        if isinstance(cfg.retry, dict):
+            cfg.retry = RetryPolicy(**cfg.retry)
         self.cfg = cfg
         if cfg.transport == "handle":
             self.transports = [ServeHandleTransport(cfg.application, cfg.deployment, cfg.tenant)]
         elif cfg.transport == "grpc":
             if not cfg.addresses:
                 raise ValueError("no encoder pool addresses")
-            self.transports = [GrpcTransport(a, cfg.application, cfg.attempt_timeout_s, cfg.connections)
+            self.transports = [GrpcTransport(a, cfg.application, cfg.retry.attempt_timeout_s, cfg.connections)
                                for a in cfg.addresses]
         else:
             raise ValueError(f"unknown transport {cfg.transport!r}; choose grpc or handle")
@@ -197,7 +189,7 @@ class PoolEncoderClient:
             return self._call(lambda t, timeout: t.encode(items, timeout, digests[0], self.cfg.probe, digests))
         parts = self._fanout.map(lambda pair: self._call(
             lambda t, timeout: t.encode([pair[0]], timeout, pair[1], self.cfg.probe, [pair[1]])), zip(items, digests))
-        return wire.assemble(list(parts), uuid.uuid4().hex)
+        return assemble(list(parts), uuid.uuid4().hex)
 
     def encode_stream(self, items: list[MediaInput], on_item) -> EncodeResult:
         """`encode`, with `on_item(index, item, rows, model)` as each item's rows arrive (completion order;
@@ -224,31 +216,20 @@ class PoolEncoderClient:
             once(index, part.items[0], part.embeddings, part.extras.get("model", ""))
             return part
 
-        return wire.assemble(list(self._fanout.map(one, range(len(items)))), uuid.uuid4().hex)
+        return assemble(list(self._fanout.map(one, range(len(items)))), uuid.uuid4().hex)
 
     def model_info(self) -> ModelInfo:
         return self._call(lambda t, timeout: t.model_info(timeout))
 
     def _call(self, fn):
-        deadline = time.monotonic() + self.cfg.total_timeout_s
-        delay = self.cfg.backoff_s
-        for attempt in range(1, self.cfg.max_attempts + 1):
-            transport = self.transports[self._next % len(self.transports)]
-            remaining = deadline - time.monotonic()
-            try:
-                return fn(transport, min(self.cfg.attempt_timeout_s, max(remaining, 0.001)))
-            except grpc.RpcError as e:
-                code = e.code()
-                if code not in self.cfg.retryable or attempt == self.cfg.max_attempts:
-                    raise
-                if time.monotonic() + delay >= deadline:
-                    raise
-                log.warning("encoder call via %s failed (%s: %s); retry %d", transport.name, code, e.details(), attempt)
+        """`fn(transport, timeout_s)` under the retry policy, each retry on the next transport."""
+        def attempt(number: int, timeout_s: float):
+            if number:  # a retry goes to the next proxy, and later calls stay there
                 self.retries += 1
-                self._next += 1  # next proxy, if there are several
-                time.sleep(max(delay * (0.5 + random.random()), _retry_after_s(e)))
-                delay *= 2
-        raise AssertionError("unreachable")
+                self._next += 1
+            return fn(self.transports[self._next % len(self.transports)], timeout_s)
+
+        return self.cfg.retry.run(attempt, "encoder pool call")
 
     def close(self) -> None:
         for t in self.transports:
@@ -256,14 +237,3 @@ class PoolEncoderClient:
         if self._fanout is not None:
             self._fanout.shutdown(wait=False)
 
-
-def _retry_after_s(error: grpc.RpcError) -> float:
-    """The server's `retry-after-ms` hint (a busy server sends one with UNAVAILABLE), in seconds."""
-    metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    for key, value in metadata or ():
-        if key == "retry-after-ms":
-            try:
-                return max(0.0, float(value) / 1e3)
-            except ValueError:
-                return 0.0
-    return 0.0

@@ -11,7 +11,7 @@ min/max replicas, delays and scaling factors to what the policy asks for.
 
     autoscaling_config:
       policy:
-        policy_function: encoder_service.serving.api.autoscaling:EncoderLoadPolicy
+        policy_function: encoder_service.serving.api.serve.autoscaling:EncoderLoadPolicy
         policy_kwargs: {target_pending_tokens: 65536}
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-POLICY_FUNCTION = "encoder_service.serving.api.autoscaling:EncoderLoadPolicy"
+POLICY_FUNCTION = "encoder_service.serving.api.serve.autoscaling:EncoderLoadPolicy"
 PENDING_TOKENS = "pending_vit_tokens"
 
 
