@@ -147,9 +147,10 @@ def main() -> None:
     from ray import serve
 
     from bench.common import preset_checkpoint
-    from encoder_service.serving.api.serve.local import free_port
+    from encoder_service.serving.api.serve.local import free_port, local_auth
 
     print(json.dumps({"bench": "autoscale", "cpus": os.cpu_count(), **{k: v for k, v in vars(args).items()}}), flush=True)
+    local_auth()  # the pool requires a bearer token: the replicas and this process's clients share it
     ray.init(address="local", num_cpus=2 * (os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}})
     port = free_port()

@@ -320,7 +320,7 @@ def main() -> None:
 
     import ray
 
-    from encoder_service.serving.api.serve.local import free_port
+    from encoder_service.serving.api.serve.local import free_port, local_auth
 
     args.port = args.port or free_port()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-"))
@@ -333,6 +333,7 @@ def main() -> None:
                       "clients": args.clients, "cpus": os.cpu_count()}), flush=True)
     gpus = 1 if args.device == "cuda" else 0
     most = max(int(r) for r in args.replicas.split(","))  # logical CPUs enough to place every replica
+    local_auth()  # the pool requires a bearer token: the replicas and this process's clients share it
     ray.init(address="local", num_cpus=max(2 * (os.cpu_count() or 2), most * (args.preprocess_workers + 1) + 2), num_gpus=gpus,
              include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}})

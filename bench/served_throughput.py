@@ -136,7 +136,7 @@ def run_handle_clients(n: int, requests, duration: float) -> dict:
 
             self.requests = requests
             retry = RetryPolicy(attempt_timeout_s=600, total_timeout_s=600)
-            self.pool = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle", retry=retry,
+            self.pool = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle", tenant="bench", retry=retry,
                                                            affinity=False, probe=False))
 
         def warm_up(self):
@@ -284,9 +284,10 @@ def serve_pool(checkpoint: str, args):
     import ray
     from ray import serve
 
-    from encoder_service.serving.api.serve.local import deploy, free_port, load_serve_config
+    from encoder_service.serving.api.serve.local import deploy, free_port, load_serve_config, local_auth
 
     gpus = 1 if args.device == "cuda" else 0
+    local_auth()  # the pool requires a bearer token: the replicas and this process's clients share it
     ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}})
     cfg = load_serve_config()
@@ -371,7 +372,7 @@ def main() -> None:
             if "serve-handle" in paths:
                 for n in clients:
                     report("serve-handle", n, run_handle_clients(n, requests, args.duration))
-                pool = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle", affinity=False,
+                pool = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle", tenant="bench", affinity=False,
                                                           probe=False))
                 latency["serve-handle"] = idle_latency(pool.encode, args.repeats)
 

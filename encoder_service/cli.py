@@ -93,6 +93,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     import grpc
 
     from encoder_service.client.endpoint import EncoderClient
+    from encoder_service.client.retry import RetryPolicy
     from encoder_service.contract.errors import InvalidInput
     from encoder_service.contract.media import VideoSampling
     from encoder_service.contract.wire.status import item_from_status
@@ -110,8 +111,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.out and not args.out.endswith((".safetensors", ".npy")):
         return fail(f"--out must end in .safetensors or .npy: {args.out}", 2)
     try:
-        with EncoderClient(args.address, timeout=args.timeout, probe=args.probe,
-                           application=args.application) as client:
+        with EncoderClient(args.address, timeout=args.timeout, probe=args.probe, application=args.application,
+                           retry=RetryPolicy(attempt_timeout_s=args.timeout)) as client:
             _wait_ready(client, args.connect_timeout)
             info = client.model_info()
             with Progress(describe(items)) as progress:
@@ -145,12 +146,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import grpc
 
     from encoder_service.client.endpoint import EncoderClient
+    from encoder_service.client.retry import RetryPolicy
     from encoder_service.tools.loadgen import LoadConfig, run, table
 
     cfg = LoadConfig(args.address, args.duration, args.concurrency, args.rate, args.images_per_request,
                      list(args.files), args.repeat, args.timeout)
     try:
-        with EncoderClient(args.address, timeout=args.timeout, application=args.application) as client:
+        with EncoderClient(args.address, timeout=args.timeout, application=args.application,
+                           retry=RetryPolicy(attempt_timeout_s=args.timeout)) as client:
             _wait_ready(client, args.connect_timeout)
             report = run(cfg, client)
     except grpc.FutureTimeoutError:

@@ -38,7 +38,7 @@ def run_demo(args: argparse.Namespace) -> int:
     import ray
 
     from encoder_service.client.endpoint import EncoderClient
-    from encoder_service.serving.api.serve.local import DEFAULT_CONFIG, deploy, free_port, load_serve_config
+    from encoder_service.serving.api.serve.local import DEFAULT_CONFIG, deploy, free_port, load_serve_config, local_auth
     from llm_worker.actor import LLMWorkerActor
     from llm_worker.codec import pack_requests, unpack_outputs
     from llm_worker.engine import GenerationRequest
@@ -48,13 +48,14 @@ def run_demo(args: argparse.Namespace) -> int:
     config = load_serve_config(args.config or DEFAULT_CONFIG)
     config["grpc_options"]["port"], config["http_options"]["port"] = free_port(), free_port()
     app = config["applications"][0]["name"]
+    local_auth()  # the pool requires a bearer token (deploy/serve_config.yaml): a fresh one, in the environment
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
     try:
         address = deploy(config)
         print(f"encoder pool '{app}' on Ray Serve, gRPC proxy at {address}")
         images = demo_images()
-        with EncoderClient(address) as client:
+        with EncoderClient(address) as client:  # the token from the environment ($ENCODER_SERVICE_TOKEN)
             encoded = client.encode(images, metadata=(("application", app),))
         print(f"Encode: one tensor {tuple(encoded.embeddings.shape)} {encoded.embeddings.dtype}")
         for item in encoded.items:
@@ -62,8 +63,10 @@ def run_demo(args: argparse.Namespace) -> int:
                   f"[{item.offset}, {item.offset + item.token_count})")
         print(f"  served by replica {encoded.extras.get('replica')}, batch of {encoded.extras.get('batch_requests')}")
 
-        # Inside the cluster the LLM worker reaches the pool through a Serve handle (Ray-native path).
-        worker = LLMWorkerActor.options(num_cpus=1).remote({"transport": "handle", "application": app}, {"chunk_size": 64})
+        # Inside the cluster the LLM worker reaches the pool through a Serve handle (Ray-native path), naming its
+        # tenant (the pool requires one).
+        pool = {"transport": "handle", "application": app, "tenant": "demo-llm-workers"}
+        worker = LLMWorkerActor.options(num_cpus=1).remote(pool, {"chunk_size": 64})
         request = GenerationRequest("Describe <image> and compare it with <image>.", images, max_new_tokens=16)
         [output] = unpack_outputs(ray.get(worker.generate.remote(pack_requests([request])), timeout=300))
         stats = ray.get(worker.stats.remote())

@@ -12,6 +12,7 @@ from typing import Any
 import ray
 
 from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
+from encoder_service.contract.settings import from_mapping
 from llm_worker.codec import pack_outputs, unpack_requests
 from llm_worker.engine import LLMEngine, LLMWorkerConfig
 
@@ -22,8 +23,8 @@ class LLMWorkerActor:
         import torch
 
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-        self.encoder = PoolEncoderClient(PoolClientConfig(**pool))
-        self.engine = LLMEngine(LLMWorkerConfig(**(worker or {})), self.encoder)
+        self.encoder = PoolEncoderClient(from_mapping(PoolClientConfig, pool, "the LLM worker's pool config"))
+        self.engine = LLMEngine(from_mapping(LLMWorkerConfig, worker, "the LLM worker's config"), self.encoder)
 
     def generate(self, payload: bytes) -> bytes:
         """msgpack list of requests in, msgpack list of outputs out."""

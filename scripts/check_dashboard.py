@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from encoder_service.client.endpoint import EncoderClient  # noqa: E402
 from encoder_service.contract.media import MediaInput, Modality  # noqa: E402
-from encoder_service.serving.api.serve.local import deploy, free_port, load_serve_config  # noqa: E402
+from encoder_service.serving.api.serve.local import deploy, free_port, load_serve_config, local_auth  # noqa: E402
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig  # noqa: E402
 from encoder_service.serving.host.pipeline import PipelineConfig  # noqa: E402
 from tests.conftest import image_bytes  # noqa: E402
@@ -67,6 +67,7 @@ def main() -> int:
         return 2
     import ray
 
+    local_auth()  # both pools require a bearer token: the servers and this process's clients share it
     work = Path(tempfile.mkdtemp(prefix="dashboard-check-"))
     ray_metrics_port, prom_port = free_port(), free_port()
     server = BackgroundServer(ServerConfig(port=0, metrics_port=0, pipeline=PipelineConfig(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import secrets
 import subprocess
 import time
 from pathlib import Path
@@ -34,11 +36,36 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.25) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def pool_token():
+    """A fresh bearer token in $ENCODER_SERVICE_TOKEN for the block: a Ray cluster started inside it hands it to
+    the pool's replicas (deploy/serve_config.yaml requires auth) and this process's clients send it."""
+    from encoder_service.client.security import TOKEN_ENV
+
+    before = os.environ.get(TOKEN_ENV)
+    os.environ[TOKEN_ENV] = token = secrets.token_urlsafe(16)
+    try:
+        yield token
+    finally:
+        if before is None:
+            os.environ.pop(TOKEN_ENV, None)
+        else:
+            os.environ[TOKEN_ENV] = before
+
+
 def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int | None = None) -> bytes:
     """A random image encoded as PNG/JPEG/WEBP (lossless formats keep pixels exact)."""
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def gradient_png(width: int, height: int, shift: int) -> bytes:
+    """A PNG small on the wire and slow to decode and tile (a smooth ramp compresses well)."""
+    ramp = (np.add.outer(np.arange(height), np.arange(width)) + shift) % 256
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([ramp] * 3, axis=-1).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
 

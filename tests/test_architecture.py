@@ -4,6 +4,8 @@ without cycles, no module reaches into another's private names, no class grows i
 from __future__ import annotations
 
 import ast
+import functools
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -40,9 +42,21 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _parse(path: Path) -> ast.Module:
+    """A module's AST (parsed once), with the garbage collector held off: CPython 3.11's parser raises
+    SystemError ("AST constructor recursion depth mismatch") when a collection during the parse runs
+    finalizers of other tests' objects."""
+    gc.disable()
+    try:
+        return ast.parse(path.read_text())
+    finally:
+        gc.enable()
+
+
 def _imports(name: str, path: Path, top_level_only: bool) -> set[str]:
     """Project modules `name` imports (resolved to modules, not names inside them)."""
-    tree = ast.parse(path.read_text())
+    tree = _parse(path)
     nodes = tree.body if top_level_only else list(ast.walk(tree))
     modules = _modules()
     found = set()
@@ -108,7 +122,7 @@ def test_no_module_uses_another_modules_private_names():
     modules = _modules()
     violations = []
     for name, path in modules.items():
-        tree = ast.parse(path.read_text())
+        tree = _parse(path)
         aliases = {}
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
@@ -130,6 +144,6 @@ def test_no_module_uses_another_modules_private_names():
 
 def test_no_class_over_300_lines():
     long = [f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
-            for name, path in _modules().items() for node in ast.walk(ast.parse(path.read_text()))
+            for name, path in _modules().items() for node in ast.walk(_parse(path))
             if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 300]
     assert not long, "\n".join(long)

@@ -1,5 +1,5 @@
 """Production hardening on a real gRPC server on loopback: malformed fields, per-item error details,
-request/decode budgets, admission control, TLS / mTLS / bearer tokens, drain on SIGTERM, the CLI."""
+request/decode budgets, admission control, TLS / mTLS / bearer tokens, the CLI (drain: tests/test_drain.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import dataclasses
 import datetime
 import io
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +29,7 @@ from encoder_service.contract.wire.status import STATUS_DETAILS_KEY, item_from_s
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving.api.security import TLSConfig
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig
-from tests.conftest import image_bytes, wait_for
+from tests.conftest import gradient_png, image_bytes
 
 NO_SECURITY = ClientSecurity()
 
@@ -150,7 +148,7 @@ def test_request_bytes_decode_budget_and_admission_are_refused_fast(engine_confi
         assert budget.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "MP" in budget.value.details() and time.perf_counter() - t0 < 2
         # One request in flight at most: a second one is turned away at once with a retry hint.
-        slow = [MediaInput(Modality.IMAGE, _gradient_png(1000, 650, i)) for i in range(6)]  # 3.9 MP, small
+        slow = [MediaInput(Modality.IMAGE, gradient_png(1000, 650, i)) for i in range(6)]  # 3.9 MP, small
         outcome: dict = {}
         first = threading.Thread(target=lambda: outcome.setdefault("first", client.encode(slow)))
         first.start()
@@ -167,13 +165,6 @@ def test_request_bytes_decode_budget_and_admission_are_refused_fast(engine_confi
         assert dict(refused.trailing_metadata())["retry-after-ms"] == str(cfg.retry_after_ms)
         assert outcome["first"].embeddings.shape[0] > 0 and server.counters.refused >= 1
         _still_serves(client)
-
-
-def _gradient_png(width: int, height: int, shift: int) -> bytes:
-    ramp = (np.add.outer(np.arange(height), np.arange(width)) + shift) % 256
-    buf = io.BytesIO()
-    Image.fromarray(np.stack([ramp] * 3, axis=-1).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _certificates(tmp_path):
@@ -266,43 +257,6 @@ def _serve(*extra: str) -> tuple[subprocess.Popen, str]:
     line = proc.stdout.readline()
     assert "listening" in line, line
     return proc, line.split()[-1]
-
-
-def _inflight_requests(metrics_port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("encoder_inflight_requests "))
-
-
-def test_sigterm_drains_calls_in_flight_and_refuses_new_ones():
-    with socket.socket() as s:  # a free port for /metrics: the test watches the call arrive there
-        s.bind(("127.0.0.1", 0))
-        metrics_port = s.getsockname()[1]
-    proc, address = _serve("--drain-grace-s", "60", "--metrics-port", str(metrics_port))
-    try:
-        # Small on the wire, slow to decode and tile: in the server when SIGTERM comes.
-        items = [MediaInput(Modality.IMAGE, _gradient_png(1920, 1080, i), item_id=str(i)) for i in range(16)]
-        with EncoderClient(address, timeout=120, security=NO_SECURITY) as client:
-            client.wait_ready()
-            client.encode(items[:1])  # warm
-            outcome: dict = {}
-            call = threading.Thread(target=lambda: outcome.setdefault("result", client.encode(items)))
-            call.start()
-            # Accepted (and being decoded): a fixed sleep was not enough under load.
-            wait_for(lambda: _inflight_requests(metrics_port) >= 1, timeout_s=30, interval_s=0.005)
-            assert call.is_alive(), "the call finished before SIGTERM could be sent: the test proves nothing"
-            proc.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
-            with pytest.raises(grpc.RpcError) as late:
-                client.encode(items[:1], timeout=10)
-            assert late.value.code() == grpc.StatusCode.UNAVAILABLE
-            call.join()
-        # The request accepted before SIGTERM completed (else: how the server ended, for the diagnosis).
-        assert "result" in outcome, f"the call in flight failed; server exit code {proc.wait(timeout=60)}"
-        result = outcome["result"]
-        assert [i.item_id for i in result.items] == [str(i) for i in range(16)]
-        assert proc.wait(timeout=60) == 0
-    finally:
-        proc.kill()
 
 
 def test_cli_prints_one_line_per_failure_with_exit_codes(tmp_path):

@@ -2,6 +2,8 @@
 
 import dataclasses
 import io
+import os
+import signal
 import time
 from concurrent.futures import CancelledError
 
@@ -10,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from encoder_service.contract.errors import DeadlineExceeded, InvalidInput, Unavailable
+from encoder_service.contract.errors import DeadlineExceeded, InvalidInput, PoisonInput, Unavailable
 from encoder_service.contract.media import MediaInput, Modality
+from encoder_service.contract.wire.status import reason_for, status_for
 from encoder_service.engine import EncoderEngine
 from encoder_service.serving.host.pipeline import EncodePipeline, PipelineConfig
-from tests.conftest import image_bytes
+from tests.conftest import image_bytes, wait_for
 
 
 class FailsOnce(EncoderEngine):
@@ -123,14 +126,48 @@ def test_a_worker_busy_with_a_dead_request_is_replaced(engine_config):
         pipeline.close()
 
 
-def test_a_crashed_worker_fails_only_its_item_and_is_restarted(pipeline):
+def test_a_dead_worker_is_replaced_and_its_item_tried_again(pipeline):
     worker = pipeline.pool._workers[0]
     worker.proc.kill()
     worker.proc.wait()
-    with pytest.raises(Unavailable):
-        pipeline.encode(_items((64, 64))).result(timeout=60)
     assert pipeline.encode(_items((64, 64))).result(timeout=60).token_counts == [16]
     assert pipeline.arena.wait_idle(5)
+
+
+def _kill_while_busy(worker, old_pid: int | None) -> int:
+    """Kill the worker (a fresh one when `old_pid` is given) while it holds a job; its pid."""
+    assert wait_for(lambda: worker.busy and worker.proc.pid != old_pid and worker.proc.poll() is None, 60, 0.005)
+    pid = worker.proc.pid
+    time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def test_an_item_that_kills_two_workers_is_poison_and_refused_at_once(engine_config):
+    """A worker dying under an item is replaced and the item tried once more; dying again, the item is poison
+    (INVALID_ARGUMENT, reason POISON, for that item only) and is refused without a try for a while."""
+    slow = dataclasses.replace(engine_config, max_tokens_per_request=1 << 20)
+    pipeline = EncodePipeline(EncoderEngine(slow), PipelineConfig(preprocess_workers=1, arena_mb=64))
+    try:
+        buf = io.BytesIO()
+        Image.new("RGB", (8000, 8000), (10, 200, 90)).save(buf, format="PNG")  # tiny file, a long decode
+        poison = MediaInput(Modality.IMAGE, buf.getvalue(), item_id="p")
+        worker = pipeline.pool._workers[0]
+        future = pipeline.encode(_items((64, 64)) + [poison])
+        first = _kill_while_busy(worker, None)
+        _kill_while_busy(worker, first)
+        with pytest.raises(PoisonInput) as failed:
+            future.result(timeout=120)
+        assert failed.value.item_index == 1 and status_for(failed.value).name == "INVALID_ARGUMENT"
+        assert reason_for(failed.value) == "POISON"
+        pid = worker.proc.pid
+        with pytest.raises(PoisonInput):
+            pipeline.encode([poison])  # at once, at admission: no worker tries it again
+        assert worker.proc.pid == pid and not worker.busy
+        assert pipeline.encode(_items((64, 64))).result(timeout=60).token_counts == [16]
+        assert pipeline.arena.wait_idle(5)
+    finally:
+        pipeline.close()
 
 
 def test_closed_pipeline_refuses_work(engine):

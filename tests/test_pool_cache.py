@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from encoder_service.client.endpoint import EncoderClient, by_digest
+from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
 from encoder_service.client.security import ClientSecurity
 from encoder_service.contract.errors import CacheMiss, InvalidInput
 from encoder_service.contract.media import MediaDigest, MediaInput, Modality, VideoSampling, media_digest
@@ -232,3 +233,48 @@ def test_the_autoscaling_policy_counts_vit_tokens_and_requests_queued_before_rep
     assert desired_replicas(3 * 65536, 65536, 3, 32) == 3  # three replicas' worth of tiles
     assert desired_replicas(1000, 65536, 3, 32) < 1  # three thumbnails: one replica is plenty
     assert desired_replicas(1000, 65536, 96, 32) == 3  # 96 requests waiting at routers: grow anyway
+
+
+def test_a_tenant_header_is_a_namespace_inside_the_token_and_a_second_token_header_is_refused(cache_server):
+    """A front end keeps its users apart with the `tenant` header: inside its token's namespace, never reaching
+    another token's; a forged second `authorization` header is refused, whatever it holds."""
+    item = _image(90, 70)
+    with _client(cache_server, "tenant-a-secret") as a, _client(cache_server, "tenant-b-secret") as b:
+        a.encode([item], metadata=(("tenant", "alice"),))
+        assert a.encode([by_digest(item)], metadata=(("tenant", "alice"),)).items[0].cache_hit
+        for other in [(a, (("tenant", "bob"),)), (a, ()), (b, (("tenant", "alice"),))]:
+            with pytest.raises(grpc.RpcError) as miss:
+                other[0].encode([by_digest(item)], metadata=other[1])
+            assert miss.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as forged:
+            b.encode([by_digest(item)], metadata=(("authorization", "Bearer tenant-a-secret"), ("tenant", "alice")))
+        assert forged.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_cache_only_upload_sends_no_rows_and_the_item_is_fetched_by_digest(cache_server, engine):
+    """ROWS_CACHE_ONLY: the item is encoded into the cache and the answer is its metadata alone (a front end
+    that never uses the rows); a consumer with only the digest then fetches exactly the engine's rows."""
+    items = [_image(320, 240), _image(64, 64)]
+    pool = PoolEncoderClient(PoolClientConfig([cache_server.address], application=""),
+                             security=ClientSecurity(token="tenant-a-secret"))
+    try:
+        uploaded = pool.upload(items, tenant="alice")
+        assert [i.token_count for i in uploaded] == engine.encode(items).token_counts
+        assert all(i.cached for i in uploaded) and [i.digest for i in uploaded] == [media_digest(i.data) for i in items]
+        with _client(cache_server, "tenant-a-secret") as client:
+            raw = client.encode(items, metadata=(("tenant", "alice"),), rows=pb.ROWS_CACHE_ONLY)
+            assert raw.embeddings.shape == (0, engine.info().hidden_size) and all(i.cache_hit for i in raw.items)
+        fetched = pool.encode([by_digest(i) for i in items], tenant="alice")
+        torch.testing.assert_close(fetched.embeddings, engine.encode(items).embeddings, rtol=1e-5, atol=1e-5)
+        assert pool.upload(items, tenant="alice")[0].cache_hit  # a repeat: a probe, nothing encoded
+    finally:
+        pool.close()
+
+
+def test_a_cache_only_upload_to_a_server_without_a_cache_is_refused(engine_config):
+    cfg = ServerConfig(port=0, engine=engine_config, pipeline=PipelineConfig(preprocess_workers=1, cache_mb=0))
+    with BackgroundServer(cfg) as server, EncoderClient(server.address, security=ClientSecurity()) as client:
+        with pytest.raises(grpc.RpcError) as refused:
+            client.encode([_image(32, 32)], rows=pb.ROWS_CACHE_ONLY)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "cache" in refused.value.details()
+        assert client.encode([_image(32, 32)]).token_counts == [16]

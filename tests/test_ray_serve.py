@@ -24,7 +24,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from encoder_service.client.endpoint import EncoderClient  # noqa: E402
+from encoder_service.client.endpoint import EncoderClient, by_digest  # noqa: E402
+from encoder_service.client.security import ClientSecurity  # noqa: E402
 from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
 from encoder_service.client.retry import RetryPolicy  # noqa: E402
 from encoder_service.contract.media import MediaInput, Modality  # noqa: E402
@@ -37,19 +38,23 @@ from llm_worker.actor import LLMWorkerActor  # noqa: E402
 from llm_worker.codec import pack_requests, unpack_outputs  # noqa: E402
 from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig  # noqa: E402
 from llm_worker.tiny import tiny_llm_dir  # noqa: E402
-from tests.conftest import image_bytes, wait_for  # noqa: E402
+from tests.conftest import image_bytes, pool_token, wait_for  # noqa: E402
 
 APP = "encoder"
 METADATA = (("application", APP),)
 
 
 
+TENANT = "tests"  # handle callers name their tenant (the pool requires auth)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(tiny_checkpoint):
-    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
-    yield free_port()  # Serve's gRPC proxy port: fixed once Serve starts, so one per cluster
-    serve.shutdown()
-    ray.shutdown()
+    with pool_token():  # the replicas' token, and the one this module's gRPC clients send
+        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
+        yield free_port()  # Serve's gRPC proxy port: fixed once Serve starts, so one per cluster
+        serve.shutdown()
+        ray.shutdown()
     assert not ray.is_initialized()
 
 
@@ -183,12 +188,62 @@ def test_health_reflection_and_cli_through_the_proxy(pool, ray_cluster, tiny_che
     probe.close()
 
 
+def test_every_door_of_the_pool_checks_tokens_and_keeps_tenants_apart(pool, ray_cluster, tiny_checkpoint, tmp_path):
+    """A pool deployed with `auth_token_file`: through Serve's proxy a call without a token, with a wrong one
+    or with a second forged header is refused (UNAUTHENTICATED); two tokens are two cache namespaces; health
+    stays open; GetModelInfo says auth is on; a handle call must name its tenant."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# one per tenant\ntoken-a\ntoken-b\n")
+    cfg = _config(tiny_checkpoint, ray_cluster, min_replicas=1, max_replicas=1)
+    cfg["applications"][0].update(name="authed", route_prefix="/authed")
+    cfg["applications"][0]["args"]["auth_token_file"] = str(tokens)
+    address = deploy(cfg)
+    image = MediaInput(Modality.IMAGE, image_bytes(80, 60, seed=7))
+
+    def refused(client, items, **kwargs) -> str:
+        with pytest.raises(grpc.RpcError) as failed:
+            client.encode(items, **kwargs)
+        return failed.value.code().name
+
+    def client(token):
+        return EncoderClient(address, timeout=60, security=ClientSecurity(token=token), application="authed")
+
+    try:
+        with client(None) as anonymous, client("token-x") as wrong, client("token-a") as a, client("token-b") as b:
+            assert refused(anonymous, [image]) == refused(wrong, [image]) == "UNAUTHENTICATED"
+            with pytest.raises(grpc.RpcError) as info_refused:
+                anonymous.model_info()
+            assert info_refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert anonymous.health() == "SERVING"  # probes need no token
+            first = a.encode([image])
+            assert not first.items[0].cache_hit
+            a_result_counts = first.token_counts
+            info = a.model_info()
+            assert info.auth_required and not info.shared_cache
+            assert a.encode([by_digest(image)]).items[0].cache_hit  # a's own entry
+            assert refused(b, [by_digest(image)]) == "NOT_FOUND"  # b cannot probe or fetch it
+            forged = (("authorization", "Bearer token-b"),)
+            assert refused(a, [by_digest(image)], metadata=forged) == "UNAUTHENTICATED"
+        nameless = PoolEncoderClient(PoolClientConfig(application="authed", transport="handle"))
+        named = PoolEncoderClient(PoolClientConfig(application="authed", transport="handle", tenant="llm-workers"))
+        try:
+            with pytest.raises(grpc.RpcError) as handle_refused:
+                nameless.encode([image])
+            assert handle_refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert named.encode([image]).token_counts == a_result_counts
+        finally:
+            nameless.close()
+            named.close()
+    finally:
+        serve.delete("authed")
+
+
 def test_handle_path_equals_grpc_zero_copy_and_maps_errors(pool):
     """Ray-native Encode: same rows as over gRPC, read in place from the object store, same statuses."""
     address, client = pool
     items = _items(np.random.default_rng(), 3)
     over_grpc = client.encode(items, metadata=METADATA)
-    native = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle"))
+    native = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle", tenant=TENANT))
     over_handle = native.encode(items)
     assert over_handle.token_counts == over_grpc.token_counts
     assert torch.equal(over_handle.embeddings, over_grpc.embeddings)  # one request alone: the same batch
@@ -197,7 +252,7 @@ def test_handle_path_equals_grpc_zero_copy_and_maps_errors(pool):
     # The tensor bytes arrive as a read-only array: a view of the object store, not a copy.
     request = pb.EncodeRequest(items=[pb.MediaItem(modality=pb.MODALITY_IMAGE, encoded_image=image_bytes(64, 64))])
     handle = native.transports[0].handle.options(method_name="encode_native")
-    header, payload = handle.remote(request.SerializeToString(), 30.0).result(timeout_s=60)
+    header, payload = handle.remote(request.SerializeToString(), 30.0, TENANT).result(timeout_s=60)
     assert isinstance(payload, np.ndarray) and not payload.flags.writeable
     assert pb.EncodeResponse.FromString(header).items[0].token_count == 16
 
@@ -218,7 +273,7 @@ def test_encode_stream_through_the_proxy_and_the_handle(pool):
     items = _items(rng, 3) + [MediaInput(Modality.VIDEO, rng.integers(0, 256, (4, 40, 60, 3), dtype=np.uint8),
                                          pruning_rate=0.5)]
     unary = client.encode(items, metadata=METADATA)
-    native = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle", affinity=False))
+    native = PoolEncoderClient(PoolClientConfig(application=APP, transport="handle", affinity=False, tenant=TENANT))
     try:
         for encode_stream in (lambda its, on_item: client.encode_stream(its, on_item, metadata=METADATA),
                               native.encode_stream):
@@ -281,7 +336,7 @@ def test_killing_a_replica_mid_load_loses_no_request(ray_cluster, tiny_checkpoin
     address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=2, max_replicas=2))
     assert wait_for(lambda: running_replicas(APP) == 2, timeout_s=60)
     client = PoolEncoderClient(
-        PoolClientConfig([address], APP, transport=transport,
+        PoolClientConfig([address], APP, transport=transport, tenant=TENANT,
                          retry=RetryPolicy(attempt_timeout_s=20, backoff_s=0.2, max_attempts=8))
     )
     stop, results, errors = threading.Event(), [], []
@@ -317,7 +372,8 @@ def test_llm_worker_actor_generates_through_the_pool(ray_cluster, tiny_checkpoin
         GenerationRequest("Again <image>", [MediaInput(Modality.IMAGE, image_bytes(64, 64, seed=2))], max_new_tokens=5),
     ]
     worker = LLMWorkerActor.options(num_cpus=1).remote(
-        {"addresses": [address], "application": APP, "transport": transport}, {"model_dir": llm_dir, "chunk_size": 16}
+        {"addresses": [address], "application": APP, "transport": transport, "tenant": TENANT},
+        {"model_dir": llm_dir, "chunk_size": 16}
     )
     outputs = unpack_outputs(ray.get(worker.generate.remote(pack_requests(requests)), timeout=120))
     stats = ray.get(worker.stats.remote())
@@ -371,7 +427,7 @@ def test_each_item_goes_to_the_replica_that_caches_it(ray_cluster, tiny_checkpoi
     encoded it and is a cache hit there; the items spread over the replicas."""
     address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=3, max_replicas=3))
     assert wait_for(lambda: running_replicas(APP) == 3, timeout_s=90)
-    client = PoolEncoderClient(PoolClientConfig([address], APP, transport=transport))
+    client = PoolEncoderClient(PoolClientConfig([address], APP, transport=transport, tenant=TENANT))
     images = _items(np.random.default_rng(), 12)
     for image in images:  # a new handle's router learns the replicas over its first calls: warm it up
         client.encode([image])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ import grpc.experimental
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from encoder_service.client.retry import RetryPolicy
 from encoder_service.client.security import ClientSecurity
 from encoder_service.contract.errors import EncodeFailed
 from encoder_service.contract.media import MediaDigest, MediaInput, Modality, media_digest
@@ -27,9 +29,10 @@ from encoder_service.contract.model_info import ModelInfo
 from encoder_service.contract.result import EncodeResult, ItemEmbedding, assemble
 from encoder_service.contract.wire.channel import DEFAULT_MAX_MESSAGE_BYTES, channel_options
 from encoder_service.contract.wire.media import media_to_proto
+from encoder_service.contract.wire.metadata import APPLICATION_KEY
 from encoder_service.contract.wire.model_info import model_info_from_proto
 from encoder_service.contract.wire.responses import decode_response
-from encoder_service.contract.wire.status import cache_misses_from_status, item_from_status, status_trailers
+from encoder_service.contract.wire.status import cache_misses_from_status, failure_from_rpc, status_trailers
 from encoder_service.contract.wire.streams import StreamAssembler, parse_message
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.proto import encoder_pb2_grpc as pb_grpc
@@ -86,15 +89,15 @@ class RemoteCallError(grpc.RpcError):
 
 def _renumbered(error: grpc.RpcError, indices: list[int]) -> grpc.RpcError:
     """A failure of a call that carried items `indices` of a request, naming them by their request index."""
-    item = item_from_status(error)
-    if item is None:
+    failure = failure_from_rpc(error)
+    if failure.item_index is None:
         return error
-    local, item_id = item
-    details = error.details().replace(f"item {local} ('{item_id}')", f"item {indices[local]} ('{item_id}')", 1)
-    missing = cache_misses_from_status(error) or []
-    failure = EncodeFailed(error.code().name, details, indices[local], item_id,
-                           [(indices[i], "") for i in missing])
-    return RemoteCallError(error.code(), details, failure)
+    local = failure.item_index
+    failure.message = failure.message.replace(f"item {local} ('{failure.item_id}')",
+                                              f"item {indices[local]} ('{failure.item_id}')", 1)
+    failure.item_index = indices[local]
+    failure.missing = [(indices[i], "") for i, _ in failure.missing]
+    return RemoteCallError(error.code(), failure.message, failure)
 
 
 # While waiting for readiness, these mean "not yet" (no server, app not deployed, no replica up yet).
@@ -104,7 +107,8 @@ NOT_READY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.
 class EncoderClient:
     def __init__(self, address: str, timeout: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  security: ClientSecurity | None = None, probe: bool = False, application: str = "",
-                 extra_options: Sequence[tuple[str, int | str]] = (), connections: int = 1):
+                 extra_options: Sequence[tuple[str, int | str]] = (), connections: int = 1,
+                 retry: RetryPolicy | None = None):
         """`address`: a standalone server or a Ray Serve pool's gRPC proxy (host:port).
         `security`: TLS / mTLS / bearer token; default from the environment (`ClientSecurity.from_env`).
         `probe`: send items by digest first, their media only if the server lacks them.
@@ -113,9 +117,11 @@ class EncoderClient:
         (one call each, round-robin), and `encode` calls take them in turn (calls made at once from
         several threads, e.g. one per item, move in parallel): one gRPC connection moves a few hundred
         MB/s, so large answers arrive sooner over several (bench/RESULTS.md, progressive_prefill). The
-        calls may be batched apart, so rows can differ from a one-call answer by floating-point rounding."""
-        self.address, self.timeout, self.probe = address, timeout, probe
-        self.metadata: tuple[tuple[str, str], ...] = (("application", application),) if application else ()
+        calls may be batched apart, so rows can differ from a one-call answer by floating-point rounding.
+        `retry`: `encode` retries under this policy (`client.retry`); None: one attempt."""
+        self.address, self.timeout, self.probe, self.retry = address, timeout, probe, retry
+        self.retries = 0  # attempts `retry` made after a failure
+        self.metadata: tuple[tuple[str, str], ...] = ((APPLICATION_KEY, application),) if application else ()
         self.bytes_sent = 0  # serialised EncodeRequest bytes (what probing saves)
         security = security if security is not None else ClientSecurity.from_env()
         options = channel_options(max_message_bytes) + list(extra_options)
@@ -123,18 +129,37 @@ class EncoderClient:
         # over from its channel thread, which made moving the same bytes as a stream several times slower than
         # as one unary answer (bench.grpc_transport, modes stream vs stream-handoff; bench/RESULTS.md).
         options.append((grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1))
-        if connections > 1:  # channels sharing the global subchannel pool would share one connection
-            options.append(("grpc.use_local_subchannel_pool", 1))
-        self.channels = [security.channel(address, options) for _ in range(max(1, connections))]
+        # A private subchannel pool per channel: channels sharing the global pool would share one connection,
+        # and `reconnect` could not replace a dead one.
+        options.append(("grpc.use_local_subchannel_pool", 1))
+        self._security, self._options, self._connections = security, options, max(1, connections)
+        self._turns = itertools.count()  # which connection the next `encode` call takes (atomic under the GIL)
+        self._lock = threading.Lock()
+        self.generation = 0  # bumped by each `reconnect`
+        self._retired: list[grpc.Channel] = []  # replaced channels, closed with the client
+        self._connect()
+
+    def _connect(self) -> None:
+        self.channels = [self._security.channel(self.address, self._options) for _ in range(self._connections)]
         self.channel = self.channels[0]
         self.stub = pb_grpc.EncoderServiceStub(self.channel)
         # Responses arrive as bytes and are parsed in place (`decode_response`).
         self._encodes = [channel.unary_unary(ENCODE_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)
                          for channel in self.channels]
-        self._turns = itertools.count()  # which connection the next `encode` call takes (atomic under the GIL)
         # Stream messages arrive as bytes too: their rows are read in place (`streams.parse_message`).
         self._streams = [channel.unary_stream(ENCODE_STREAM_METHOD, request_serializer=pb.EncodeRequest.SerializeToString)
                          for channel in self.channels]
+
+    def reconnect(self, generation: int) -> None:
+        """New connections in place of those of `generation` (once, however many callers saw them fail). An
+        attempt that ran out of time may have been on a connection that silently stopped carrying bytes (a
+        black hole: gRPC would keep using it); calls still on the old channels finish or fail there."""
+        with self._lock:
+            if generation != self.generation:
+                return
+            self.generation += 1
+            self._retired.extend(self.channels)
+            self._connect()
 
     def encode(
         self,
@@ -145,21 +170,37 @@ class EncoderClient:
         copy: bool = True,
         probe: bool | None = None,
         digests: Sequence[str] | None = None,
+        rows: int = pb.ROWS_INLINE,
     ) -> EncodeResult:
         """Encode `items` in one call (two with `probe` when some are not cached). copy=False returns a
         read-only view of the received message (saves a copy for callers that copy rows out anyway, like
-        the LLM worker's cache). `digests`: the items' media digests, if the caller has them."""
+        the LLM worker's cache). `digests`: the items' media digests, if the caller has them. `rows`:
+        ROWS_CACHE_ONLY puts the items into the endpoint's cache and answers their metadata only."""
         request_id = request_id or uuid.uuid4().hex
+        probe = self.probe if probe is None else probe
 
-        def call(sent: list[MediaInput]) -> EncodeResult:
-            request = pb.EncodeRequest(request_id=request_id, items=[media_to_proto(i) for i in sent])
-            self.bytes_sent += request.ByteSize()
-            method = self._encodes[next(self._turns) % len(self._encodes)]
-            return decode_response(
-                method(request, timeout=timeout or self.timeout, metadata=self.metadata + tuple(metadata or ())),
-                copy=copy)
+        def attempt(number: int, attempt_timeout: float) -> EncodeResult:
+            generation = self.generation
 
-        return probe_then_upload(call, items, digests) if (self.probe if probe is None else probe) else call(items)
+            def call(sent: list[MediaInput]) -> EncodeResult:
+                request = pb.EncodeRequest(request_id=request_id, items=[media_to_proto(i) for i in sent], rows=rows)
+                self.bytes_sent += request.ByteSize()
+                method = self._encodes[next(self._turns) % len(self._encodes)]
+                return decode_response(
+                    method(request, timeout=attempt_timeout, metadata=self.metadata + tuple(metadata or ())), copy=copy)
+
+            self.retries += number > 0
+            try:
+                return probe_then_upload(call, items, digests) if probe else call(items)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.retry is not None:
+                    self.reconnect(generation)
+                raise
+
+        timeout = timeout or self.timeout
+        if self.retry is None:
+            return attempt(0, timeout)
+        return dataclasses.replace(self.retry, total_timeout_s=timeout).run(attempt, f"Encode at {self.address}")
 
     def encode_stream(
         self,
@@ -261,7 +302,7 @@ class EncoderClient:
             time.sleep(0.2)
 
     def close(self) -> None:
-        for channel in self.channels:
+        for channel in self.channels + self._retired:
             channel.close()
 
     def __enter__(self) -> "EncoderClient":

@@ -85,13 +85,19 @@ class _CallDetails(
     pass
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every call of a channel."""
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call of a channel (Encode and EncodeStream alike)."""
 
     def __init__(self, token: str):
         self._header = ("authorization", f"Bearer {token}")
 
-    def intercept_unary_unary(self, continuation, details, request):
+    def _with_token(self, details) -> _CallDetails:
         metadata = list(details.metadata or []) + [self._header]
-        return continuation(_CallDetails(details.method, details.timeout, metadata, details.credentials,
-                                         details.wait_for_ready, details.compression), request)
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready,
+                            details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)

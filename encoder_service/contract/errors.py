@@ -1,4 +1,19 @@
-"""Errors that map to gRPC status codes: the caller's fault, not the server's."""
+"""Errors that map to gRPC status codes (`wire.status`), each with a reason a client can act on (the
+ErrorInfo `reason` of the status details): what is the caller's fault, what is worth a retry.
+
+| error            | status             | reason            | retried (`client.retry`)          |
+|------------------|--------------------|-------------------|-----------------------------------|
+| InvalidInput     | INVALID_ARGUMENT   | BAD_ITEM / BAD_REQUEST | never                        |
+| PoisonInput      | INVALID_ARGUMENT   | POISON            | never (it killed a worker twice)  |
+| BudgetExceeded   | RESOURCE_EXHAUSTED | REQUEST_TOO_LARGE | never                             |
+| CacheMiss        | NOT_FOUND          | CACHE_MISS        | sent again with the media         |
+| Busy             | UNAVAILABLE        | BUSY              | yes, after `retry-after-ms`       |
+| Unavailable      | UNAVAILABLE        | UNAVAILABLE       | yes, on another replica           |
+| DeadlineExceeded | DEADLINE_EXCEEDED  | DEADLINE          | yes while the call's budget lasts |
+| Unauthenticated  | UNAUTHENTICATED    | UNAUTHENTICATED   | never                             |
+| FailedPrecondition | FAILED_PRECONDITION | CACHE_OFF      | never                             |
+| anything else    | INTERNAL           | INTERNAL          | never                             |
+"""
 
 from __future__ import annotations
 
@@ -29,6 +44,11 @@ class InvalidInput(ItemError):
     """Malformed request (corrupt image, zero size, unknown modality, too many items) -> INVALID_ARGUMENT."""
 
 
+class PoisonInput(InvalidInput):
+    """An item that crashed the preprocessing worker decoding it, twice -> INVALID_ARGUMENT (reason POISON):
+    deterministic on that input, so no replica should be made to try it again."""
+
+
 class BudgetExceeded(ItemError):
     """Well-formed but larger than this server accepts (token/pixel/byte budgets) -> RESOURCE_EXHAUSTED."""
 
@@ -45,6 +65,16 @@ class CacheMiss(ItemError):
 
     def for_item(self, index: int, item_id: str = "") -> "CacheMiss":
         return self
+
+
+class FailedPrecondition(RuntimeError):
+    """The endpoint cannot do what the request asks as it is configured (ROWS_CACHE_ONLY with the cache off)
+    -> FAILED_PRECONDITION (reason CACHE_OFF)."""
+
+
+class Unauthenticated(PermissionError):
+    """No valid credentials for this call (a missing, wrong or duplicated bearer token; a handle call that
+    names no tenant on a deployment that requires one) -> UNAUTHENTICATED."""
 
 
 class DeadlineExceeded(TimeoutError):
@@ -71,11 +101,12 @@ class EncodeFailed(Exception):
     would the gRPC status."""
 
     def __init__(self, code: str, message: str, item_index: int | None = None, item_id: str = "",
-                 missing: list[tuple[int, str]] | None = None, retry_after_ms: int | None = None):
+                 missing: list[tuple[int, str]] | None = None, retry_after_ms: int | None = None, reason: str = ""):
         super().__init__(code, message)
         self.code, self.message, self.item_index, self.item_id = code, message, item_index, item_id
         self.missing = missing or []  # CACHE_MISS: (index, item_id) of every item to send with its media
         self.retry_after_ms = retry_after_ms  # a busy server's hint
+        self.reason = reason  # the ErrorInfo reason (`wire.status.reason_for`)
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

@@ -67,3 +67,5 @@ class ModelInfo:
     default_video_frames: int = 16  # frames sampled from a video container when the request does not say
     fingerprint: ModelFingerprint | None = None  # what produces the rows
     video_frames: VideoFrameGeometry | None = None  # video frames resized to a patch budget, when set
+    shared_cache: bool = False  # one cache for every caller: see protos/encoder.proto
+    auth_required: bool = False  # calls need a bearer token

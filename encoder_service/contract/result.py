@@ -47,6 +47,7 @@ class ItemEmbedding:
     cache_hit: bool = False
     frame_indices: list[int] = field(default_factory=list)  # encoded_video: in the stream
     video_fps: float = 0.0  # encoded_video: the stream's average rate
+    cached: bool = False  # the rows are in the server's cache after the call (a fetch by digest finds them)
 
 
 @dataclass
@@ -103,8 +104,8 @@ def assemble(parts: list[EncodeResult], request_id: str = "", groups: list[list[
 
 def describe_item(offset: int, token_count: int, num_tiles: int, tokens_per_frame: list[int],
                   frames: SampledFrames | None = None, digest: str = "", cache_hit: bool = False, item_id: str = "",
-                  content_hash: str = "") -> ItemEmbedding:
+                  content_hash: str = "", cached: bool = False) -> ItemEmbedding:
     """An item's metadata as an answer gives it (`frames`: a video container's sampled frames)."""
     return ItemEmbedding(item_id, content_hash, offset, token_count, num_tiles, list(tokens_per_frame),
                          list(frames.times) if frames else [], digest, cache_hit,
-                         list(frames.indices) if frames else [], frames.fps if frames else 0.0)
+                         list(frames.indices) if frames else [], frames.fps if frames else 0.0, cached)

@@ -22,6 +22,8 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SERVE_CONFIG = DEPLOY / "serve_config.yaml"
 MANIFEST = DEPLOY / "rayservice.yaml"
 APP = "applications.0"
+TOKENS_SECRET = "encoder-service-tokens"  # kubectl create secret generic encoder-service-tokens --from-file=tokens=...
+TOKENS_DIR = "/var/run/secrets/encoder-service"
 DEPLOYMENT = f"{APP}.deployments.0"
 
 # What differs on Kubernetes, and why. Dotted paths into the Serve config (list items by index).
@@ -30,6 +32,8 @@ KUBERNETES: dict[str, tuple[Any, str]] = {
     f"{APP}.args.gpus_per_replica": (1, "one whole GPU per replica (the worker group has one GPU per pod)"),
     f"{APP}.args.cpus_per_replica": (8, "decode/tiling workers (the replica's CPUs minus one) keep a GPU fed"),
     f"{APP}.args.engine.checkpoint": ("/models/encoder", "the checkpoint volume, mounted read-only"),
+    f"{APP}.args.auth_token_file": (f"{TOKENS_DIR}/tokens", "the bearer tokens, from the Kubernetes Secret "
+                                    f"{TOKENS_SECRET} mounted read-only"),
     f"{APP}.args.engine.device": ("cuda", "GPU workers only"),
     f"{APP}.args.engine.dtype": ("bfloat16", "what the GPU replicas run"),
     f"{APP}.args.pipeline.arena_mb": (1024, "room for long videos' tiles on nodes with large memory"),
@@ -131,10 +135,24 @@ def check_manifest(manifest: dict, serve_config: dict | None = None) -> list[str
         holder = next((m for path, m in mounts.items() if checkpoint.startswith(path.rstrip("/") + "/")), None)
         if holder is None or not holder.get("readOnly"):
             problems.append(f"worker group {name}: the checkpoint {checkpoint} must be on a read-only volume mount")
+        problems += _auth_problems(app["args"], name, container, group["template"]["spec"])
     if gpus_per_replica and capacity < max_replicas:
         problems.append(f"the GPU worker groups hold at most {capacity:g} replicas at maxReplicas, Serve may ask "
                         f"for {max_replicas}: raise maxReplicas (>= max_replicas x gpus_per_replica / GPUs per pod)")
     return problems
+
+
+def _auth_problems(args: dict, group: str, container: dict, pod: dict) -> list[str]:
+    """The replicas' tokens come from a Secret mounted read-only where `auth_token_file` points."""
+    if not args.get("require_auth"):
+        return [f"worker group {group}: the pool must require auth (args.require_auth: true)"]
+    token_file = args.get("auth_token_file") or ""
+    mount = next((m for m in container.get("volumeMounts", [])
+                  if token_file.startswith(m["mountPath"].rstrip("/") + "/")), None)
+    volume = next((v for v in pod.get("volumes", []) if mount is not None and v["name"] == mount["name"]), None)
+    if mount is None or not mount.get("readOnly") or volume is None or "secret" not in volume:
+        return [f"worker group {group}: auth_token_file {token_file!r} must be on a read-only mount of a Secret"]
+    return []
 
 
 def write_manifest(path: Path = MANIFEST) -> None:

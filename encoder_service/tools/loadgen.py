@@ -5,7 +5,8 @@ Closed loop (`concurrency` callers, each sending its next request when the last 
 fixed rate (`rate` requests per second, open loop: late answers do not slow arrivals). Requests hold
 `images_per_request` items from the user's files or a built-in mix of photo-like sizes; each built-in
 image is new (the pool's cache answers nothing unless `repeat` is set). Reported: requests/s,
-tiles/s, MB/s of embeddings, p50/p90/p99 latency, errors by gRPC status.
+tiles/s, MB/s of embeddings, p50/p90/p99 latency, errors by gRPC status (after the client's retry policy,
+`client.retry`) and the retries it made.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Tally:
     tiles: int = 0
     nbytes: int = 0
     errors: Counter = field(default_factory=Counter)
+    retries: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def ok(self, seconds: float, tiles: int, nbytes: int) -> None:
@@ -94,6 +96,7 @@ class Tally:
 def run(cfg: LoadConfig, client: EncoderClient, progress=sys.stderr) -> dict:
     """Apply the load for `duration_s`; the summary (also printed live to `progress` when a terminal)."""
     images, tally = Images(cfg), Tally()
+    retries_before = client.retries  # the client's retry policy (`client.retry`) may have retried calls
     end = time.monotonic() + cfg.duration_s
     started = time.monotonic()
 
@@ -132,6 +135,7 @@ def run(cfg: LoadConfig, client: EncoderClient, progress=sys.stderr) -> dict:
     stop.set()
     if reporter.is_alive():
         reporter.join()
+    tally.retries = client.retries - retries_before
     return summary(tally, time.monotonic() - started, cfg)
 
 
@@ -147,6 +151,7 @@ def summary(tally: Tally, elapsed: float, cfg: LoadConfig) -> dict:
         "tiles_per_s": round(tally.tiles / elapsed, 1), "mb_per_s": round(tally.nbytes / elapsed / 1e6, 2),
         "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99),
         "mean_ms": round(1e3 * statistics.mean(lat), 1) if lat else None, "errors": dict(tally.errors),
+        "retries": tally.retries,
     }
 
 
@@ -167,6 +172,7 @@ def _report_live(tally: Tally, started: float, duration: float, stop: threading.
 def table(report: dict) -> str:
     rows = [("requests/s", report["requests_per_s"]), ("tiles/s", report["tiles_per_s"]), ("MB/s", report["mb_per_s"]),
             ("p50 ms", report["p50_ms"]), ("p90 ms", report["p90_ms"]), ("p99 ms", report["p99_ms"]),
-            ("requests", report["requests"]), ("errors", json.dumps(report["errors"]) if report["errors"] else "none")]
+            ("requests", report["requests"]), ("errors", json.dumps(report["errors"]) if report["errors"] else "none"),
+            ("retries", report["retries"])]
     return "\n".join([f"{report['address']}, {report['mode']}, {report['seconds']} s"] +
                      [f"  {name:<11} {value}" for name, value in rows])

@@ -33,6 +33,8 @@ def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
         fingerprint=None if info.fingerprint is None else fingerprint_to_proto(info.fingerprint),
         video_frame_geometry=None if info.video_frames is None
         else pb.VideoFrameGeometry(**dataclasses.asdict(info.video_frames)),
+        shared_cache=info.shared_cache,
+        auth_required=info.auth_required,
     )
 
 
@@ -69,7 +71,16 @@ def model_info_from_proto(msg: pb.ModelInfo) -> ModelInfo:
         default_video_frames=msg.default_video_frames,
         fingerprint=fingerprint_from_proto(msg.fingerprint) if msg.HasField("fingerprint") else None,
         video_frames=_spec(VideoFrameGeometry, msg, "video_frame_geometry"),
+        shared_cache=msg.shared_cache,
+        auth_required=msg.auth_required,
     )
+
+
+def with_access(info_bytes: bytes, shared_cache: bool, auth_required: bool) -> bytes:
+    """A serialised ModelInfo with the door's access settings filled in (the model process does not know them)."""
+    msg = pb.ModelInfo.FromString(info_bytes)
+    msg.shared_cache, msg.auth_required = shared_cache, auth_required
+    return msg.SerializeToString()
 
 
 def _spec(cls, msg, field: str):

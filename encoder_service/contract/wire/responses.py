@@ -29,22 +29,25 @@ def item_to_proto(item: ItemEmbedding) -> pb.ItemMetadata:
     return pb.ItemMetadata(item_id=item.item_id, content_hash=item.content_hash, token_count=item.token_count,
                            offset=item.offset, num_tiles=item.num_tiles, tokens_per_frame=item.tokens_per_frame,
                            frame_timestamps=item.frame_timestamps, frame_indices=item.frame_indices,
-                           video_fps=item.video_fps, digest=item.digest, cache_hit=item.cache_hit)
+                           video_fps=item.video_fps, digest=item.digest, cache_hit=item.cache_hit, cached=item.cached)
 
 
 def item_from_proto(m: pb.ItemMetadata) -> ItemEmbedding:
     return ItemEmbedding(m.item_id, m.content_hash, m.offset, m.token_count, m.num_tiles, list(m.tokens_per_frame),
-                         list(m.frame_timestamps), m.digest, m.cache_hit, list(m.frame_indices), m.video_fps)
+                         list(m.frame_timestamps), m.digest, m.cache_hit, list(m.frame_indices), m.video_fps, m.cached)
 
 
 def response_header(request_id: str, items: list[ItemEmbedding], dtype: torch.dtype, hidden_size: int,
-                    extras: dict) -> pb.EncodeResponse:
-    """Everything of the response but the tensor's bytes (its dtype and shape included)."""
+                    extras: dict, rows: int = pb.ROWS_INLINE) -> pb.EncodeResponse:
+    """Everything of the response but the tensor's bytes (its dtype and shape included; [0, hidden] when the
+    answer carries no rows: `rows` ROWS_CACHE_ONLY)."""
+    count = sum(i.token_count for i in items) if rows == pb.ROWS_INLINE else 0
     return pb.EncodeResponse(
         request_id=request_id,
-        embeddings=pb.Tensor(dtype=TORCH_TO_PB[dtype], shape=[sum(i.token_count for i in items), hidden_size]),
+        embeddings=pb.Tensor(dtype=TORCH_TO_PB[dtype], shape=[count, hidden_size]),
         items=[item_to_proto(item) for item in items],
         extras=msgpack.packb(extras),
+        rows=rows,
     )
 
 
@@ -90,8 +93,10 @@ def decode_response(data: bytes, copy: bool = True) -> EncodeResult:
 
 
 def result_from_parts(header: pb.EncodeResponse, embeddings: torch.Tensor) -> EncodeResult:
+    """A response's result; one that carries no rows (ROWS_CACHE_ONLY) has a [0, hidden] tensor."""
     items = [item_from_proto(m) for m in header.items]
-    if sum(i.token_count for i in items) != embeddings.shape[0]:
+    expected = sum(i.token_count for i in items) if header.rows == pb.ROWS_INLINE else 0
+    if expected != embeddings.shape[0]:
         raise ValueError("response token counts do not add up to the embedding rows")
     return EncodeResult(header.request_id, embeddings, items, msgpack.unpackb(header.extras) if header.extras else {})
 

@@ -1,7 +1,8 @@
 """The one front door: what every call passes through, whichever way it came in (the standalone gRPC
 server, the Serve gRPC deployment, the Serve handle method).
 
-- the tenant: the cache namespace a call's rows are kept under (`security.cache_namespace`);
+- identity and tenant: who the call is (`security.Authenticator`: a verified bearer token, or a handle
+  caller's named tenant) and so the cache namespace its rows are kept under;
 - admission: requests or request bytes in flight over the limits are refused at once with `Busy`
   (UNAVAILABLE + `retry-after-ms`: retry later or on another replica) instead of queueing without bound;
 - the deadline, as a time.monotonic() instant the model process honours;
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 from encoder_service.contract.errors import Busy
+from encoder_service.contract.wire.model_info import with_access
 from encoder_service.contract.wire.responses import response_extras
 from encoder_service.contract.wire.status import status_for
-from encoder_service.serving.api.security import cache_namespace
+from encoder_service.serving.api.security import Authenticator, Identity
 
 
 @dataclass
@@ -55,14 +57,22 @@ def deadline_in(seconds: float | None) -> float | None:
 
 
 class Edge:
-    def __init__(self, limits: EdgeLimits, metrics: MetricsSink, cache_per_token: bool = True):
-        self.limits, self.metrics, self.cache_per_token = limits, metrics, cache_per_token
+    def __init__(self, limits: EdgeLimits, metrics: MetricsSink, auth: Authenticator):
+        self.limits, self.metrics, self.auth = limits, metrics, auth
         self.counters = ServiceCounters()
         self.inflight_requests = self.inflight_bytes = 0
 
-    def tenant(self, metadata) -> str:
-        """The cache namespace of a call with this gRPC metadata."""
-        return cache_namespace(metadata, self.cache_per_token)
+    def identify(self, metadata) -> Identity:
+        """A gRPC call's identity (raises Unauthenticated)."""
+        return self.auth.identify(metadata)
+
+    def identify_handle(self, tenant: str) -> Identity:
+        """A Serve handle call's identity (raises Unauthenticated)."""
+        return self.auth.identify_handle(tenant)
+
+    def access(self, info_bytes: bytes) -> bytes:
+        """GetModelInfo's answer with this door's access settings (shared cache, tokens required)."""
+        return with_access(info_bytes, self.auth.shared_cache, self.auth.required)
 
     @contextlib.contextmanager
     def admitted(self, nbytes: int, started: float) -> Iterator[None]:

@@ -33,7 +33,7 @@ from encoder_service.contract.wire.streams import DEFAULT_CHUNK_BYTES
 from encoder_service.serving.api import streaming
 from encoder_service.serving.api.edge import Edge, EdgeLimits, ServiceCounters, deadline_in
 from encoder_service.serving.api.metrics import EncoderMetrics
-from encoder_service.serving.api.security import TLSConfig, TokenCheck, is_loopback, tokens_from
+from encoder_service.serving.api.security import Authenticator, TLSConfig, TokenCheck, is_loopback, tokens_from
 from encoder_service.serving.api.services import ENCODER_SERVICE, HEALTH_NAMES, REFLECTED_SERVICES
 from encoder_service.serving.heap import keep_large_buffers_in_heap
 from encoder_service.serving.host.model_process import ModelProcess
@@ -62,7 +62,8 @@ class ServerConfig:
     # $ENCODER_SERVICE_TOKEN; none: no token.
     auth_token_file: str | None = None
     insecure: bool = False  # allow a non-loopback address without TLS
-    # Embedding-cache entries per bearer token (a probe cannot reveal another tenant's images); False: shared.
+    # Embedding-cache entries per bearer token (a probe cannot reveal another tenant's images); False: one cache
+    # for everybody, which lets any caller learn whether an image was sent and fetch its rows (README).
     cache_per_token: bool = True
     engine: EngineConfig = field(default_factory=EngineConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -82,10 +83,11 @@ class EncoderServicer:
     """The EncoderService methods, on raw-bytes handlers: requests go to the model process as they
     arrived, responses leave pre-serialised. Admission, tenant, statuses and metrics: the edge's."""
 
-    def __init__(self, model: ModelProcess, cfg: ServerConfig):
+    def __init__(self, model: ModelProcess, cfg: ServerConfig, auth: Authenticator):
         self.model, self.cfg = model, cfg
         self.metrics = EncoderMetrics(model.stats, lambda: (self.edge.inflight_requests, self.edge.inflight_bytes))
-        self.edge = Edge(cfg.limits, self.metrics, cfg.cache_per_token)
+        self.edge = Edge(cfg.limits, self.metrics, auth)
+        self._info = self.edge.access(model.info_bytes)
         self._serialize = ThreadPoolExecutor(cfg.serialize_threads, thread_name_prefix="encoder-serialize")
 
     @property
@@ -105,7 +107,7 @@ class EncoderServicer:
         deadline = deadline_in(context.time_remaining())
         try:
             with self.edge.admitted(len(request), started):
-                namespace = self.edge.tenant(context.invocation_metadata())
+                namespace = self.edge.identify(context.invocation_metadata()).namespace
                 reply = await asyncio.wrap_future(self.model.submit(request, deadline, namespace=namespace))
                 try:
                     serialize_from = time.perf_counter()
@@ -129,7 +131,7 @@ class EncoderServicer:
         info, tally = self.model.info, streaming.StreamTally()
         try:
             with self.edge.admitted(len(request), started):
-                namespace = self.edge.tenant(context.invocation_metadata())
+                namespace = self.edge.identify(context.invocation_metadata()).namespace
                 async with contextlib.aclosing(streaming.model_events(self.model, request, deadline,
                                                                       namespace)) as events:
                     async for message in streaming.wire_messages(events, info.dtype, info.hidden_size,
@@ -144,7 +146,7 @@ class EncoderServicer:
         self.edge.succeeded(reply.header, reply.items, reply.rows, started, tally.sent, tally.serialize_s)
 
     async def GetModelInfo(self, request: bytes, context) -> bytes:
-        return self.model.info_bytes
+        return self._info
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -172,9 +174,9 @@ class EncoderServer:
         self.metrics_port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         cfg.check()
-        self.tokens = tokens_from(cfg.auth_token_file)
+        self.auth = Authenticator(tokens_from(cfg.auth_token_file), shared_cache=not cfg.cache_per_token)
         self.model = ModelProcess(cfg.engine, cfg.pipeline, on_exit=self._model_exited)
-        self.servicer = EncoderServicer(self.model, cfg)
+        self.servicer = EncoderServicer(self.model, cfg, self.auth)
 
     def _model_exited(self) -> None:
         """The model process died (reader thread): stop advertising SERVING."""
@@ -190,7 +192,7 @@ class EncoderServer:
     async def start(self) -> str:
         self._loop = asyncio.get_running_loop()
         options = channel_options(self.cfg.max_message_bytes, self.cfg.max_request_bytes)
-        interceptors = [TokenCheck(self.tokens)] if self.tokens else []
+        interceptors = [TokenCheck(self.auth)] if self.auth.required else []
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         self.server.add_generic_rpc_handlers((self.servicer.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

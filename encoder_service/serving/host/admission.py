@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from encoder_service.batching import TileQueue
-from encoder_service.contract.errors import BudgetExceeded, CacheMiss, DeadlineExceeded, ItemError, Unavailable
+from encoder_service.contract.errors import (BudgetExceeded, CacheMiss, DeadlineExceeded, ItemError, PoisonInput,
+                                             Unavailable)
 from encoder_service.contract.media import MediaDigest, MediaInput, Modality, item_key, media_digest
 from encoder_service.contract.plan import ItemPlan
 from encoder_service.preprocess import device as device_preprocess
@@ -129,8 +130,11 @@ class Job:
 class Admission:
     """Jobs by key (single-flight), the queue of ready pieces, and requests' completion."""
 
-    def __init__(self, engine: EncoderEngine, store: RowStore, tiles: SharedArena, pool: PreprocessPool):
+    def __init__(self, engine: EncoderEngine, store: RowStore, tiles: SharedArena, pool: PreprocessPool,
+                 poison_ttl_s: float = 600.0):
         self.engine, self.store, self.tiles, self.pool = engine, store, tiles, pool
+        self.poison_ttl_s = poison_ttl_s
+        self._poison: dict[str, float] = {}  # media digest -> until when it is refused without a try
         self.model_key = engine.fingerprint.key
         self.lock = threading.Condition()
         self.ready: TileQueue[Job] = TileQueue(engine.cfg.max_tokens_per_batch)  # pieces waiting for the device
@@ -148,6 +152,7 @@ class Admission:
         if self.closed:
             raise Unavailable("the encoder is shutting down")
         digests = [media_digest(item.data) for item in items]
+        self._refuse_poison(items, digests)
         keys = [self._key(item, digest, namespace) for item, digest in zip(items, digests)]
         plans = {i: self.engine.plan_item(i, item) for i, item in enumerate(items)
                  if not isinstance(item.data, MediaDigest)}
@@ -206,6 +211,18 @@ class Admission:
         counts = [hits[i].rows if i in hits else joins[i].plan.tokens if i in joins else plans[new[i]].tokens
                   for i in range(len(items))]
         return hits, list(started.values()), counts
+
+    def _refuse_poison(self, items: list[MediaInput], digests: list[str]) -> None:
+        """Media that crashed workers recently fail at once: no worker is made to try them again."""
+        if not self._poison:
+            return
+        now = time.monotonic()
+        with self.lock:
+            self._poison = {d: until for d, until in self._poison.items() if until > now}
+            for i, digest in enumerate(digests):
+                if digest in self._poison:
+                    raise PoisonInput("the item crashed preprocessing workers recently; it will not be tried "
+                                      "again").for_item(i, items[i].item_id)
 
     def _key(self, item: MediaInput, digest: str, namespace: str) -> str:
         q = 0.0
@@ -290,6 +307,8 @@ class Admission:
         """A job that will not finish: its requests fail (`error`, or expire when None), its rows go back
         once nothing writes them (else the completion thread calls this again when the last tiles land)."""
         with self.lock:
+            if isinstance(error, PoisonInput):
+                self._poison[job.digest] = time.monotonic() + self.poison_ttl_s
             if self._jobs.get(job.key) is job:
                 del self._jobs[job.key]
             if not job.ended:

@@ -1,7 +1,11 @@
 """Child processes of a serving process (the model process, preprocessing workers): started with
 `python -m MODULE --config JSON` plus shared-memory file descriptors, spoken to over their stdin/stdout
-(`framing`). A child's stdout is its reply pipe only: stray prints go to stderr. A child exits when its
-parent's end of the pipe closes."""
+(`framing`). A child's stdout is its reply pipe only: stray prints go to stderr.
+
+Children outlive a group signal: each runs in a session of its own (a signal to the server's process group,
+from Ctrl-C, `kill -- -PGID` or systemd's `KillMode=control-group`, does not reach it) and ignores SIGINT and
+SIGTERM besides. The server drains on such a signal while its children finish the calls in flight; a child
+exits when its parent's end of the pipe closes (the parent exited, or closed it on purpose)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import argparse
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 
@@ -20,7 +25,7 @@ def spawn(module: str, config: dict, fds: dict[str, tuple[int, int]] | None = No
     for name, (fd, size) in (fds or {}).items():
         args += [f"--{name}-fd", str(fd), f"--{name}-size", str(size)]
     return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
-                            pass_fds=tuple(fd for fd, _ in (fds or {}).values()))
+                            pass_fds=tuple(fd for fd, _ in (fds or {}).values()), start_new_session=True)
 
 
 def started(proc: subprocess.Popen, timeout_s: float) -> bool:
@@ -40,7 +45,10 @@ def child_args(fd_names: tuple[str, ...], argv: list[str] | None = None) -> argp
 
 
 def child_pipes() -> tuple[int, int]:
-    """(input fd, reply fd) of a child; anything printed to stdout afterwards goes to stderr instead."""
+    """(input fd, reply fd) of a child; anything printed to stdout afterwards goes to stderr instead. From
+    here on the child ignores SIGINT and SIGTERM: only its pipe closing ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     reply = os.dup(sys.stdout.fileno())
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     return sys.stdin.fileno(), reply

@@ -83,15 +83,16 @@ class Failure:
     item_id: str = ""
     missing: list[tuple[int, str]] = field(default_factory=list)
     retry_after_ms: int | None = None
+    reason: str = ""
 
     @classmethod
     def of(cls, call: int, error: EncodeFailed) -> "Failure":
         return cls(call, error.code, error.message, error.item_index, error.item_id, error.missing,
-                   error.retry_after_ms)
+                   error.retry_after_ms, error.reason)
 
     def error(self) -> EncodeFailed:
         return EncodeFailed(self.code, self.message, self.item_index, self.item_id, [tuple(m) for m in self.missing],
-                            self.retry_after_ms)
+                            self.retry_after_ms, self.reason)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from encoder_service.config import EngineConfig
-from encoder_service.contract.errors import InvalidInput, Unavailable
+from encoder_service.contract.errors import FailedPrecondition, InvalidInput, Unavailable
 from encoder_service.contract.result import running_offsets
 from encoder_service.contract.wire.media import media_items_from_proto
 from encoder_service.contract.wire.model_info import model_info_to_proto
@@ -154,6 +154,7 @@ class ModelServer:
                 self._fail(call, InvalidInput("malformed EncodeRequest"))
                 continue
             try:
+                self._check_rows(request, call.encode.stream)
                 items = media_items_from_proto(request)
                 listener = StreamListener(self, call, request) if call.encode.stream else None
                 future = self.pipeline.submit(items, call.encode.deadline, call.encode.namespace, listener)
@@ -167,6 +168,17 @@ class ModelServer:
                 future.cancel()
             future.add_done_callback(lambda f, call=call, request=request: self._finished(call, request, f))
 
+    def _check_rows(self, request: pb.EncodeRequest, stream: bool) -> None:
+        """How the answer may carry the rows: a cache-only answer needs the cache, and is never streamed."""
+        if request.rows == pb.ROWS_INLINE:
+            return
+        if request.rows != pb.ROWS_CACHE_ONLY or stream:
+            raise InvalidInput(f"rows mode {request.rows} is not supported here" + (" (EncodeStream carries rows "
+                               "inline only)" if stream else ""))
+        if self.pipeline.store.cache is None:
+            raise FailedPrecondition("ROWS_CACHE_ONLY: this endpoint's embedding cache is off (cache_mb 0), so "
+                                     "nothing would be kept")
+
     def _finished(self, call: _Call, request: pb.EncodeRequest, future: Future) -> None:
         if future.cancelled():
             self._fail(call, Unavailable("cancelled"))
@@ -178,15 +190,20 @@ class ModelServer:
         try:
             extras = {**held.stats, "model": self.model_contract, **(call.encode.extras or {})}
             items = held.items([(m.item_id, m.content_hash) for m in request.items])
-            header = response_header(request.request_id, items, held.dtype, held.hidden_size, extras)
-            answer = messages.Answer(call.id, header.SerializeToString(), [self.segment(r) for r in held.regions],
-                                     len(request.items), held.shape[0])
+            header = response_header(request.request_id, items, held.dtype, held.hidden_size, extras, request.rows)
+            inline = request.rows == pb.ROWS_INLINE
+            answer = messages.Answer(call.id, header.SerializeToString(),
+                                     [self.segment(r) for r in held.regions] if inline else [], len(request.items),
+                                     held.shape[0] if inline else 0)
         except Exception as e:  # noqa: BLE001
             self.pipeline.release(held)
             self._fail(call, e)
             return
-        with self._lock:
-            self._answers[call.id] = held
+        if inline:
+            with self._lock:
+                self._answers[call.id] = held
+        else:  # nothing to send: the rows go back now (cached ones stay in the cache)
+            self.pipeline.release(held)
         self._done(call)
         self.reply(answer)
 

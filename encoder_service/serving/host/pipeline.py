@@ -53,6 +53,7 @@ class PipelineConfig:
     max_wait_ms: float = 0.0  # an idle device waits this long for more work before running a partial batch
     depth: int = 2  # batches in flight on the device (one running, one queued behind it)
     stale_job_s: float = 0.25  # a worker busy this long with a dead request's item is replaced
+    poison_ttl_s: float = 600.0  # media that crashed two workers are refused (INVALID_ARGUMENT, POISON) this long
     # The model thread takes the GIL back after each of its kernel launches; with Python's default 5 ms
     # switch interval, any thread running bytecode beside it (the gRPC event loop, serialisers,
     # dispatchers) can make each of those waits last 5 ms and starve the GPU. Serving processes run a
@@ -106,7 +107,7 @@ class EncodePipeline:
         self.outputs_pinned = all(self._pin(view) for view in self._row_bytes.values())
         self.pool = PreprocessPool(engine.preprocessor.cfg, self.arena, cfg.preprocess_workers or default_workers(),
                                    cfg.stale_job_s)
-        self.admission = Admission(engine, self.store, self.arena, self.pool)
+        self.admission = Admission(engine, self.store, self.arena, self.pool, cfg.poison_ttl_s)
         self.device = DeviceLoop(engine, self.admission, self._arena_bytes, self.rows, cfg.depth, cfg.max_wait_ms)
 
     @property

@@ -10,8 +10,13 @@ blocking I/O, with the GIL released. With device tiling on (GPUs), a worker only
 
 A job whose request is no longer live (cancelled, deadline passed) is never started,
 and a worker still busy with one after `stale_job_s` is killed and replaced, so dead
-requests never hold up the ones behind them. A worker that dies fails only its
-current item and is restarted.
+requests never hold up the ones behind them. A worker that dies is restarted and its item
+tried once more on a fresh worker; an item that kills a second worker is poison
+(`PoisonInput`: INVALID_ARGUMENT for that item, never retried).
+
+Workers run in a session of their own and ignore SIGINT and SIGTERM: a signal to the server's
+process group (Ctrl-C, `kill -- -PGID`, a process manager stopping the group) reaches the server,
+which drains, not its workers; they exit when their pipe closes.
 
     python -m encoder_service.serving.host.preprocess_workers --config JSON --tiles-fd N --tiles-size BYTES
 """
@@ -31,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from encoder_service.config import ProcessorConfig
-from encoder_service.contract.errors import InvalidInput, Unavailable
+from encoder_service.contract.errors import InvalidInput, PoisonInput, Unavailable
 from encoder_service.contract.media import MediaInput, Modality, SampledFrames, Source
 from encoder_service.contract.plan import ItemPlan
 from encoder_service.preprocess.cpu import CpuPreprocessor
@@ -83,12 +88,14 @@ class _Job:
     decode_only: bool
     is_live: Callable[[], bool]
     done: Callable[[int | None, BaseException | None, list[float]], None]
+    deaths: int = 0  # workers this item was with when they died
 
 
 class _Worker:
     def __init__(self, config: dict, arena):
         self._config, self._arena = config, arena
         self.proc = None
+        self.busy = False  # a job was sent and its reply has not come back
 
     def start(self, timeout_s: float = 120.0) -> None:
         self.proc = child.spawn(MODULE, self._config, {"tiles": (self._arena.fd, self._arena.size)})
@@ -98,6 +105,13 @@ class _Worker:
 
     def call(self, message: dict, is_live: Callable[[], bool], stale_job_s: float) -> dict | None:
         """Send a job and wait for its reply. None: the job went stale and the worker was replaced."""
+        self.busy = True
+        try:
+            return self._call(message, is_live, stale_job_s)
+        finally:
+            self.busy = False
+
+    def _call(self, message: dict, is_live: Callable[[], bool], stale_job_s: float) -> dict | None:
         write_frame(self.proc.stdin.fileno(), message)
         out, started, dead_since = self.proc.stdout.fileno(), time.monotonic(), None
         while True:
@@ -179,11 +193,16 @@ class PreprocessPool:
                     self.arena.free(offset)
                     error = InvalidInput(reply["error"]) if reply["invalid"] else RuntimeError(reply["error"])
                     job.done(None, error, [])
-            except Exception as e:  # a dead worker (or a broken pipe to it): fail this item, replace the worker
+            except Exception as e:  # a dead worker (or a broken pipe to it): replace it, try the item once more
                 if offset is not None:
                     self.arena.free(offset)
-                log.error("preprocessing worker failed: %s; restarting it", e)
-                job.done(None, e if isinstance(e, WorkerDied) else WorkerDied(str(e)), [])
+                job.deaths += 1
+                log.error("preprocessing worker failed on an item (%d time(s)): %s; restarting it", job.deaths, e)
+                if job.deaths < 2:
+                    self._jobs.put(job)
+                else:
+                    job.done(None, PoisonInput(f"the item crashed the preprocessing worker decoding it, twice "
+                                               f"({e}); it will not be tried again"), [])
                 worker.kill()
                 try:
                     worker.start()

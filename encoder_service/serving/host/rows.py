@@ -47,7 +47,7 @@ class Region:
     def describe(self, offset: int, cache_hit: bool, item_id: str = "", content_hash: str = "") -> ItemEmbedding:
         """What an answer says of these rows, placed at `offset` of its tensor."""
         return describe_item(offset, self.rows, self.num_tiles, self.tokens_per_frame, self.frames, self.digest,
-                             cache_hit, item_id, content_hash)
+                             cache_hit, item_id, content_hash, self.resident)
 
 
 @dataclass

@@ -8,7 +8,15 @@ from typing import Any
 import ray
 from ray import serve
 
+from encoder_service.config import EngineConfig
+from encoder_service.contract.settings import check_keys, from_mapping
+from encoder_service.serving.api.edge import EdgeLimits
 from encoder_service.serving.api.serve.deployment import EncoderDeployment
+from encoder_service.serving.host.pipeline import PipelineConfig
+
+
+APP_ARGS = frozenset({"engine", "pipeline", "limits", "gpus_per_replica", "cpus_per_replica", "resources_per_replica",
+                      "cache_per_token", "auth_token_file", "require_auth", "trust_cluster", "deployment_options"})
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -16,13 +24,21 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     args: `engine` (EngineConfig fields), `pipeline` (PipelineConfig fields), `limits` (EdgeLimits fields),
     `gpus_per_replica` (`gpus_per_replica()`), `cpus_per_replica`, `resources_per_replica` (custom Ray
-    resources, e.g. to keep replicas on labelled nodes), `cache_per_token`.
+    resources, e.g. to keep replicas on labelled nodes), `cache_per_token`, `auth_token_file` (the accepted
+    bearer tokens; else the replicas' $ENCODER_SERVICE_TOKEN_FILE / $ENCODER_SERVICE_TOKEN), `require_auth`
+    (refuse to start without tokens), `trust_cluster` (handle calls may name no tenant). An unknown key, here
+    or in a section, is refused with its name before anything is deployed.
     """
+    check_keys(args, APP_ARGS, "the encoder application's args")
+    sections = {"engine": EngineConfig, "pipeline": PipelineConfig, "limits": EdgeLimits}
+    for name, cls in sections.items():
+        from_mapping(cls, args.get(name), f"args.{name}")
     actor_options = {"num_cpus": args.get("cpus_per_replica", 1), "num_gpus": gpus_per_replica(args),
                      "resources": args.get("resources_per_replica", {})}
     deployment = EncoderDeployment.options(ray_actor_options=actor_options, **args.get("deployment_options", {}))
     return deployment.bind(args.get("engine", {}), args.get("pipeline", {}), args.get("cache_per_token", True),
-                           args.get("limits", {}))
+                           args.get("limits", {}), args.get("auth_token_file"), args.get("require_auth", False),
+                           args.get("trust_cluster", False))
 
 
 def gpus_per_replica(args: dict[str, Any]) -> float:

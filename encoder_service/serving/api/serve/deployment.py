@@ -24,13 +24,18 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.reflection import ReflectionServicer
 from ray import serve
 
+from encoder_service.client.security import tokens_from
 from encoder_service.config import EngineConfig
+from encoder_service.contract.errors import Unauthenticated
+from encoder_service.contract.settings import from_mapping
+from encoder_service.contract.wire.metadata import APPLICATION_KEY
 from encoder_service.contract.result import dtype_name
 from encoder_service.contract.wire.status import as_failure, status_for, status_message, status_trailers
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving.api import streaming
 from encoder_service.serving.api.edge import Edge, EdgeLimits, deadline_in
 from encoder_service.serving.api.metrics import RayEncoderMetrics
+from encoder_service.serving.api.security import Authenticator
 from encoder_service.serving.api.serve.autoscaling import PENDING_TOKENS
 from encoder_service.serving.api.services import HEALTH_NAMES, REFLECTED_SERVICES, health_response
 from encoder_service.serving.heap import keep_large_buffers_in_heap
@@ -66,12 +71,20 @@ def _set_status(grpc_context, error: BaseException) -> None:
 @serve.deployment(name=DEPLOYMENT_NAME)
 class EncoderDeployment:
     def __init__(self, engine: dict[str, Any], pipeline: dict[str, Any] | None = None, cache_per_token: bool = True,
-                 limits: dict[str, Any] | None = None):
-        cfg = EngineConfig(**engine)
+                 limits: dict[str, Any] | None = None, auth_token_file: str | None = None, require_auth: bool = False,
+                 trust_cluster: bool = False):
+        """`auth_token_file`: the accepted bearer tokens (else $ENCODER_SERVICE_TOKEN_FILE / $ENCODER_SERVICE_TOKEN
+        of the replica); `require_auth`: refuse to start without any; `trust_cluster`: handle calls may name no
+        tenant. See `security.Authenticator`."""
+        tokens = tokens_from(auth_token_file)
+        if require_auth and not tokens:
+            raise ValueError("require_auth is set but no bearer token is configured: give auth_token_file, or "
+                             "ENCODER_SERVICE_TOKEN_FILE / ENCODER_SERVICE_TOKEN in the replicas' environment")
+        cfg = from_mapping(EngineConfig, engine, "args.engine")
         if cfg.device == "auto":
             cfg.device = "cuda" if ray.get_gpu_ids() else "cpu"
         cpus = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-        pipeline_cfg = PipelineConfig(**(pipeline or {}))
+        pipeline_cfg = from_mapping(PipelineConfig, pipeline, "args.pipeline")
         if not pipeline_cfg.preprocess_workers:  # the replica's CPUs, one left for serving
             pipeline_cfg.preprocess_workers = max(1, cpus - 1)
         if pipeline_cfg.heap_large_buffers:  # this replica's process frames and sends every answer
@@ -90,10 +103,12 @@ class EncoderDeployment:
                 ray.cluster_resources().get("GPU", 0.0))
             if warning:
                 log.warning(warning)
-        self._model_info = pb.ModelInfo.FromString(self.model.info_bytes)
         self._reflection = ReflectionServicer(REFLECTED_SERVICES)
         self.metrics = RayEncoderMetrics(self.replica)
-        self.edge = Edge(EdgeLimits(**(limits or {})), self.metrics, cache_per_token)
+        auth = Authenticator(tokens, shared_cache=not cache_per_token, trust_cluster=trust_cluster)
+        self.edge = Edge(from_mapping(EdgeLimits, limits, "args.limits"), self.metrics, auth)
+        self._info_bytes = self.edge.access(self.model.info_bytes)
+        self._model_info = pb.ModelInfo.FromString(self._info_bytes)
 
     async def _encode(self, request: bytes, deadline: float | None, namespace: str) -> SharedReply:
         return await asyncio.wrap_future(self.model.submit(request, deadline, {"replica": self.replica}, namespace))
@@ -116,7 +131,7 @@ class EncoderDeployment:
         data = request.SerializeToString()
         try:
             with self.edge.admitted(len(data), started):
-                reply = await self._encode(data, None, self.edge.tenant(grpc_context.invocation_metadata()))
+                reply = await self._encode(data, None, self.edge.identify(grpc_context.invocation_metadata()).namespace)
                 out = await self._consume(reply, SharedReply.response_bytes, started)
         except Exception as e:  # the status travels back through the proxy; the replica keeps serving
             self.edge.failed(e, started)
@@ -124,10 +139,12 @@ class EncoderDeployment:
             return pb.EncodeResponse()
         return PreSerialized(out)
 
-    async def _stream(self, request: bytes, deadline: float | None, namespace: str, started: float):
-        """The streamed call's events (`streaming.model_events`), admitted and recorded by the edge."""
+    async def _stream(self, request: bytes, deadline: float | None, identify, started: float):
+        """The streamed call's events (`streaming.model_events`), admitted and recorded by the edge;
+        `identify()`: the caller's identity (raises Unauthenticated)."""
         nbytes = 0
         with self.edge.admitted(len(request), started):
+            namespace = identify().namespace
             async with contextlib.aclosing(streaming.model_events(self.model, request, deadline, namespace,
                                                                   {"replica": self.replica})) as events:
                 async for event in events:
@@ -143,8 +160,8 @@ class EncoderDeployment:
         started = time.perf_counter()
         info = self.model.info
         try:
-            events = self._stream(request.SerializeToString(), None,
-                                  self.edge.tenant(grpc_context.invocation_metadata()), started)
+            metadata = grpc_context.invocation_metadata()
+            events = self._stream(request.SerializeToString(), None, lambda: self.edge.identify(metadata), started)
             async for message in streaming.wire_messages(events, info.dtype, info.hidden_size):
                 yield PreSerialized(message)
         except Exception as e:
@@ -161,7 +178,8 @@ class EncoderDeployment:
         EncodeFailed as `encode_native`'s."""
         started = time.perf_counter()
         try:
-            async for event in self._stream(request, deadline_in(timeout_s), tenant, started):
+            async for event in self._stream(request, deadline_in(timeout_s), lambda: self.edge.identify_handle(tenant),
+                                            started):
                 if isinstance(event, SharedReply):
                     yield ("end", event.header)
                 elif event.token_counts is not None:
@@ -176,6 +194,11 @@ class EncoderDeployment:
             raise as_failure(e) from None
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context) -> pb.ModelInfo:
+        try:
+            self.edge.identify(grpc_context.invocation_metadata())
+        except Unauthenticated as e:
+            _set_status(grpc_context, e)
+            return pb.ModelInfo()
         return self._model_info
 
     # The standard health service, answered by whichever replica the proxy picks: a replica that
@@ -196,7 +219,7 @@ class EncoderDeployment:
         not deployed (yet) must not read this one's state."""
         if request.service not in HEALTH_NAMES:
             return f"unknown service {request.service!r}"
-        asked = dict(grpc_context.invocation_metadata()).get("application")
+        asked = dict(grpc_context.invocation_metadata()).get(APPLICATION_KEY)
         if asked and asked != self.app_name:
             return f"application {asked!r} is not deployed on this Serve proxy (it serves {self.app_name!r})"
         return None
@@ -223,13 +246,14 @@ class EncoderDeployment:
     async def encode_native(self, request: bytes, timeout_s: float | None = None, tenant: str = ""
                             ) -> tuple[bytes, np.ndarray]:
         """Ray-native Encode: a serialised EncodeRequest in; (serialised EncodeResponse header
-        without the tensor bytes, the tensor's bytes as uint8) out. `tenant`: the cache namespace
-        of a caller inside the cluster (trusted). Failures raise EncodeFailed with the gRPC status
-        the gRPC path would give."""
+        without the tensor bytes, the tensor's bytes as uint8) out. `tenant`: the tenant a caller inside the
+        cluster names (trusted; required where tokens are, unless trust_cluster). Failures raise
+        EncodeFailed with the gRPC status the gRPC path would give."""
         started = time.perf_counter()
         try:
             with self.edge.admitted(len(request), started):
-                reply = await self._encode(request, deadline_in(timeout_s), tenant)
+                namespace = self.edge.identify_handle(tenant).namespace
+                reply = await self._encode(request, deadline_in(timeout_s), namespace)
                 # A copy of its own (GIL-free): the arenas' rows go back before Ray serialises the reply.
                 payload = await self._consume(reply, lambda r: r.gather().numpy(), started)
         except Exception as e:
@@ -238,7 +262,7 @@ class EncoderDeployment:
         return reply.header, payload
 
     async def model_info_native(self) -> bytes:
-        return self.model.info_bytes
+        return self._info_bytes
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric (`autoscaling.EncoderLoadPolicy`): the ViT tokens this replica

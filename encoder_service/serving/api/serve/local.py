@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import yaml
 from ray import serve
 from ray.serve.config import gRPCOptions
 
+from encoder_service.client.security import TOKEN_ENV
 from encoder_service.serving.api.serve.app import build_app, gpus_per_replica, unplaceable_replicas
 from encoder_service.serving.api.serve.deployment import DEPLOYMENT_NAME
 from encoder_service.serving.api.services import SERVE_SERVICER_FUNCTIONS
@@ -22,6 +24,15 @@ from encoder_service.serving.api.services import SERVE_SERVICER_FUNCTIONS
 DEFAULT_CONFIG = Path(__file__).resolve().parents[4] / "deploy" / "serve_config.yaml"
 
 log = logging.getLogger("ray.serve")
+
+
+def local_auth(token: str | None = None) -> str:
+    """A bearer token for a pool on a local cluster, set as $ENCODER_SERVICE_TOKEN in this process: call it
+    before Ray starts, and the replicas (which inherit the environment) accept it while this process's
+    clients send it (`ClientSecurity.from_env`). Returns the token (a fresh random one unless given)."""
+    token = token or os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
+    os.environ[TOKEN_ENV] = token
+    return token
 
 
 def free_port() -> int:
