@@ -4,9 +4,13 @@ Starts a standalone encoder server (its /metrics) and a one-replica Ray Serve po
 exports the replicas' metrics), drives traffic through both (new images, repeats for cache hits), has a
 Prometheus server (Debian's `prometheus` package: `apt-get install prometheus`) scrape them every second,
 then runs every panel's query through Prometheus's HTTP API. Panels described "gpu-only" are reported,
-not required, on a machine without a GPU. Exit code 1 if any other query comes back empty.
+not required, on a machine without a GPU. With `--vllm`, the vLLM-consumer panels too: vLLM's OpenAI server
+(the environment of scripts/vllm_env.sh) with the pool's middleware and connector, fed by a pool of its own
+serving the tiny InternVL, takes chats (images sent again, one request vLLM re-hashes, and chats after
+that pool is stopped: fallbacks); without it those panels are reported, not required. Exit code 1 if any
+other query comes back empty.
 
-    python scripts/check_dashboard.py [--keep-seconds 0]
+    python scripts/check_dashboard.py [--vllm]
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from encoder_service.client.endpoint import EncoderClient  # noqa: E402
 from encoder_service.contract.media import MediaInput, Modality  # noqa: E402
-from encoder_service.serving.api.serve.local import deploy, free_port, load_serve_config, local_auth  # noqa: E402
+from encoder_service.serving.api.serve.local import cpu_pool_config, deploy, free_port, local_auth  # noqa: E402
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig  # noqa: E402
 from encoder_service.serving.host.pipeline import PipelineConfig  # noqa: E402
 from tests.conftest import image_bytes  # noqa: E402
@@ -58,9 +62,67 @@ def query(prometheus: str, expr: str) -> list:
     return body["data"]["result"]
 
 
+def vllm_consumer(work: Path, stack: list) -> tuple[str, callable]:
+    """vLLM with the middleware and the connector, its own pool; its metrics address and the traffic to
+    drive (which ends with that pool stopped)."""
+    from encoder_service.config import EngineConfig
+    from encoder_service.integrations.vllm.launch import (consumer_config, frontend_config, start_vllm_server,
+                                                          stop, wait_http, write_binding_key)
+    from encoder_service.integrations.vllm.openai import chat_messages, post_json
+    from encoder_service.integrations.vllm.tiny_model import build
+    from PIL import Image
+
+    subprocess.run([str(ROOT / "scripts" / "vllm_env.sh")], cwd=ROOT, check=True)
+    model = build(work / "vlm")
+    pool = BackgroundServer(ServerConfig(port=0, engine=EngineConfig(checkpoint=str(model), device="cpu"),
+                                         pipeline=PipelineConfig(preprocess_workers=1, arena_mb=32, cache_mb=32)))
+    pool.start()
+    running = [True]
+
+    def stop_pool() -> None:
+        if running.pop() if running else False:
+            pool.stop()
+
+    stack.append(stop_pool)
+    key = write_binding_key(work / "binding-key")
+    port = free_port()
+    server = start_vllm_server(str(ROOT / ".venv-vllm" / "bin" / "python"), model, port,
+                               consumer_config(pool.address, binding_key_file=str(key)), work / "vllm.log",
+                               "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+                               middleware=frontend_config(work / "frontend.json", [pool.address],
+                                                          binding_key_file=str(key)))
+    stack.append(lambda: stop(server))
+    wait_http(f"http://127.0.0.1:{port}/health", server, work / "vllm.log")
+    rng = np.random.default_rng()
+
+    def image(name: str) -> Path:
+        path = work / f"{name}.png"
+        Image.fromarray(rng.integers(0, 256, (int(rng.integers(64, 400)), int(rng.integers(64, 400)), 3),
+                                     dtype=np.uint8)).save(path)
+        return path
+
+    images = [image(f"image{i}") for i in range(4)]
+
+    def chats(seconds: float) -> None:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for turn in ([images[0]], [images[0], images[1]], [images[2]]):  # images sent again, new ones
+                post_json(url, {"model": str(model), "messages": chat_messages(turn), "max_tokens": 4})
+            post_json(url, {"model": str(model), "messages": chat_messages([images[3]]), "max_tokens": 4,
+                            "mm_processor_kwargs": {}})  # vLLM re-hashes this one: bypassed
+            images.append(images.pop(2))  # another image new to this round
+        stop_pool()  # the pool gone: vLLM encodes for itself (fallbacks)
+        for name in ("after0", "after1"):  # new images: nothing of them in vLLM's caches
+            post_json(url, {"model": str(model), "messages": chat_messages([image(name)]), "max_tokens": 4})
+
+    return f"127.0.0.1:{port}", chats
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--traffic-seconds", type=float, default=25.0)
+    p.add_argument("--vllm", action="store_true", help="also check the vLLM-consumer panels (runs vLLM on the CPU)")
     args = p.parse_args()
     if shutil.which("prometheus") is None:
         print("prometheus is not installed (Debian: apt-get install prometheus)", file=sys.stderr)
@@ -76,14 +138,12 @@ def main() -> int:
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              _metrics_export_port=ray_metrics_port)
     prometheus = None
+    stack: list = []
     try:
-        cfg = load_serve_config()
-        cfg["grpc_options"]["port"], cfg["http_options"]["port"] = free_port(), free_port()
-        cfg["applications"][0]["args"].update(gpus_per_replica=0)
-        cfg["applications"][0]["args"]["pipeline"].update(preprocess_workers=1, arena_mb=64, cache_mb=64)
-        cfg["applications"][0]["deployments"][0]["autoscaling_config"].update(min_replicas=1, max_replicas=1)
-        pool = deploy(cfg)
-        targets = [f"127.0.0.1:{server.server.metrics_port}", f"127.0.0.1:{ray_metrics_port}"]
+        vllm_target, vllm_traffic = vllm_consumer(work, stack) if args.vllm else (None, None)
+        pool = deploy(cpu_pool_config(replicas=1, cache_mb=64, arena_mb=64))
+        targets = [f"127.0.0.1:{server.server.metrics_port}", f"127.0.0.1:{ray_metrics_port}",
+                   *([vllm_target] if vllm_target else [])]
         (work / "prometheus.yml").write_text(
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
             f"scrape_configs: [{{job_name: encoder, static_configs: [{{targets: {json.dumps(targets)}}}]}}]\n")
@@ -93,6 +153,8 @@ def main() -> int:
             stderr=subprocess.STDOUT)
         traffic(server.address, None, args.traffic_seconds / 2)
         traffic(pool, (("application", "encoder"),), args.traffic_seconds / 2)
+        if vllm_traffic is not None:
+            vllm_traffic(args.traffic_seconds / 2)
         time.sleep(12)  # Ray's agent exports every few seconds; rate() needs two scrapes of each
         dashboard = json.loads(DASHBOARD.read_text())
         missing, gpu_only = [], []
@@ -103,6 +165,8 @@ def main() -> int:
                 if not result and "gpu-only" in panel.get("description", ""):
                     state = "empty (gpu-only panel, no GPU here)"
                     gpu_only.append(panel["title"])
+                elif not result and "vllm-consumer" in panel.get("description", "") and not args.vllm:
+                    state = "not checked (run with --vllm)"
                 elif not result:
                     missing.append(f"{panel['title']}: {target['expr']}")
                 print(f"{state:>36}  {panel['title']} [{target['legendFormat']}]")
@@ -115,6 +179,8 @@ def main() -> int:
         if prometheus is not None:
             prometheus.terminate()
             prometheus.wait(timeout=30)
+        for undo in reversed(stack):
+            undo()
         ray.shutdown()
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

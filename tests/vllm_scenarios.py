@@ -3,11 +3,15 @@ tests/test_vllm.py write the plan, run this with that environment's Python and c
 
     .venv-vllm/bin/python tests/vllm_scenarios.py PLAN.json RESULT.json
 
-The plan: {"model": DIR, "connector": null | {"role": "pool", "extra": {...}}, "steps": [...]}. Steps:
+The plan: {"model": DIR, "connector": null | {"role": "pool", "extra": {...}}, "binding_key_file": PATH,
+"steps": [...]}. Steps:
   {"op": "pool_start", "checkpoint": DIR, "port": N}   an encoder pool (standalone gRPC server) in this process
   {"op": "pool_stop"}
-  {"op": "pool_encode", "images": [PNG...]}            the front end's part: the images into the pool (probe, upload)
-  {"op": "generate", "prompts": [{"text": ..., "images": [PNG...], "uuids": true|false}], "max_tokens": N}
+  {"op": "connector_ready"}                            the connector reaches the pool (its own channel), up to 30 s
+  {"op": "pool_upload", "images": [PNG...], "tenant": T}   the front end's part: the images into the pool's cache,
+                                                           under the user's tenant (probe, cache-only upload)
+  {"op": "generate", "prompts": [{"text": ..., "images": [PNG...], "uuids": U, "tenant": T}], "max_tokens": N}
+      U: "bound" (what the front end sets: bindings under T), "none", or a list of strings (a user's own uuids)
   {"op": "encoder_outputs", "images": [PNG...], "path": FILE}   vLLM's own encoder output for each image
   {"op": "chat", "messages": [OpenAI messages], "max_tokens": N}  LLM.chat (the OpenAI server's prompt)
 vLLM's engine and worker run in this process, so the vision encoder's calls are counted (each generate
@@ -31,13 +35,12 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in t
 
 ENCODER_CALLS = [0]
 ENCODER_OUTPUTS: list = []
-CONNECTOR_ERRORS: list[str] = []  # what the connector said when it failed a request
+CONNECTOR_ERRORS: list[str] = []  # what the connector said during a step
 
 
 class _Collect(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.ERROR:
-            CONNECTOR_ERRORS.append(record.getMessage())
+        CONNECTOR_ERRORS.append(record.getMessage())  # what the connector said (fallbacks, refusals)
 
 
 def watch_the_encoder() -> None:
@@ -58,39 +61,73 @@ def watch_the_encoder() -> None:
 def make_llm(plan: dict):
     from vllm import LLM
 
+    from encoder_service.integrations.vllm.launch import consumer_config
+
     kwargs = {}
     connector = plan.get("connector")
     if connector:
-        kwargs["ec_transfer_config"] = {"ec_connector": "EncoderPoolConnector", "ec_role": "ec_consumer",
-                                        "ec_connector_module_path": "encoder_service.integrations.vllm.connector",
-                                        "ec_connector_extra_config": connector["extra"]}
+        extra = {"binding_key_file": plan["binding_key_file"], **connector["extra"]}
+        kwargs["ec_transfer_config"] = consumer_config(extra.pop("address"), **extra)
     return LLM(model=plan["model"], dtype="float32", max_model_len=2048, enforce_eager=True,
-               distributed_executor_backend="uni", limit_mm_per_prompt={"image": 4},
+               distributed_executor_backend="uni", limit_mm_per_prompt={"image": 4, "video": 1},
                seed=0, **kwargs)
 
 
-def generate(llm, step: dict) -> dict:
+def binder(plan: dict):
+    from encoder_service.integrations.vllm.binding import Binder
+
+    return Binder.from_file(plan["binding_key_file"])
+
+
+def generate(llm, plan: dict, step: dict) -> dict:
     from PIL import Image
     from vllm import SamplingParams
 
-    from encoder_service.contract.media import media_digest
+    from encoder_service.contract.media import Modality, media_digest
+    from encoder_service.integrations.vllm.binding import Bound
 
     prompts = []
     for p in step["prompts"]:
         prompt = {"prompt": p["text"]}
         if p["images"]:
             prompt["multi_modal_data"] = {"image": [Image.open(path).convert("RGB") for path in p["images"]]}
-            if p.get("uuids"):
-                prompt["multi_modal_uuids"] = {"image": [media_digest(Path(path).read_bytes()) for path in p["images"]]}
+            uuids = p.get("uuids", "none")
+            if uuids == "bound":
+                uuids = [binder(plan).bind(Bound(p.get("tenant", "public"), Modality.IMAGE,
+                                                 media_digest(Path(path).read_bytes()))) for path in p["images"]]
+            if isinstance(uuids, list):
+                prompt["multi_modal_uuids"] = {"image": uuids}
         prompts.append(prompt)
-    before = ENCODER_CALLS[0]
+    before, counted = ENCODER_CALLS[0], connector_totals(llm)
     del CONNECTOR_ERRORS[:]
     started = time.perf_counter()
     outputs = llm.generate(prompts, SamplingParams(max_tokens=step.get("max_tokens", 8), temperature=0.0, ignore_eos=True))
+    after = connector_totals(llm)
     return {"seconds": time.perf_counter() - started, "encoder_calls": ENCODER_CALLS[0] - before,
             "connector_errors": list(CONNECTOR_ERRORS),
+            "connector": {k: v - counted.get(k, 0) for k, v in after.items() if v != counted.get(k, 0)},
             "outputs": [{"token_ids": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason,
                          "prompt_tokens": len(o.prompt_token_ids or [])} for o in outputs]}
+
+
+def connector_ready(llm, timeout_s: float = 30.0) -> dict:
+    """Until the connector's own pool client answers (after a pool restarts, its channel reconnects)."""
+    pool = llm.llm_engine.engine_core.engine_core.scheduler.get_ec_connector().scheduler.pool
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            pool.model_info()
+            return {}
+        except Exception:  # noqa: BLE001 - not yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def connector_totals(llm) -> dict:
+    """The connector's counters since it started (its scheduler side runs in this process)."""
+    connector = llm.llm_engine.engine_core.engine_core.scheduler.get_ec_connector()
+    return dict(connector.scheduler.totals) if connector is not None else {}
 
 
 def chat(llm, step: dict) -> dict:
@@ -112,10 +149,12 @@ def encoder_outputs(llm, step: dict) -> dict:
     rows = {}
     for path in step["images"]:
         del ENCODER_OUTPUTS[:]
-        llm.generate({"prompt": "<IMG_CONTEXT>", "multi_modal_data": {"image": Image.open(path).convert("RGB")}},
+        digest = media_digest(Path(path).read_bytes())
+        llm.generate({"prompt": "<IMG_CONTEXT>", "multi_modal_data": {"image": Image.open(path).convert("RGB")},
+                      "multi_modal_uuids": {"image": [f"rows-of-{digest}"]}},  # an identifier no cache knows yet
                      SamplingParams(max_tokens=1))
         (output,) = ENCODER_OUTPUTS
-        rows[media_digest(Path(path).read_bytes())] = output.reshape(-1, output.shape[-1]).contiguous()
+        rows[digest] = output.reshape(-1, output.shape[-1]).contiguous()
     save_file(rows, step["path"])
     return {"items": len(rows)}
 
@@ -142,15 +181,18 @@ class Pool:
             self.server = None
         return {}
 
-    def encode(self, images: list[str]) -> dict:
-        from encoder_service.client.endpoint import EncoderClient
+    def upload(self, images: list[str], tenant: str) -> dict:
+        """The front end's part: the images into the pool's cache under the user's tenant, no rows back."""
+        from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
         from encoder_service.contract.media import MediaInput, Modality
 
-        with EncoderClient(self.server.address, timeout=60, probe=True) as client:
-            client.wait_ready(timeout=30)
-            result = client.encode([MediaInput(Modality.IMAGE, Path(p).read_bytes()) for p in images])
+        pool = PoolEncoderClient(PoolClientConfig([self.server.address], application=""))
+        try:
+            items = pool.upload([MediaInput(Modality.IMAGE, Path(p).read_bytes()) for p in images], tenant)
+        finally:
+            pool.close()
         stats = self.server.server.model.stats()
-        return {"digests": [i.digest for i in result.items], "token_counts": result.token_counts,
+        return {"digests": [i.digest for i in items], "token_counts": [i.token_count for i in items],
                 "jobs_started": stats["jobs_started"]}
 
 
@@ -162,6 +204,7 @@ def main() -> None:
     try:
         watch_the_encoder()
         logging.getLogger("encoder_service.integrations.vllm.connector").addHandler(_Collect())
+        logging.getLogger("encoder_service.integrations.vllm.connector").setLevel(logging.INFO)
         llm = None
         for step in plan["steps"]:
             op = step["op"]
@@ -170,11 +213,13 @@ def main() -> None:
                     result = pool.start(step["checkpoint"], step["port"])
                 elif op == "pool_stop":
                     result = pool.stop()
-                elif op == "pool_encode":
-                    result = pool.encode(step["images"])
+                elif op == "connector_ready":
+                    result = connector_ready(llm)
+                elif op == "pool_upload":
+                    result = pool.upload(step["images"], step.get("tenant", "public"))
                 elif op == "generate":
                     llm = llm or make_llm(plan)
-                    result = generate(llm, step)
+                    result = generate(llm, plan, step)
                 elif op == "chat":
                     llm = llm or make_llm(plan)
                     result = chat(llm, step)

@@ -23,6 +23,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import grpc
 
@@ -211,29 +212,35 @@ class PoolEncoderClient:
         self._fanout = ThreadPoolExecutor(16, thread_name_prefix="pool-client") if cfg.affinity else None
         self.poison = PoisonMemory(cfg.poison_ttl_s)
 
-    def encode(self, items: list[MediaInput], tenant: str = "", rows: int = pb.ROWS_INLINE) -> EncodeResult:
+    def encode(self, items: list[MediaInput], tenant: str = "", rows: int = pb.ROWS_INLINE,
+               probe: Sequence[bool] | None = None, digests: Sequence[str] | None = None) -> EncodeResult:
         """One result for all `items`: with affinity, one call per item to the replica caching it (in
         parallel), assembled; else one call. `tenant`: the caller's tenant for these items (gRPC: inside the
         token's namespace; handle: instead of `PoolClientConfig.tenant`). `rows`: ROWS_CACHE_ONLY leaves the
-        rows in the pool's cache (`upload`)."""
-        digests = [media_digest(item.data) for item in items]
+        rows in the pool's cache (`upload`). `probe`: per item, whether to send it by digest first (default:
+        `PoolClientConfig.probe` for all; a caller that knows an item is new saves the round trip). `digests`:
+        the items' media digests, when the caller has them already."""
+        digests = list(digests) if digests is not None else [media_digest(item.data) for item in items]
+        probes = list(probe) if probe is not None else [self.cfg.probe] * len(items)
         if not self.cfg.affinity:
-            call = Call("", self.cfg.probe, digests, tenant, rows)
+            call = Call("", any(probes), digests, tenant, rows)
             return self._call(lambda t, timeout: t.encode(items, timeout, call), digests)
 
         def one(index: int) -> EncodeResult:
-            call = Call(digests[index], self.cfg.probe, [digests[index]], tenant, rows)
+            call = Call(digests[index], probes[index], [digests[index]], tenant, rows)
             return self._call(lambda t, timeout: t.encode([items[index]], timeout, call), [digests[index]])
 
         if len(items) == 1:
             return one(0)
         return assemble(list(self._fanout.map(one, range(len(items)))), uuid.uuid4().hex)
 
-    def upload(self, items: list[MediaInput], tenant: str = "") -> list[ItemEmbedding]:
-        """Put the items into the pool's cache (sent by digest first, their media only where a replica lacks
-        them) and answer their metadata only: no rows travel back. A consumer that never sees the media (an
-        LLM server's connector) fetches them later by digest, from the same replicas (the same routing key)."""
-        return self.encode(items, tenant, pb.ROWS_CACHE_ONLY).items
+    def upload(self, items: list[MediaInput], tenant: str = "", probe: Sequence[bool] | None = None,
+               digests: Sequence[str] | None = None) -> list[ItemEmbedding]:
+        """Put the items into the pool's cache (with `probe`, sent by digest first, their media only where a
+        replica lacks them) and answer their metadata only: no rows travel back. A consumer that never sees
+        the media (an LLM server's connector) fetches them later by digest, from the same replicas (the same
+        routing key)."""
+        return self.encode(items, tenant, pb.ROWS_CACHE_ONLY, probe, digests).items
 
     def encode_stream(self, items: list[MediaInput], on_item, tenant: str = "") -> EncodeResult:
         """`encode`, with `on_item(index, item, rows, model)` as each item's rows arrive (completion order;

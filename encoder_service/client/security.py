@@ -56,10 +56,11 @@ class ClientSecurity:
     server_name: str | None = None  # the name in the server's certificate, if not the address's host
 
     @classmethod
-    def from_env(cls) -> "ClientSecurity":
+    def from_env(cls, token_file: str | None = None) -> "ClientSecurity":
+        """TLS settings and the token from the environment; `token_file`: the token from this file instead."""
         env = os.environ.get
         return cls(env("ENCODER_SERVICE_CA"), env("ENCODER_SERVICE_CLIENT_CERT"), env("ENCODER_SERVICE_CLIENT_KEY"),
-                   token_from(), env("ENCODER_SERVICE_SERVER_NAME"))
+                   token_from(token_file), env("ENCODER_SERVICE_SERVER_NAME"))
 
     def channel(self, address: str, options: list[tuple[str, int]]) -> grpc.Channel:
         if self.ca_file:

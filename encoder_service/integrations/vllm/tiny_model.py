@@ -17,11 +17,14 @@ MAX_TILES = 6
 IMAGE_MEAN, IMAGE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SPECIAL = ["<|endoftext|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>", "<|im_end|>"]
 CORPUS = ["Describe the image. Compare the two pictures. What is in this picture? Answer briefly. user assistant"]
-# vLLM's OpenAI server needs a chat template; an image part becomes <IMG_CONTEXT>, which vLLM expands.
+# vLLM's OpenAI server needs a chat template; an image part becomes <IMG_CONTEXT> and a video part <video>,
+# which vLLM expands (a video: one line of <video> tokens per sampled frame).
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}<IMG_CONTEXT>{% endif %}{% endfor %}{% endif %}"
+    "{% if c['type'] == 'text' %}{{ c['text'] }}{% elif c['type'] == 'video' %}<video>"
+    "{% else %}<IMG_CONTEXT>{% endif %}"
+    "{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 

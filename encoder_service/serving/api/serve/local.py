@@ -48,6 +48,24 @@ def load_serve_config(path: str | os.PathLike = DEFAULT_CONFIG) -> dict[str, Any
     return yaml.safe_load(Path(path).read_text())
 
 
+def cpu_pool_config(checkpoint: str | os.PathLike | None = None, replicas: int = 1, cache_mb: int = 32,
+                    arena_mb: int = 32, dtype: str | None = None) -> dict[str, Any]:
+    """deploy/serve_config.yaml sized for a CPU machine (tests, benches, scripts): proxies on free ports,
+    `replicas` CPU replicas (fixed), one preprocessing worker each, small arenas; `checkpoint` (default:
+    the config's) loaded on the CPU."""
+    cfg = load_serve_config()
+    cfg["grpc_options"]["port"], cfg["http_options"]["port"] = free_port(), free_port()
+    app = cfg["applications"][0]
+    app["args"].update(gpus_per_replica=0)
+    if checkpoint is not None:
+        app["args"]["engine"].update(checkpoint=str(checkpoint), device="cpu")
+    if dtype is not None:
+        app["args"]["engine"].update(dtype=dtype)
+    app["args"]["pipeline"].update(preprocess_workers=1, arena_mb=arena_mb, cache_mb=cache_mb)
+    app["deployments"][0]["autoscaling_config"].update(min_replicas=replicas, max_replicas=replicas)
+    return cfg
+
+
 def deploy(config: dict[str, Any], blocking_timeout_s: float = 180.0) -> str:
     """Deploy the first application of a Serve config dict (the YAML's content) on the current
     Ray cluster, exactly as `serve run` would: its gRPC options, its args, its deployment
