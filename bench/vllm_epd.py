@@ -7,6 +7,8 @@ OpenAI server on the CPU, in the vLLM environment of scripts/vllm_env.sh:
               uploads it to a standalone pool (cache-only, beside the request); vLLM's connector fetches the
               rows by digest; vLLM's vision encoder does not run;
   frontend    the same work in a separate front end (one more HTTP hop), to judge the middleware against;
+  nixl        the middleware path with rows by reference: vLLM's workers read them from the pool's memory
+              with NIXL (no staging file, no rows through the engine-core process);
   replicas    the middleware on a Ray Serve pool of 3 replicas with auth; one replica is killed a third of
               the way into the 4-client trace (Serve replaces it);
   pool-down   the middleware path whose pool is killed a third of the way into the trace: vLLM's own
@@ -69,6 +71,7 @@ APPLICATION = "encoder"
 # vLLM's CPU engine and workers spin (sched_yield) for 1 s after their last message before they sleep: a
 # path measured right after another shares the core with the other's spinning. Each waits this long first.
 SETTLE_S = 2.0
+UCX_SAME_NODE = "cma,tcp,self"  # NIXL between processes of one machine
 # Histograms whose (sum, count) deltas give the TTFT split; counters reported as deltas.
 SPLIT = {"frontend_ms": "encoder_pool_frontend_seconds", "upload_ms": "encoder_pool_frontend_upload_seconds",
          "connector_wait_ms": "vllm:encoder_pool_request_wait_seconds",
@@ -227,14 +230,14 @@ def _merged(urls: list[str]) -> dict:
     return out
 
 
-def start_pool(model: str, workdir: Path, name: str) -> tuple[subprocess.Popen, str]:
+def start_pool(model: str, workdir: Path, name: str, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """A standalone pool (the token from $ENCODER_SERVICE_TOKEN) on loopback, on this process's cores; its
     address."""
     port = free_port()
     log = open(workdir / f"{name}.log", "w")
     pool = subprocess.Popen([sys.executable, "-m", "encoder_service.cli", "serve", "--port", str(port),
                              "--checkpoint", model, "--device", "cpu", "--cache-mb", "256",
-                             "--preprocess-workers", "1"], stdout=subprocess.PIPE, stderr=log, text=True)
+                             "--preprocess-workers", "1", *extra], stdout=subprocess.PIPE, stderr=log, text=True)
     line = pool.stdout.readline()
     if "listening" not in line:
         raise RuntimeError(f"the pool did not start: {line}{(workdir / f'{name}.log').read_text()[-3000:]}")
@@ -293,15 +296,18 @@ class Bench:
         return port, Route(name, f"http://127.0.0.1:{port}/v1/chat/completions", [f"http://127.0.0.1:{port}/metrics"],
                            {"vllm": server.pid})
 
-    def pool(self, name: str) -> tuple[subprocess.Popen, str]:
-        pool, address = start_pool(self.model, self.workdir, name)
+    def pool(self, name: str, nixl: bool = False) -> tuple[subprocess.Popen, str]:
+        extra = ("--nixl", "--ucx-transports", UCX_SAME_NODE) if nixl else ()
+        pool, address = start_pool(self.model, self.workdir, name, extra)
         self.procs.append(pool)
         return pool, address
 
-    def middleware_path(self, name: str, address: str, application: str = "") -> Route:
+    def middleware_path(self, name: str, address: str, application: str = "", transfer: str = "bytes") -> Route:
         middleware = frontend_config(self.workdir / f"{name}.json", [address], application=application,
                                      binding_key_file=str(self.binding_key))
-        connector = consumer_config(address, application=application, binding_key_file=str(self.binding_key))
+        connector = consumer_config(address, application=application, binding_key_file=str(self.binding_key),
+                                    **({"transfer": "nixl", "ucx_transports": UCX_SAME_NODE} if transfer == "nixl"
+                                       else {}))
         return self.vllm(name, connector, middleware)[1]
 
     def frontend_path(self, address: str) -> Route:
@@ -330,7 +336,7 @@ def main() -> None:
     p.add_argument("--clients", default="1,4")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--paths", default="alone,middleware,frontend,replicas,pool-down")
+    p.add_argument("--paths", default="alone,middleware,frontend,nixl,replicas,pool-down")
     p.add_argument("--vllm-cpus", default="0", help="cores for every vLLM server (\"\": not pinned)")
     p.add_argument("--pool-cpus", default="1", help="cores for pools, the front end and this client")
     p.add_argument("--workdir", default=None)
@@ -358,6 +364,9 @@ def main() -> None:
             paths.append(bench.middleware_path("middleware", bench.pool("middleware-pool")[1]))
         if "frontend" in wanted:
             paths.append(bench.frontend_path(bench.pool("frontend-pool")[1]))
+        if "nixl" in wanted:  # the middleware path, rows read by vLLM's workers with NIXL
+            paths.append(bench.middleware_path("middleware-nixl", bench.pool("nixl-pool", nixl=True)[1],
+                                               transfer="nixl"))
         warm(paths, bench.model, workdir, bench.user)
         for repeat in range(args.repeats):
             for n in clients:

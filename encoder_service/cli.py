@@ -58,10 +58,18 @@ def fail(message: str, code: int) -> int:
     return code
 
 
+def cmd_sglang_encoder(args: argparse.Namespace) -> int:
+    from encoder_service.integrations.sglang.front import main as front
+
+    front(args.front_args)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from encoder_service.serving.api.security import TLSConfig
     from encoder_service.serving.api.server import ServerConfig, serve_forever
     from encoder_service.serving.host.pipeline import PipelineConfig
+    from encoder_service.transfer.nixl import NixlSettings
 
     if bool(args.tls_cert) != bool(args.tls_key):
         return fail("--tls-cert and --tls-key go together", 2)
@@ -73,7 +81,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        auth_token_file=args.auth_token_file, insecure=args.insecure,
                        max_request_bytes=args.max_request_mb << 20, drain_grace_s=args.drain_grace_s,
                        metrics_port=args.metrics_port, cache_per_token=not args.shared_cache,
-                       stream_chunk_bytes=int(args.stream_chunk_mb * (1 << 20)))
+                       stream_chunk_bytes=int(args.stream_chunk_mb * (1 << 20)),
+                       nixl=NixlSettings(enabled=args.nixl, ucx_transports=args.ucx_transports,
+                                         ucx_devices=args.ucx_devices, lease_s=args.lease_s,
+                                         lease_mb_per_tenant=args.lease_mb_per_tenant))
     try:
         asyncio.run(serve_forever(cfg))
     except KeyboardInterrupt:
@@ -112,7 +123,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         return fail(f"--out must end in .safetensors or .npy: {args.out}", 2)
     try:
         with EncoderClient(args.address, timeout=args.timeout, probe=args.probe, application=args.application,
-                           retry=RetryPolicy(attempt_timeout_s=args.timeout)) as client:
+                           retry=RetryPolicy(attempt_timeout_s=args.timeout), transfer=args.transfer) as client:
             _wait_ready(client, args.connect_timeout)
             info = client.model_info()
             with Progress(describe(items)) as progress:
@@ -273,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
                    "(or $ENCODER_SERVICE_TOKEN; never on the command line)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without TLS")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics on this port (off by default)")
+    p.add_argument("--nixl", action="store_true", help="hand rows out by reference too (NIXL; README: trust model)")
+    p.add_argument("--ucx-transports", default="", help="UCX_TLS for NIXL (same node: cma,tcp,self)")
+    p.add_argument("--ucx-devices", default="", help="UCX_NET_DEVICES: the interface NIXL consumers are on")
+    p.add_argument("--lease-s", type=float, default=30.0, help="how long rows handed out by reference are held")
+    p.add_argument("--lease-mb-per-tenant", type=int, default=1024,
+                   help="rows one tenant may hold under lease; beyond, answers carry their rows")
     _add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -286,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pruning-rate", type=float, default=None, help="videos: EVS rate q in [0, 1)")
     p.add_argument("--out", default=None, help="save the tensor + metadata: PATH.safetensors, or PATH.npy (+ PATH.json)")
     p.add_argument("--probe", action="store_true", help="send digests first, the files only if the server lacks them")
+    p.add_argument("--transfer", choices=["bytes", "nixl"], default="bytes",
+                   help="nixl: read the rows from the server's memory with NIXL (falls back to bytes)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--connect-timeout", type=float, default=5.0, help="give up if no server answers by then")
     p.set_defaults(func=cmd_encode)
@@ -320,6 +339,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="the dtype the rows are served in (bfloat16 on GPUs, float32 on CPUs)")
     p.set_defaults(func=cmd_fingerprint)
 
+    p = sub.add_parser("sglang-encoder", add_help=False,
+                       help="serve the pool to SGLang's language servers as their encoder (EPD; the `sglang` extra; "
+                            "`encoder-service sglang-encoder --help` for its options)")
+    p.set_defaults(func=cmd_sglang_encoder)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sglang-encoder"]:  # its options are the front's own
+        return cmd_sglang_encoder(argparse.Namespace(front_args=argv[1:]))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)

@@ -31,7 +31,7 @@ META=$("$ENV/bin/python" -c 'import importlib.util as u; print(u.find_spec("torc
 sed -i 's/^@torch.library.register_fake("torchvision::\(q\?nms\)")$/@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda fn: fn))/' "$META"
 # This package against vLLM's pins: pip may add packages, never change one vLLM installed.
 before=$("$ENV/bin/python" -m pip freeze --exclude-editable | sort)
-pip_install -c <(grep -E '^orjson==' constraints.txt) -e '.[vllm]'  # what vLLM lacks, at our tested version
+pip_install -c <(grep -E '^(orjson|nixl-cu12)==' constraints.txt) -e '.[vllm,nixl]'  # what vLLM lacks, at our tested versions
 changed=$(comm -23 <(echo "$before") <("$ENV/bin/python" -m pip freeze --exclude-editable | sort) | tr '\n' ' ')
 if [ -n "$changed" ]; then
   echo "installing encoder-service changed vLLM's environment: $changed" >&2

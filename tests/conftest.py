@@ -53,6 +53,21 @@ def pool_token():
             os.environ[TOKEN_ENV] = before
 
 
+def start_local_ray(num_cpus: int) -> None:
+    """A local Ray cluster of this process's own (`address="local"`). Once in a full CI run on the loaded 2-core
+    machine the raylet of a fresh cluster never came up ("The current node timed out during startup", no
+    raylet log at all; docs/reliability.md): that start is given up and tried once more."""
+    import ray
+
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+        if "timed out during startup" not in str(e):
+            raise
+        ray.shutdown()
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
 def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int | None = None) -> bytes:
     """A random image encoded as PNG/JPEG/WEBP (lossless formats keep pixels exact)."""
     rng = np.random.default_rng(seed)

@@ -20,7 +20,10 @@ ENCODER_INTERNALS = ("encoder_service.engine", "encoder_service.models", "encode
 # A module under the key may not import (at any depth of its file) a module under any of these.
 FORBIDDEN = {
     "encoder_service.contract": ("encoder_service.client", "encoder_service.config", "encoder_service.fingerprint",
-                                 *ENCODER_INTERNALS, "encoder_service.integrations", "llm_worker", "epd_demo"),
+                                 "encoder_service.transfer", *ENCODER_INTERNALS, "encoder_service.integrations",
+                                 "llm_worker", "epd_demo"),
+    "encoder_service.transfer": ("encoder_service.client", "encoder_service.config", *ENCODER_INTERNALS,
+                                 "encoder_service.integrations", "llm_worker", "epd_demo"),
     "encoder_service.client": (*ENCODER_INTERNALS, "encoder_service.config", "encoder_service.integrations",
                                "llm_worker", "epd_demo"),
     "encoder_service.integrations": (*ENCODER_INTERNALS, "llm_worker", "epd_demo"),
@@ -76,7 +79,7 @@ def _under(module: str, prefix: str) -> bool:
 def test_consumers_load_no_encoder_internals():
     """The client, the pool client and the LLM worker import none of the encoder's model or serving code."""
     code = ("import sys, encoder_service.client.endpoint, encoder_service.client.pool, encoder_service.client.checks, "
-            "llm_worker.engine, llm_worker.actor, llm_worker.codec; "
+            "encoder_service.transfer.reader, llm_worker.engine, llm_worker.actor, llm_worker.codec; "
             "print('\\n'.join(m for m in sys.modules if m.startswith('encoder_service')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=ROOT).stdout.split()

@@ -38,7 +38,7 @@ from llm_worker.actor import LLMWorkerActor  # noqa: E402
 from llm_worker.codec import pack_requests, unpack_outputs  # noqa: E402
 from llm_worker.engine import GenerationRequest, LLMEngine, LLMWorkerConfig  # noqa: E402
 from llm_worker.tiny import tiny_llm_dir  # noqa: E402
-from tests.conftest import image_bytes, pool_token, wait_for  # noqa: E402
+from tests.conftest import image_bytes, pool_token, start_local_ray, wait_for  # noqa: E402
 
 APP = "encoder"
 METADATA = (("application", APP),)
@@ -51,7 +51,7 @@ TENANT = "tests"  # handle callers name their tenant (the pool requires auth)
 @pytest.fixture(scope="module")
 def ray_cluster(tiny_checkpoint):
     with pool_token():  # the replicas' token, and the one this module's gRPC clients send
-        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
+        start_local_ray(6)
         yield free_port()  # Serve's gRPC proxy port: fixed once Serve starts, so one per cluster
         serve.shutdown()
         ray.shutdown()

@@ -206,6 +206,28 @@ def test_vllm_with_the_pool_generates_what_vllm_alone_does_and_falls_back_when_t
     assert uploads[len(conversation)]["jobs_started"] == len(images)
 
 
+def test_vllm_reads_the_pools_rows_with_nixl_without_staging(vllm_python, models, images, alone, tmp_path):
+    """transfer: nixl: vLLM's workers read each item's rows straight from the pool's memory (no staging file,
+    no rows through the scheduler's process) and generate vLLM alone's tokens; every lease is given back."""
+    alone, _ = alone
+    port, key = free_port(), write_binding_key(tmp_path / "binding-key")
+    bound = [prompt(images[i:i + 2], "bound") for i in range(0, len(images), 2)]
+    consumer = run(vllm_python, {"model": str(models["good"]), "binding_key_file": str(key), "connector": {
+        "role": "pool", "extra": {"address": f"127.0.0.1:{port}", "transfer": "nixl",
+                                  "ucx_transports": "cma,tcp,self"}},
+        "steps": [
+            {"op": "pool_start", "checkpoint": str(models["good"]), "port": port, "nixl": True},
+            {"op": "pool_upload", "images": images, "tenant": "alice"},
+            {"op": "generate", "prompts": bound},
+            {"op": "pool_upload", "images": images[:1], "tenant": "alice"},  # reports the leases still held
+        ]}, tmp_path, "nixl")
+    _, _, generated, after = consumer
+    assert tokens(generated) == tokens(alone[0])[:len(bound)] and generated["encoder_calls"] == 0
+    assert generated["connector"]["fetches"] == generated["connector"]["by_reference"] == len(images)
+    assert not generated["connector"].get("staged_files")
+    assert after["leases_active"] == 0
+
+
 def test_rows_of_a_wrong_count_or_width_fail_only_their_request_when_told_to_fail(vllm_python, models, images,
                                                                                   tmp_path):
     """`fallback: fail`, fingerprint checks off: the row checks still stand between the pool and vLLM's scatter,
@@ -308,14 +330,14 @@ def test_vllms_openai_server_with_the_pool_on_three_replicas_faults_users_and_ab
     from ray import serve
 
     from encoder_service.serving.api.serve.local import cpu_pool_config, deploy, running_replicas
-    from tests.conftest import pool_token
+    from tests.conftest import pool_token, start_local_ray
 
     chats = [s for s in alone[0] if s["op"] == "chat"]
     expected, bobs_own = chats[:len(CONVERSATION)], chats[len(CONVERSATION)]
     conversation = [[images[i] for i in turn] for turn in CONVERSATION]
     key = write_binding_key(tmp_path / "binding-key")
     with pool_token() as token:
-        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
+        start_local_ray(6)
         try:
             address = deploy(cpu_pool_config(models["good"], replicas=3, dtype="float32"))
             assert wait_for(lambda: running_replicas(APPLICATION) == 3, timeout_s=120)

@@ -5,7 +5,8 @@ tests/test_vllm.py write the plan, run this with that environment's Python and c
 
 The plan: {"model": DIR, "connector": null | {"role": "pool", "extra": {...}}, "binding_key_file": PATH,
 "steps": [...]}. Steps:
-  {"op": "pool_start", "checkpoint": DIR, "port": N}   an encoder pool (standalone gRPC server) in this process
+  {"op": "pool_start", "checkpoint": DIR, "port": N, "nixl": false}   an encoder pool (standalone gRPC server) in
+                                                       this process (nixl: rows by reference too)
   {"op": "pool_stop"}
   {"op": "connector_ready"}                            the connector reaches the pool (its own channel), up to 30 s
   {"op": "pool_upload", "images": [PNG...], "tenant": T}   the front end's part: the images into the pool's cache,
@@ -165,13 +166,15 @@ class Pool:
     def __init__(self):
         self.server = None
 
-    def start(self, checkpoint: str, port: int) -> dict:
+    def start(self, checkpoint: str, port: int, nixl: bool = False) -> dict:
         from encoder_service.config import EngineConfig
         from encoder_service.serving.api.server import BackgroundServer, ServerConfig
         from encoder_service.serving.host.pipeline import PipelineConfig
+        from encoder_service.transfer.nixl import NixlSettings
 
         cfg = ServerConfig(port=port, engine=EngineConfig(checkpoint=checkpoint, device="cpu", dtype="float32"),
-                           pipeline=PipelineConfig(preprocess_workers=1, arena_mb=64, cache_mb=64))
+                           pipeline=PipelineConfig(preprocess_workers=1, arena_mb=64, cache_mb=64),
+                           nixl=NixlSettings(enabled=nixl, ucx_transports="cma,tcp,self"))
         self.server = BackgroundServer(cfg)
         return {"address": self.server.start()}
 
@@ -192,7 +195,8 @@ class Pool:
         finally:
             pool.close()
         stats = self.server.server.model.stats()
-        return {"digests": [i.digest for i in items], "token_counts": [i.token_count for i in items],
+        leases = self.server.server.servicer.answers.leases
+        return {"leases_active": leases.stats.active if leases else 0, "digests": [i.digest for i in items], "token_counts": [i.token_count for i in items],
                 "jobs_started": stats["jobs_started"]}
 
 
@@ -210,7 +214,7 @@ def main() -> None:
             op = step["op"]
             try:
                 if op == "pool_start":
-                    result = pool.start(step["checkpoint"], step["port"])
+                    result = pool.start(step["checkpoint"], step["port"], step.get("nixl", False))
                 elif op == "pool_stop":
                     result = pool.stop()
                 elif op == "connector_ready":

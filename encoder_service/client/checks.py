@@ -54,12 +54,14 @@ def check_answer_count(sent: int, result: EncodeResult) -> None:
         raise EmbeddingCountMismatch(f"sent {sent} items, encoder answered {len(result.items)}")
 
 
-def check_rows(rows: torch.Tensor, placeholders: int, hidden_size: int, where: str) -> None:
-    """One item's rows against the prompt: as many as its placeholders, as wide as the LLM."""
-    if rows.shape[1] != hidden_size:
-        raise EmbeddingCountMismatch(f"{where}: rows are {rows.shape[1]} wide, the LLM's hidden size is {hidden_size}")
-    if rows.shape[0] != placeholders:
-        raise EmbeddingCountMismatch(f"{where}: {rows.shape[0]} rows, the prompt has {placeholders} placeholders")
+def check_rows(rows: torch.Tensor | tuple[int, int], placeholders: int, hidden_size: int, where: str) -> None:
+    """One item's rows (or their shape, for rows not read yet) against the prompt: as many as its
+    placeholders, as wide as the LLM."""
+    count, width = tuple(rows.shape) if isinstance(rows, torch.Tensor) else rows
+    if width != hidden_size:
+        raise EmbeddingCountMismatch(f"{where}: rows are {width} wide, the LLM's hidden size is {hidden_size}")
+    if count != placeholders:
+        raise EmbeddingCountMismatch(f"{where}: {count} rows, the prompt has {placeholders} placeholders")
 
 
 class CheckedEncoder:

@@ -21,6 +21,7 @@ import grpc.experimental
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from encoder_service.client.by_reference import ReferenceRows, check_transfer
 from encoder_service.client.retry import RetryPolicy
 from encoder_service.client.security import ClientSecurity
 from encoder_service.contract.errors import EncodeFailed
@@ -36,6 +37,7 @@ from encoder_service.contract.wire.status import cache_misses_from_status, failu
 from encoder_service.contract.wire.streams import StreamAssembler, parse_message
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.proto import encoder_pb2_grpc as pb_grpc
+from encoder_service.transfer.nixl import NixlSettings
 
 ENCODE_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EncoderService'].full_name}/Encode"
 ENCODE_STREAM_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EncoderService'].full_name}/EncodeStream"
@@ -108,7 +110,7 @@ class EncoderClient:
     def __init__(self, address: str, timeout: float = 60.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  security: ClientSecurity | None = None, probe: bool = False, application: str = "",
                  extra_options: Sequence[tuple[str, int | str]] = (), connections: int = 1,
-                 retry: RetryPolicy | None = None):
+                 retry: RetryPolicy | None = None, transfer: str = "bytes", nixl: NixlSettings | None = None):
         """`address`: a standalone server or a Ray Serve pool's gRPC proxy (host:port).
         `security`: TLS / mTLS / bearer token; default from the environment (`ClientSecurity.from_env`).
         `probe`: send items by digest first, their media only if the server lacks them.
@@ -118,8 +120,11 @@ class EncoderClient:
         several threads, e.g. one per item, move in parallel): one gRPC connection moves a few hundred
         MB/s, so large answers arrive sooner over several (bench/RESULTS.md, progressive_prefill). The
         calls may be batched apart, so rows can differ from a one-call answer by floating-point rounding.
-        `retry`: `encode` retries under this policy (`client.retry`); None: one attempt."""
+        `retry`: `encode` retries under this policy (`client.retry`); None: one attempt.
+        `transfer`: "nixl" asks `encode`'s rows by reference and reads them with NIXL (`by_reference`; `nixl`:
+        this process's UCX settings), falling back to rows inline; "bytes": rows in the answer."""
         self.address, self.timeout, self.probe, self.retry = address, timeout, probe, retry
+        self.by_reference = ReferenceRows(nixl) if check_transfer(transfer) == "nixl" else None
         self.retries = 0  # attempts `retry` made after a failure
         self.metadata: tuple[tuple[str, str], ...] = ((APPLICATION_KEY, application),) if application else ()
         self.bytes_sent = 0  # serialised EncodeRequest bytes (what probing saves)
@@ -175,10 +180,17 @@ class EncoderClient:
         """Encode `items` in one call (two with `probe` when some are not cached). copy=False returns a
         read-only view of the received message (saves a copy for callers that copy rows out anyway, like
         the LLM worker's cache). `digests`: the items' media digests, if the caller has them. `rows`:
-        ROWS_CACHE_ONLY puts the items into the endpoint's cache and answers their metadata only."""
+        ROWS_CACHE_ONLY puts the items into the endpoint's cache and answers their metadata only;
+        ROWS_BY_REFERENCE answers where the rows are (`result.reference`) for the caller to read."""
         request_id = request_id or uuid.uuid4().hex
         probe = self.probe if probe is None else probe
+        if rows == pb.ROWS_INLINE and self.by_reference is not None:
+            result = self._encode(items, request_id, timeout, metadata, copy, probe, digests, pb.ROWS_BY_REFERENCE)
+            return self.by_reference.resolve(result, lambda: self._encode(items, request_id, timeout, metadata, copy,
+                                                                          probe, digests, rows))
+        return self._encode(items, request_id, timeout, metadata, copy, probe, digests, rows)
 
+    def _encode(self, items, request_id, timeout, metadata, copy, probe, digests, rows) -> EncodeResult:
         def attempt(number: int, attempt_timeout: float) -> EncodeResult:
             generation = self.generation
 

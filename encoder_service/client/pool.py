@@ -27,6 +27,7 @@ from typing import Sequence
 
 import grpc
 
+from encoder_service.client.by_reference import ReferenceRows, check_transfer
 from encoder_service.client.endpoint import EncoderClient, RemoteCallError, probe_then_upload
 from encoder_service.client.retry import PoisonMemory, RetryPolicy
 from encoder_service.client.security import ClientSecurity
@@ -60,6 +61,9 @@ class PoolClientConfig:
     # gRPC: TCP connections per address; calls made at once (one per item with affinity, a stream's
     # items without) spread over them, since one connection moves only a few hundred MB/s.
     connections: int = 1
+    # "nixl": rows by reference, read with NIXL straight from the replica's memory (`by_reference`; an
+    # answer the replica gives inline, or a read that fails, falls back to rows in the answer); "bytes".
+    transfer: str = "bytes"
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,7 @@ class PoolEncoderClient:
         self._next = 0
         self._fanout = ThreadPoolExecutor(16, thread_name_prefix="pool-client") if cfg.affinity else None
         self.poison = PoisonMemory(cfg.poison_ttl_s)
+        self.by_reference = ReferenceRows() if check_transfer(cfg.transfer) == "nixl" else None
 
     def encode(self, items: list[MediaInput], tenant: str = "", rows: int = pb.ROWS_INLINE,
                probe: Sequence[bool] | None = None, digests: Sequence[str] | None = None) -> EncodeResult:
@@ -222,13 +227,22 @@ class PoolEncoderClient:
         the items' media digests, when the caller has them already."""
         digests = list(digests) if digests is not None else [media_digest(item.data) for item in items]
         probes = list(probe) if probe is not None else [self.cfg.probe] * len(items)
+
+        def call(sent: list[MediaInput], key: str, probing: bool, sent_digests: list[str]) -> EncodeResult:
+            """One call; rows asked by reference and read when the client reads by reference."""
+            def once(mode: int) -> EncodeResult:
+                how = Call(key, probing, sent_digests, tenant, mode)
+                return self._call(lambda t, timeout: t.encode(sent, timeout, how), sent_digests)
+
+            if rows != pb.ROWS_INLINE or self.by_reference is None:
+                return once(rows)
+            return self.by_reference.resolve(once(pb.ROWS_BY_REFERENCE), lambda: once(pb.ROWS_INLINE))
+
         if not self.cfg.affinity:
-            call = Call("", any(probes), digests, tenant, rows)
-            return self._call(lambda t, timeout: t.encode(items, timeout, call), digests)
+            return call(items, "", any(probes), digests)
 
         def one(index: int) -> EncodeResult:
-            call = Call(digests[index], probes[index], [digests[index]], tenant, rows)
-            return self._call(lambda t, timeout: t.encode([items[index]], timeout, call), [digests[index]])
+            return call([items[index]], digests[index], probes[index], [digests[index]])
 
         if len(items) == 1:
             return one(0)

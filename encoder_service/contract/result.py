@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from encoder_service.contract.media import SampledFrames
+from encoder_service.contract.reference import RowsReference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
@@ -62,6 +63,9 @@ class EncodeResult:
     embeddings: torch.Tensor  # [sum(token_count), hidden]
     items: list[ItemEmbedding]
     extras: dict = field(default_factory=dict)  # the server's timings and the model's contract digest
+    # Rows by reference (`reference.RowsReference`): the answer's rows are still at the endpoint and
+    # `embeddings` is [0, hidden] until a reader fills it (`transfer.reader`).
+    reference: RowsReference | None = None
 
     @property
     def token_counts(self) -> list[int]:

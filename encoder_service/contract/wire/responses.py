@@ -18,6 +18,7 @@ import torch
 
 from encoder_service.contract.result import EncodeResult, ItemEmbedding
 from encoder_service.contract.wire.protobuf import length_prefixed, split_field
+from encoder_service.contract.wire.reference import reference_from_proto
 from encoder_service.contract.wire.tensors import TORCH_TO_PB, bytes_of, tensor_from_buffer, tensor_to_proto
 from encoder_service.proto import encoder_pb2 as pb
 
@@ -93,12 +94,17 @@ def decode_response(data: bytes, copy: bool = True) -> EncodeResult:
 
 
 def result_from_parts(header: pb.EncodeResponse, embeddings: torch.Tensor) -> EncodeResult:
-    """A response's result; one that carries no rows (ROWS_CACHE_ONLY) has a [0, hidden] tensor."""
+    """A response's result; one that carries no rows (ROWS_CACHE_ONLY, ROWS_BY_REFERENCE) has a [0, hidden]
+    tensor, and by reference the `reference` to read them from."""
     items = [item_from_proto(m) for m in header.items]
     expected = sum(i.token_count for i in items) if header.rows == pb.ROWS_INLINE else 0
     if expected != embeddings.shape[0]:
         raise ValueError("response token counts do not add up to the embedding rows")
-    return EncodeResult(header.request_id, embeddings, items, msgpack.unpackb(header.extras) if header.extras else {})
+    reference = reference_from_proto(header.reference) if header.rows == pb.ROWS_BY_REFERENCE else None
+    if reference is not None and len(reference.segments) != len(items):
+        raise ValueError("a reference must name one segment per item")
+    return EncodeResult(header.request_id, embeddings, items, msgpack.unpackb(header.extras) if header.extras else {},
+                        reference)
 
 
 def decode_parts(header: bytes, payload: np.ndarray, copy: bool = False) -> EncodeResult:

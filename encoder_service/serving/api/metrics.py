@@ -22,7 +22,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 class EncoderMetrics:
     """prometheus_client metrics in their own registry (served by `serve_http`)."""
 
-    def __init__(self, model_stats: Callable[[], dict] | None = None, inflight: Callable[[], tuple[int, int]] | None = None):
+    def __init__(self, model_stats: Callable[[], dict] | None = None, inflight: Callable[[], tuple[int, int]] | None = None,
+                 answers=None):
+        """`answers` (`answers.Answers`): rows handed out by reference and their leases."""
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry()
@@ -46,6 +48,8 @@ class EncoderMetrics:
                 lambda: inflight()[1])
         if model_stats is not None:
             r.register(_ModelStatsCollector(model_stats))
+        if answers is not None:
+            r.register(_LeaseCollector(answers))
 
     def record(self, code: str, seconds: float, stats: dict | None = None, items: int = 0, tokens: int = 0,
                nbytes: int = 0, serialize_s: float = 0.0) -> None:
@@ -115,6 +119,30 @@ class _ModelStatsCollector:
         for key, name, help_text in counters:
             if key in stats:
                 yield CounterMetricFamily(name, help_text, value=stats[key])
+
+
+class _LeaseCollector:
+    """Rows by reference: leases (read at scrape time)."""
+
+    def __init__(self, answers):
+        self._answers = answers
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield CounterMetricFamily("encoder_by_reference_inline", "by-reference requests answered inline (NIXL "
+                                  "off, or over the tenant's lease budget)", value=self._answers.by_reference_inline)
+        leases = self._answers.leases
+        if leases is None:
+            return
+        stats = leases.stats
+        yield GaugeMetricFamily("encoder_leases_active", "answers whose rows are held for a NIXL reader",
+                                value=stats.active)
+        yield GaugeMetricFamily("encoder_lease_bytes", "row bytes held under lease", value=stats.bytes)
+        ended = CounterMetricFamily("encoder_leases", "leases granted, and how they ended", labels=["outcome"])
+        for outcome in ("granted", "released", "expired", "refused"):
+            ended.add_metric([outcome], getattr(stats, outcome))
+        yield ended
 
 
 class RayEncoderMetrics:

@@ -3,8 +3,9 @@
 The model runs in a child process (`ModelProcess`); this process is the transport only: the
 event loop hands each request's bytes to the child unparsed, and a finished response is framed
 from the child's header and the rows in shared memory on serialiser threads
-(`responses.response_bytes`), then sent as ready-made bytes, so a 31 MB response never blocks the
-loop and never stalls the model's kernel launches.
+(`answers.Answers`), then sent as ready-made bytes, so a 31 MB response never blocks the
+loop and never stalls the model's kernel launches. With NIXL on, an answer may instead hand out where
+its rows are, under a lease (`leases`).
 
 Bad input is answered with INVALID_ARGUMENT / RESOURCE_EXHAUSTED and a clear message; the
 server keeps serving. If the model process dies, health turns NOT_SERVING and calls get
@@ -31,13 +32,16 @@ from encoder_service.contract.wire.channel import DEFAULT_MAX_MESSAGE_BYTES, cha
 from encoder_service.contract.wire.status import status_for, status_message, status_trailers
 from encoder_service.contract.wire.streams import DEFAULT_CHUNK_BYTES
 from encoder_service.serving.api import streaming
+from encoder_service.serving.api.answers import Answers
 from encoder_service.serving.api.edge import Edge, EdgeLimits, ServiceCounters, deadline_in
+from encoder_service.serving.api.leases import RowLeases
 from encoder_service.serving.api.metrics import EncoderMetrics
 from encoder_service.serving.api.security import Authenticator, TLSConfig, TokenCheck, is_loopback, tokens_from
 from encoder_service.serving.api.services import ENCODER_SERVICE, HEALTH_NAMES, REFLECTED_SERVICES
 from encoder_service.serving.heap import keep_large_buffers_in_heap
 from encoder_service.serving.host.model_process import ModelProcess
 from encoder_service.serving.host.pipeline import PipelineConfig
+from encoder_service.transfer.nixl import NixlSettings
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,8 @@ class ServerConfig:
     # Embedding-cache entries per bearer token (a probe cannot reveal another tenant's images); False: one cache
     # for everybody, which lets any caller learn whether an image was sent and fetch its rows (README).
     cache_per_token: bool = True
+    # Rows by reference (NIXL): off unless enabled; read the trust model in the README first.
+    nixl: NixlSettings = field(default_factory=NixlSettings)
     engine: EngineConfig = field(default_factory=EngineConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
@@ -85,7 +91,10 @@ class EncoderServicer:
 
     def __init__(self, model: ModelProcess, cfg: ServerConfig, auth: Authenticator):
         self.model, self.cfg = model, cfg
-        self.metrics = EncoderMetrics(model.stats, lambda: (self.edge.inflight_requests, self.edge.inflight_bytes))
+        leases = RowLeases(model.shared_memory(), cfg.nixl, model.release) if cfg.nixl.enabled else None
+        self.answers = Answers(leases)
+        self.metrics = EncoderMetrics(model.stats, lambda: (self.edge.inflight_requests, self.edge.inflight_bytes),
+                                      self.answers)
         self.edge = Edge(cfg.limits, self.metrics, auth)
         self._info = self.edge.access(model.info_bytes)
         self._serialize = ThreadPoolExecutor(cfg.serialize_threads, thread_name_prefix="encoder-serialize")
@@ -109,12 +118,14 @@ class EncoderServicer:
             with self.edge.admitted(len(request), started):
                 namespace = self.edge.identify(context.invocation_metadata()).namespace
                 reply = await asyncio.wrap_future(self.model.submit(request, deadline, namespace=namespace))
-                try:
-                    serialize_from = time.perf_counter()
-                    response = await asyncio.get_running_loop().run_in_executor(self._serialize, reply.response_bytes)
-                    serialize_s = time.perf_counter() - serialize_from
-                finally:
-                    self.model.release(reply)
+                serialize_from = time.perf_counter()
+                if (response := self.answers.by_reference(reply, namespace)) is None:  # else: the lease's now
+                    try:
+                        response = await asyncio.get_running_loop().run_in_executor(self._serialize,
+                                                                                    Answers.inline_bytes, reply)
+                    finally:
+                        self.model.release(reply)
+                serialize_s = time.perf_counter() - serialize_from
         except asyncio.CancelledError:  # the client went away; cancelling the call drops its work
             self.edge.cancelled(started)
             raise
@@ -160,6 +171,8 @@ class EncoderServicer:
 
     def close(self) -> None:
         self._serialize.shutdown(wait=False, cancel_futures=True)
+        if self.answers.leases is not None:
+            self.answers.leases.close()
         self.metrics.close()
 
 

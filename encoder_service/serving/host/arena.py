@@ -109,8 +109,12 @@ class SharedArena:
             return True
 
     def close(self) -> None:
+        """Unmap and close (once: a second call does nothing)."""
+        if self.fd is None:
+            return
         try:
             self.buf.close()
         except BufferError:  # views still exported (tensors alive); the mapping goes with the process
             pass
         os.close(self.fd)
+        self.fd = None

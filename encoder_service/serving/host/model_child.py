@@ -169,8 +169,12 @@ class ModelServer:
             future.add_done_callback(lambda f, call=call, request=request: self._finished(call, request, f))
 
     def _check_rows(self, request: pb.EncodeRequest, stream: bool) -> None:
-        """How the answer may carry the rows: a cache-only answer needs the cache, and is never streamed."""
-        if request.rows == pb.ROWS_INLINE:
+        """How the answer may carry the rows: a cache-only answer needs the cache, and is never streamed; a
+        stream carries its rows inline (a by-reference request's too)."""
+        if request.rows == pb.ROWS_INLINE or (request.rows == pb.ROWS_BY_REFERENCE and not stream):
+            return
+        if request.rows == pb.ROWS_BY_REFERENCE:
+            request.rows = pb.ROWS_INLINE
             return
         if request.rows != pb.ROWS_CACHE_ONLY or stream:
             raise InvalidInput(f"rows mode {request.rows} is not supported here" + (" (EncodeStream carries rows "
@@ -191,7 +195,8 @@ class ModelServer:
             extras = {**held.stats, "model": self.model_contract, **(call.encode.extras or {})}
             items = held.items([(m.item_id, m.content_hash) for m in request.items])
             header = response_header(request.request_id, items, held.dtype, held.hidden_size, extras, request.rows)
-            inline = request.rows == pb.ROWS_INLINE
+            # Inline and by reference, the rows stay held for the transport (which sends them, or leases them).
+            inline = request.rows in (pb.ROWS_INLINE, pb.ROWS_BY_REFERENCE)
             answer = messages.Answer(call.id, header.SerializeToString(),
                                      [self.segment(r) for r in held.regions] if inline else [], len(request.items),
                                      held.shape[0] if inline else 0)

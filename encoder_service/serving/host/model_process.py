@@ -36,7 +36,6 @@ import torch
 from encoder_service.config import EngineConfig
 from encoder_service.contract.errors import EncodeFailed, Unavailable
 from encoder_service.contract.wire.model_info import model_info_from_proto
-from encoder_service.contract.wire.responses import response_bytes
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving.host import child, messages
 from encoder_service.serving.host.arena import SharedArena
@@ -63,10 +62,6 @@ class SharedReply:
     @property
     def nbytes(self) -> int:
         return sum(s.numel() for s in self.segments)
-
-    def response_bytes(self) -> bytes:
-        """The whole serialised EncodeResponse (one GIL-free copy out of the arenas)."""
-        return response_bytes(pb.EncodeResponse.FromString(self.header), self.segments)
 
     def gather(self) -> torch.Tensor:
         """The tensor's bytes as one flat uint8 tensor of the caller's own (one copy)."""
@@ -115,6 +110,11 @@ class ModelProcess:
         self.alive = True
         self._reader = threading.Thread(target=self._read_replies, name="model-process-reader", daemon=True)
         self._reader.start()
+
+    def shared_memory(self) -> list[torch.Tensor]:
+        """The arenas answers' rows live in, as flat uint8 tensors of this process's mapping (what a NIXL
+        agent registers to hand rows out by reference)."""
+        return list(self._arena_bytes.values())
 
     def _wait_ready(self) -> messages.Ready:
         msg = messages.receive(self._out) if child.started(self.proc, START_TIMEOUT_S) else None

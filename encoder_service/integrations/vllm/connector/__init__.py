@@ -39,7 +39,7 @@ class EncoderPoolConnector(ECConnectorBase):
 
             self.scheduler = SchedulerSide(self.cfg, vllm_config)
         else:
-            self.worker = WorkerSide(model.get_hidden_size(), model.dtype)
+            self.worker = WorkerSide(self.cfg, model.get_hidden_size(), model.dtype)
 
     # ------------------------------------------------------------------ scheduler side
 

@@ -33,6 +33,12 @@ class PoolConnectorConfig:
     verify_fingerprint: bool = True  # refuse, at start-up, a pool serving another model than this checkpoint's
     expected_checkpoint: str = ""  # the checkpoint the pool must serve; default: vLLM's model directory
     connections: int = 1  # TCP connections per pool address
+    # "nixl": the scheduler gets where an item's rows are (a few hundred bytes, a lease), the workers read them
+    # with NIXL straight into their encoder cache: no staging file, no rows through the engine-core process.
+    # A pool answering inline (NIXL off there) is staged as with "bytes"; a read that fails is fetched again
+    # as bytes by the worker.
+    transfer: str = "bytes"
+    ucx_transports: str = ""  # UCX_TLS for this vLLM's NIXL agents ("": UCX's choice)
 
     def __post_init__(self):
         if isinstance(self.address, str):
@@ -41,6 +47,8 @@ class PoolConnectorConfig:
             raise ValueError("EncoderPoolConnector needs ec_connector_extra_config.address (the pool's host:port)")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, not {self.fallback!r}")
+        if self.transfer not in ("bytes", "nixl"):
+            raise ValueError(f"transfer must be bytes or nixl, not {self.transfer!r}")
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> "PoolConnectorConfig":

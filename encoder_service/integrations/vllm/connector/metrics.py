@@ -4,6 +4,7 @@ are per-request seconds from a request's first look to its items being ready (ob
 
     vllm:encoder_pool_fetches_total             items fetched from the pool
     vllm:encoder_pool_fetched_bytes_total       their rows' bytes
+    vllm:encoder_pool_by_reference_total        of them, read by the workers with NIXL (transfer: nixl)
     vllm:encoder_pool_fallbacks_total{reason}   items vLLM encoded itself: pool_down, missing, timeout,
                                                 rejected (wrong rows or model), staging_full
     vllm:encoder_pool_bypassed_items_total      items the front end bound whose identifier vLLM re-hashed
@@ -57,6 +58,8 @@ class PoolConnectorPromMetrics(ECConnectorPromMetrics):
                                labelnames=labelnames)
         self.fetched_bytes = counter(name="vllm:encoder_pool_fetched_bytes", labelnames=labelnames,
                                      documentation="Bytes of rows fetched from the encoder pool.")
+        self.by_reference = counter(name="vllm:encoder_pool_by_reference", labelnames=labelnames,
+                                    documentation="Items whose rows the workers read from the pool with NIXL.")
         self.fallbacks = counter(name="vllm:encoder_pool_fallbacks", labelnames=labelnames + ["reason"],
                                  documentation="Items vLLM encoded itself because the pool could not give them.")
         self.bypassed = counter(name="vllm:encoder_pool_bypassed_items", labelnames=labelnames,
@@ -74,6 +77,7 @@ class PoolConnectorPromMetrics(ECConnectorPromMetrics):
         data = transfer_stats_data
         self.fetches.labels(*labels).inc(data.get("fetches", 0))
         self.fetched_bytes.labels(*labels).inc(data.get("fetched_bytes", 0))
+        self.by_reference.labels(*labels).inc(data.get("by_reference", 0))
         for reason in FALLBACK_REASONS:
             if data.get(f"fallback_{reason}"):
                 self.fallbacks.labels(*labels, reason).inc(data[f"fallback_{reason}"])

@@ -30,22 +30,22 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import torch
 
 from encoder_service.client.checks import (EmbeddingCountMismatch, WrongEncoder, answer_models, check_answer_model,
-                                           check_pool_model, check_rows)
-from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
-from encoder_service.client.retry import RetryPolicy
-from encoder_service.client.security import ClientSecurity
+                                           check_rows)
 from encoder_service.contract.model_info import ModelFingerprint
-from encoder_service.contract.result import dtype_name
+from encoder_service.contract.reference import RowsReference
+from encoder_service.contract.result import EncodeResult, dtype_name
 from encoder_service.fingerprint import of_checkpoint
 from encoder_service.integrations.vllm.binding import Binder, Bound
 from encoder_service.integrations.vllm.connector.config import PoolConnectorConfig
+from encoder_service.integrations.vllm.connector.clients import check_pool, nixl_reader, pool_client
 from encoder_service.integrations.vllm.connector.staging import StagingArea
+from encoder_service.proto import encoder_pb2 as pb
 
 log = logging.getLogger("encoder_service.integrations.vllm.connector")
 
+LEASE_MARGIN_S = 5.0  # rows by reference whose lease ends sooner are fetched again before workers read them
 MISS_RETRY_S = 0.025  # an item not (yet) in the pool: the front end's upload may still be on its way
 # An empty step while items are on their way: vLLM steps again after 1 ms, each step a round trip to the
 # workers that competes for the CPU (and this process's GIL) with the fetches; the step waits instead, until
@@ -72,7 +72,9 @@ class Item:
     state: State = State.WAITING
     future: Future | None = None
     retry_at: float = 0.0
-    path: str = ""
+    path: str = ""  # staged rows (bytes path)
+    reference: RowsReference | None = None  # where the rows are (NIXL path): the workers read them
+    dtype: str = ""  # of the rows at the pool
     loads_pending: set[int] = field(default_factory=set)  # steps that told workers to load it, not yet back
     reason: str = ""
 
@@ -84,11 +86,15 @@ class Item:
 
 @dataclass
 class Load:
-    """What a worker loads for one item this step (staged bytes: `path`)."""
+    """What a worker loads for one item this step: staged bytes (`path`), or rows to read with NIXL
+    (`reference`, in the pool's `dtype`; `bound`: what to fetch as bytes if that read fails)."""
 
     identifier: str
     path: str
     rows: int
+    reference: RowsReference | None = None
+    dtype: str = ""
+    bound: Bound | None = None
 
 
 class SchedulerSide:
@@ -97,15 +103,14 @@ class SchedulerSide:
         self.cfg = cfg
         self.hidden_size, self.dtype = model.get_hidden_size(), model.dtype
         self.binder = Binder.from_file(cfg.binding_key_file or None)
-        security = ClientSecurity.from_env(cfg.token_file or None)
-        policy = RetryPolicy(attempt_timeout_s=cfg.attempt_timeout_s, total_timeout_s=cfg.fetch_budget_s,
-                             max_attempts=2, backoff_s=0.05)
-        self.pool = PoolEncoderClient(PoolClientConfig(cfg.address, cfg.application, retry=policy, probe=False,
-                                                       connections=cfg.connections), security=security)
+        self.pool = pool_client(cfg, cfg.fetch_budget_s)
         self.expected: ModelFingerprint | None = None
         if cfg.verify_fingerprint:
             self.expected = of_checkpoint(cfg.expected_checkpoint or model.model, dtype_name(self.dtype))
-            self._check_pool()
+            check_pool(self.pool, self.expected, cfg.address)
+        self.reader = nixl_reader(cfg)  # NIXL: gives back leases of items workers never read
+        if self.reader is None:
+            cfg.transfer = "bytes"
         budget = cfg.staging_mb << 20 or self._encoder_cache_bytes(vllm_config)
         self.staging = StagingArea(budget, Path(cfg.staging_dir) if cfg.staging_dir else None)
         self._threads = ThreadPoolExecutor(cfg.fetch_threads, thread_name_prefix="encoder-pool-fetch")
@@ -126,18 +131,6 @@ class SchedulerSide:
         """vLLM's encoder-cache budget (embeddings) in bytes: staging never holds more than vLLM would."""
         embeds = getattr(vllm_config.scheduler_config, "encoder_cache_size", 0) or 16384
         return embeds * self.hidden_size * self.dtype.itemsize
-
-    def _check_pool(self) -> None:
-        """Refuse, with the reason, a pool whose rows would be wrong for this model, or one not answering."""
-        try:
-            info = self.pool.model_info()
-        except grpc.RpcError as e:
-            raise RuntimeError(f"the encoder pool at {self.cfg.address} does not answer GetModelInfo "
-                               f"({e.code().name}: {e.details()})") from None
-        try:
-            check_pool_model(info, self.expected, f"the encoder pool at {self.cfg.address}")
-        except WrongEncoder as e:
-            raise RuntimeError(str(e)) from None
 
     # ------------------------------------------------------------------ the scheduler's questions
 
@@ -198,6 +191,10 @@ class SchedulerSide:
 
     def _advance(self, item: Item, now: float) -> bool:
         """Move an item on (caller holds the lock); True when the request need not wait for it."""
+        if (item.state == State.STAGED and item.reference is not None and not item.loads_pending
+                and item.reference.seconds_left() < LEASE_MARGIN_S):  # the lease may end before workers read
+            self._unstage(item)
+            item.state, item.first_seen, item.retry_at = State.WAITING, now, 0.0
         if item.state in (State.STAGED, State.LOCAL, State.FAILED):
             return True
         if item.state == State.FETCHING and item.future.done():
@@ -220,19 +217,22 @@ class SchedulerSide:
         item.future.add_done_callback(lambda _: self._progress.set())
         return False
 
-    def _fetch(self, bound: Bound) -> torch.Tensor:
+    def _fetch(self, bound: Bound) -> EncodeResult:
+        """The item's rows (bytes), or where they are (NIXL: the workers read them)."""
         started = time.perf_counter()
-        result = self.pool.encode([bound.media()], tenant=bound.tenant)
+        rows = pb.ROWS_BY_REFERENCE if self.cfg.transfer == "nixl" else pb.ROWS_INLINE
+        result = self.pool.encode([bound.media()], tenant=bound.tenant, rows=rows)
         if self.expected is not None:
             check_answer_model(answer_models(result), self.expected)
         self._count("fetch_seconds", time.perf_counter() - started)
-        return result.embeddings
+        return result
 
     def _settle(self, item: Item, now: float) -> None:
         """A finished fetch (caller holds the lock): staged, tried again later, or fallen back."""
         try:
-            rows = item.future.result()
-            check_rows(rows, item.rows, self.hidden_size, f"{item.bound.digest[:19]}…")
+            result = item.future.result()
+            shape = (result.items[0].token_count, result.shape[1]) if result.reference else result.embeddings
+            check_rows(shape, item.rows, self.hidden_size, f"{item.bound.digest[:19]}…")
         except grpc.RpcError as e:
             self.staging.unreserve(item.nbytes)
             if e.code() == grpc.StatusCode.NOT_FOUND and now - item.first_seen < self.cfg.fetch_budget_s:
@@ -253,7 +253,12 @@ class SchedulerSide:
             log.error("the encoder pool's rows for %s… cannot be used: %s", item.bound.digest[:19], e)
             self._fall_back(item, "rejected", str(e))
             return
-        item.path = self.staging.write(item.name, rows.to(self.dtype))
+        if result.reference is not None:  # the workers read the rows; only their bytes are reserved here
+            item.reference, item.dtype = result.reference, dtype_name(result.dtype)
+            self._count("by_reference")
+        else:
+            item.path = self.staging.write(item.name, result.embeddings.to(self.dtype))
+            self._count("staged_files")
         item.state = State.STAGED
         self._count("fetches")
         self._count("fetched_bytes", item.nbytes)
@@ -265,7 +270,7 @@ class SchedulerSide:
         item.reason = why
         self._count(f"fallback_{reason}")
         if item.state == State.STAGED:
-            self.staging.remove(item.name, item.nbytes)
+            self._unstage(item)
         item.state = State.LOCAL if self.cfg.fallback == "local" else State.FAILED
         log.info("item %s… %s: %s (%s)", item.bound.digest[:19],
                  "left to vLLM's encoder" if item.state == State.LOCAL else "failed", reason, why)
@@ -281,7 +286,8 @@ class SchedulerSide:
             self._vllm_cached.add(identifier)
             item = self.items.get(identifier)
             if item is not None and item.state == State.STAGED:
-                self._to_load[identifier] = Load(identifier, item.path, item.rows)
+                self._to_load[identifier] = Load(identifier, item.path, item.rows, item.reference, item.dtype,
+                                                 item.bound)
 
     def build_connector_meta(self, scheduler_output) -> tuple[int, list[Load]]:
         if getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0:
@@ -341,8 +347,17 @@ class SchedulerSide:
         if item.state == State.FETCHING or item.loads_pending:
             return
         if item.state == State.STAGED:
-            self.staging.remove(item.name, item.nbytes)
+            self._unstage(item)
         self.items.pop(item.identifier, None)
+
+    def _unstage(self, item: Item) -> None:
+        """A staged item's bytes go: its file, or its lease at the pool (given back; a worker that read it gave
+        it back already, which the pool ignores twice)."""
+        if item.reference is not None:
+            if self.reader is not None:
+                self.reader.release(item.reference)
+            item.reference = None
+        self.staging.remove(item.name, item.nbytes)
 
     # ------------------------------------------------------------------ reports and lifecycle
 

@@ -13,10 +13,12 @@ from encoder_service.contract.settings import check_keys, from_mapping
 from encoder_service.serving.api.edge import EdgeLimits
 from encoder_service.serving.api.serve.deployment import EncoderDeployment
 from encoder_service.serving.host.pipeline import PipelineConfig
+from encoder_service.transfer.nixl import NixlSettings
 
 
 APP_ARGS = frozenset({"engine", "pipeline", "limits", "gpus_per_replica", "cpus_per_replica", "resources_per_replica",
-                      "cache_per_token", "auth_token_file", "require_auth", "trust_cluster", "deployment_options"})
+                      "cache_per_token", "auth_token_file", "require_auth", "trust_cluster", "nixl",
+                      "deployment_options"})
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -26,11 +28,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     `gpus_per_replica` (`gpus_per_replica()`), `cpus_per_replica`, `resources_per_replica` (custom Ray
     resources, e.g. to keep replicas on labelled nodes), `cache_per_token`, `auth_token_file` (the accepted
     bearer tokens; else the replicas' $ENCODER_SERVICE_TOKEN_FILE / $ENCODER_SERVICE_TOKEN), `require_auth`
-    (refuse to start without tokens), `trust_cluster` (handle calls may name no tenant). An unknown key, here
-    or in a section, is refused with its name before anything is deployed.
+    (refuse to start without tokens), `trust_cluster` (handle calls may name no tenant), `nixl` (NixlSettings
+    fields: rows by reference, off by default). An unknown key, here or in a section, is refused with its
+    name before anything is deployed.
     """
     check_keys(args, APP_ARGS, "the encoder application's args")
-    sections = {"engine": EngineConfig, "pipeline": PipelineConfig, "limits": EdgeLimits}
+    sections = {"engine": EngineConfig, "pipeline": PipelineConfig, "limits": EdgeLimits, "nixl": NixlSettings}
     for name, cls in sections.items():
         from_mapping(cls, args.get(name), f"args.{name}")
     actor_options = {"num_cpus": args.get("cpus_per_replica", 1), "num_gpus": gpus_per_replica(args),
@@ -38,7 +41,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     deployment = EncoderDeployment.options(ray_actor_options=actor_options, **args.get("deployment_options", {}))
     return deployment.bind(args.get("engine", {}), args.get("pipeline", {}), args.get("cache_per_token", True),
                            args.get("limits", {}), args.get("auth_token_file"), args.get("require_auth", False),
-                           args.get("trust_cluster", False))
+                           args.get("trust_cluster", False), args.get("nixl"))
 
 
 def gpus_per_replica(args: dict[str, Any]) -> float:

@@ -1,11 +1,12 @@
 """The encoder pool's replica on Ray Serve: one model process per replica (`ModelProcess`: its pipeline
 batches concurrent requests; the replica process only transports), two ways in, one edge:
 - gRPC through Serve's proxy, the same `EncoderService` API as the standalone server. The replica
-  frames the response itself (`SharedReply.response_bytes`); Serve forwards the bytes unchanged;
+  frames the response itself (`answers.Answers`); Serve forwards the bytes unchanged;
 - Ray-native, for callers inside the cluster (LLM worker actors): `encode_native` on a DeploymentHandle
   returns the serialised header and the embedding tensor's bytes as a uint8 array, which Ray moves
   through its object store (read zero-copy on the same node). `client.pool.ServeHandleTransport` is the
   caller's side.
+Both can hand rows out by reference (NIXL, `args.nixl`): the answer then says where they are, under a lease.
 Admission, tenant, statuses and metrics are the edge's (`serving.api.edge`), as on the standalone server.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -33,7 +35,9 @@ from encoder_service.contract.result import dtype_name
 from encoder_service.contract.wire.status import as_failure, status_for, status_message, status_trailers
 from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving.api import streaming
+from encoder_service.serving.api.answers import Answers
 from encoder_service.serving.api.edge import Edge, EdgeLimits, deadline_in
+from encoder_service.serving.api.leases import RowLeases
 from encoder_service.serving.api.metrics import RayEncoderMetrics
 from encoder_service.serving.api.security import Authenticator
 from encoder_service.serving.api.serve.autoscaling import PENDING_TOKENS
@@ -41,6 +45,7 @@ from encoder_service.serving.api.services import HEALTH_NAMES, REFLECTED_SERVICE
 from encoder_service.serving.heap import keep_large_buffers_in_heap
 from encoder_service.serving.host.model_process import ModelProcess, SharedReply
 from encoder_service.serving.host.pipeline import PipelineConfig
+from encoder_service.transfer.nixl import NixlSettings
 
 DEPLOYMENT_NAME = "EncoderDeployment"
 WATCH_POLL_S = 1.0
@@ -72,10 +77,10 @@ def _set_status(grpc_context, error: BaseException) -> None:
 class EncoderDeployment:
     def __init__(self, engine: dict[str, Any], pipeline: dict[str, Any] | None = None, cache_per_token: bool = True,
                  limits: dict[str, Any] | None = None, auth_token_file: str | None = None, require_auth: bool = False,
-                 trust_cluster: bool = False):
+                 trust_cluster: bool = False, nixl: dict[str, Any] | None = None):
         """`auth_token_file`: the accepted bearer tokens (else $ENCODER_SERVICE_TOKEN_FILE / $ENCODER_SERVICE_TOKEN
         of the replica); `require_auth`: refuse to start without any; `trust_cluster`: handle calls may name no
-        tenant. See `security.Authenticator`."""
+        tenant. See `security.Authenticator`. `nixl`: `NixlSettings` (rows by reference; off by default)."""
         tokens = tokens_from(auth_token_file)
         if require_auth and not tokens:
             raise ValueError("require_auth is set but no bearer token is configured: give auth_token_file, or "
@@ -103,6 +108,9 @@ class EncoderDeployment:
                 ray.cluster_resources().get("GPU", 0.0))
             if warning:
                 log.warning(warning)
+        nixl_cfg = from_mapping(NixlSettings, nixl, "args.nixl")
+        self.answers = Answers(RowLeases(self.model.shared_memory(), nixl_cfg, self.model.release)
+                               if nixl_cfg.enabled else None)
         self._reflection = ReflectionServicer(REFLECTED_SERVICES)
         self.metrics = RayEncoderMetrics(self.replica)
         auth = Authenticator(tokens, shared_cache=not cache_per_token, trust_cluster=trust_cluster)
@@ -113,10 +121,14 @@ class EncoderDeployment:
     async def _encode(self, request: bytes, deadline: float | None, namespace: str) -> SharedReply:
         return await asyncio.wrap_future(self.model.submit(request, deadline, {"replica": self.replica}, namespace))
 
-    async def _consume(self, reply: SharedReply, read, started: float):
-        """`read(reply)` on a thread, then the rows go back to the model process; the edge records it."""
+    async def _consume(self, reply: SharedReply, read, started: float, namespace: str):
+        """The answer by reference (a lease then holds the rows), else `read(reply)` on a thread, then the rows
+        go back to the model process; the edge records it."""
+        read_from = time.perf_counter()
+        if (out := self.answers.by_reference(reply, namespace)) is not None:
+            self.edge.succeeded(reply.header, reply.items, 0, started, len(out), time.perf_counter() - read_from)
+            return out
         try:
-            read_from = time.perf_counter()
             out = await asyncio.get_running_loop().run_in_executor(None, read, reply)
         finally:
             self.model.release(reply)
@@ -131,8 +143,9 @@ class EncoderDeployment:
         data = request.SerializeToString()
         try:
             with self.edge.admitted(len(data), started):
-                reply = await self._encode(data, None, self.edge.identify(grpc_context.invocation_metadata()).namespace)
-                out = await self._consume(reply, SharedReply.response_bytes, started)
+                namespace = self.edge.identify(grpc_context.invocation_metadata()).namespace
+                reply = await self._encode(data, None, namespace)
+                out = await self._consume(reply, Answers.inline_bytes, started, namespace)
         except Exception as e:  # the status travels back through the proxy; the replica keeps serving
             self.edge.failed(e, started)
             _set_status(grpc_context, e)
@@ -254,12 +267,11 @@ class EncoderDeployment:
             with self.edge.admitted(len(request), started):
                 namespace = self.edge.identify_handle(tenant).namespace
                 reply = await self._encode(request, deadline_in(timeout_s), namespace)
-                # A copy of its own (GIL-free): the arenas' rows go back before Ray serialises the reply.
-                payload = await self._consume(reply, lambda r: r.gather().numpy(), started)
+                out = await self._consume(reply, Answers.inline_parts, started, namespace)
         except Exception as e:
             self.edge.failed(e, started)
             raise as_failure(e) from None
-        return reply.header, payload
+        return (out, np.empty(0, dtype=np.uint8)) if isinstance(out, bytes) else out
 
     async def model_info_native(self) -> bytes:
         return self._info_bytes
@@ -272,8 +284,11 @@ class EncoderDeployment:
 
     async def replica_stats(self) -> dict[str, Any]:
         """This replica's id, embedding cache (hits, joins, inserts, evictions, bytes, entries), work done
-        (jobs started, device-busy seconds) and memory in use."""
-        return {"replica": self.replica, **await asyncio.to_thread(self.model.stats, 5.0)}
+        (jobs started, device-busy seconds), memory in use, and rows under lease."""
+        leases = self.answers.leases
+        return {"replica": self.replica, **await asyncio.to_thread(self.model.stats, 5.0),
+                "by_reference_inline": self.answers.by_reference_inline,
+                **({f"leases_{k}": v for k, v in dataclasses.asdict(leases.stats).items()} if leases else {})}
 
     def check_health(self) -> None:
         """Serve restarts a replica whose model process died."""
@@ -281,6 +296,9 @@ class EncoderDeployment:
             raise RuntimeError("the encoder model process exited")
 
     def __del__(self) -> None:
+        answers = getattr(self, "answers", None)
+        if answers is not None and answers.leases is not None:
+            answers.leases.close()
         model = getattr(self, "model", None)
         if model is not None:
             model.close()
