@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import device_name, preset_checkpoint
+from bench.common import device_name, preset_checkpoint, tree_cpu_s
 from encoder_service.client.endpoint import EncoderClient
 from encoder_service.contract.media import MediaInput, Modality
 from encoder_service.proto import encoder_pb2 as pb
+from encoder_service.serving.api.serve.local import local_auth
 from encoder_service.transfer.reader import shared_reader
 
 # Image sizes -> tiles at 512 px (+ a thumbnail above one tile): 1, 6+1 and 12+1 tiles of 256 rows.
@@ -45,25 +46,6 @@ def png(width: int, height: int, seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def tree_cpu_s(root: int) -> float:
-    """CPU seconds of a process and its descendants."""
-    parents, times = {}, {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            parents[int(entry)] = int(fields[1])
-            times[int(entry)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    tree, grew = {root}, True
-    while grew:
-        more = {pid for pid, parent in parents.items() if parent in tree} - tree
-        tree |= more
-        grew = bool(more)
-    return sum(times.get(pid, 0.0) for pid in tree)
 
 
 def self_cpu_s() -> float:
@@ -92,6 +74,7 @@ def main() -> None:
     args = p.parse_args()
     if args.ucx:
         os.environ["UCX_TLS"] = args.ucx
+    local_auth()  # a server with --nixl requires a token: the children inherit it, this process's clients send it
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-rows-"))
     checkpoint = str(preset_checkpoint("tiny-5120", workdir))
     requests = {name: [MediaInput(Modality.IMAGE, png(w, h, seed=i)) for i, (w, h) in enumerate(SIZES[name])]
@@ -165,7 +148,7 @@ def serve_handle(checkpoint: str):
     import ray
 
     from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
-    from encoder_service.serving.api.serve.local import cpu_pool_config, deploy, local_auth
+    from encoder_service.serving.api.serve.local import cpu_pool_config, deploy
 
     local_auth()
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

@@ -242,7 +242,7 @@ def engine_baseline(cfg: EngineConfig, requests, repeats: int) -> tuple[dict, di
         "encode_e2e_mb_per_s": nbytes / encode_s / 1e6,
     }
     latency = idle_latency(engine.encode, repeats)
-    del engine, processed
+    engine = processed = None  # freed before the cache is emptied (the closures above are done with them)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result, latency

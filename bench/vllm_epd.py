@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench.common import tree_cpu_s
 from bench.served_throughput import percentile
 from encoder_service.integrations.vllm.launch import (consumer_config, frontend_config, start_frontend,
                                                       start_vllm_server, stop, wait_http, write_binding_key)
@@ -183,27 +184,6 @@ def split(before: dict, after: dict) -> dict:
     return out
 
 
-def cpu_seconds(root: int) -> float:
-    """CPU time (user + system) of a process and its descendants, from /proc."""
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry)] = int(fields[1])
-        times[int(entry)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    tree, grew = {root}, True
-    while grew:
-        more = {pid for pid, parent in parents.items() if parent in tree} - tree
-        tree |= more
-        grew = bool(more)
-    return sum(times.get(pid, 0.0) for pid in tree)
-
-
 @dataclass
 class Route:
     name: str
@@ -212,12 +192,12 @@ class Route:
     servers: dict[str, int] = field(default_factory=dict)  # what runs it: name -> root pid (CPU per request)
 
     def measure(self, model: str, trace, clients: int, max_tokens: int, key: str, **kw) -> dict:
-        before, cpu = _merged(self.metrics), {name: cpu_seconds(pid) for name, pid in self.servers.items()}
+        before, cpu = _merged(self.metrics), {name: tree_cpu_s(pid) for name, pid in self.servers.items()}
         run = replay(self.chat_url, model, trace, clients, max_tokens, key, **kw)
         row = {"path": self.name, "clients": clients, **summarize(run)}
         row.update(split(before, _merged(self.metrics)))
         for name, pid in self.servers.items():  # vLLM's includes its workers' spinning while they wait for work
-            row[f"{name}_cpu_ms_per_request"] = round(1e3 * (cpu_seconds(pid) - cpu[name]) / row["requests"], 1)
+            row[f"{name}_cpu_ms_per_request"] = round(1e3 * (tree_cpu_s(pid) - cpu[name]) / row["requests"], 1)
         row["_run"] = run
         return row
 

@@ -84,7 +84,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        stream_chunk_bytes=int(args.stream_chunk_mb * (1 << 20)),
                        nixl=NixlSettings(enabled=args.nixl, ucx_transports=args.ucx_transports,
                                          ucx_devices=args.ucx_devices, lease_s=args.lease_s,
-                                         lease_mb_per_tenant=args.lease_mb_per_tenant))
+                                         lease_mb_per_tenant=args.lease_mb_per_tenant,
+                                         lease_mb_total=args.lease_mb_total))
     try:
         asyncio.run(serve_forever(cfg))
     except KeyboardInterrupt:
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lease-s", type=float, default=30.0, help="how long rows handed out by reference are held")
     p.add_argument("--lease-mb-per-tenant", type=int, default=1024,
                    help="rows one tenant may hold under lease; beyond, answers carry their rows")
+    p.add_argument("--lease-mb-total", type=int, default=4096,
+                   help="rows all tenants together may hold under lease; beyond, answers carry their rows")
     _add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -53,19 +53,43 @@ def pool_token():
             os.environ[TOKEN_ENV] = before
 
 
+def _ray_start_timed_out(e: BaseException) -> bool:
+    return "timed out during startup" in str(e)
+
+
 def start_local_ray(num_cpus: int) -> None:
-    """A local Ray cluster of this process's own (`address="local"`). Once in a full CI run on the loaded 2-core
-    machine the raylet of a fresh cluster never came up ("The current node timed out during startup", no
-    raylet log at all; docs/reliability.md): that start is given up and tried once more."""
+    """A local Ray cluster of this process's own (`address="local"`). In full CI runs on the loaded 2-core
+    machine a fresh node sometimes did not register with the GCS within Ray's fixed 30 s ("The current node
+    timed out during startup"; docs/reliability.md): that start is given up and tried once more."""
     import ray
 
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
-        if "timed out during startup" not in str(e):
+        if not _ray_start_timed_out(e):
             raise
         ray.shutdown()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def start_ray_cluster(workers: int, worker_cpus: int, worker_resources: dict):
+    """A multi-node cluster on loopback (`ray.cluster_utils.Cluster`: a head and `workers` nodes), this process
+    connected to it; a start that timed out (as in `start_local_ray`) is torn down and tried once more."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(2):
+        cluster = Cluster(initialize_head=False)
+        try:
+            cluster.add_node(num_cpus=2, include_dashboard=False)
+            nodes = [cluster.add_node(num_cpus=worker_cpus, resources=worker_resources) for _ in range(workers)]
+            ray.init(address=cluster.address, log_to_driver=False)
+            return cluster, nodes
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            ray.shutdown()
+            cluster.shutdown()
+            if attempt or not _ray_start_timed_out(e):
+                raise
 
 
 def image_bytes(width: int, height: int, fmt: str = "PNG", seed: int | None = None) -> bytes:

@@ -20,14 +20,13 @@ import torch
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
 from encoder_service.client.retry import RetryPolicy  # noqa: E402
 from encoder_service.contract.media import MediaInput, Modality  # noqa: E402
 from encoder_service.engine import EncoderEngine  # noqa: E402
 from encoder_service.serving.api.serve.local import deploy, free_port, load_serve_config, running_replicas  # noqa: E402
-from tests.conftest import image_bytes, pool_token, wait_for  # noqa: E402
+from tests.conftest import image_bytes, pool_token, start_ray_cluster, wait_for  # noqa: E402
 
 APP = "encoder"
 SLOT = {"encoder_slot": 1}  # only worker nodes have it: replicas never land on the head
@@ -36,9 +35,7 @@ SLOT = {"encoder_slot": 1}  # only worker nodes have it: replicas never land on 
 @pytest.fixture(scope="module")
 def cluster():
     with pool_token():  # the nodes' replicas accept it, this module's clients send it
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-        workers = [c.add_node(num_cpus=2, resources=SLOT) for _ in range(2)]
-        ray.init(address=c.address, log_to_driver=False)
+        c, workers = start_ray_cluster(workers=2, worker_cpus=2, worker_resources=SLOT)
         yield c, workers
         serve.shutdown()
         ray.shutdown()

@@ -22,7 +22,7 @@ from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 from encoder_service.serving.host.pipeline import PipelineConfig
 from encoder_service.transfer.nixl import NixlSettings, NixlUnavailable, load_api
-from tests.conftest import image_bytes, wait_for
+from tests.conftest import image_bytes, pool_token, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 UCX = "cma,tcp,self"  # same node: one copy out of the other process's memory
@@ -30,13 +30,16 @@ UCX = "cma,tcp,self"  # same node: one copy out of the other process's memory
 
 @pytest.fixture(scope="module", autouse=True)
 def nixl():
+    """NIXL here, UCX's same-node transports, and a bearer token (an endpoint hands out references only to
+    callers that authenticate) for the servers started here and this process's clients."""
     try:
         load_api()
     except NixlUnavailable as e:
         pytest.skip(str(e))
     before = os.environ.get("UCX_TLS")
-    os.environ["UCX_TLS"] = UCX  # this process's reader, and the servers started here
-    yield
+    os.environ["UCX_TLS"] = UCX
+    with pool_token():
+        yield
     if before is None:
         os.environ.pop("UCX_TLS", None)
     else:
@@ -198,31 +201,30 @@ def test_a_serve_pool_hands_rows_out_by_reference_through_its_proxy_and_its_hand
 
     from encoder_service.client.pool import PoolClientConfig, PoolEncoderClient
     from encoder_service.serving.api.serve.local import cpu_pool_config, deploy
-    from tests.conftest import pool_token, start_local_ray
+    from tests.conftest import start_local_ray
 
     items = fresh_images(3)
-    with pool_token():
-        start_local_ray(4)
+    start_local_ray(4)  # with the module's token: the replicas and this process's clients share it
+    try:
+        cfg = cpu_pool_config(engine_config.checkpoint, replicas=1)
+        cfg["applications"][0]["args"]["nixl"] = {"enabled": True, "ucx_transports": UCX}
+        address = deploy(cfg)
+        grpc_plain = PoolEncoderClient(PoolClientConfig([address]))
+        grpc_nixl = PoolEncoderClient(PoolClientConfig([address], transfer="nixl"))
+        handle_nixl = PoolEncoderClient(PoolClientConfig(transport="handle", tenant="t1", transfer="nixl"))
         try:
-            cfg = cpu_pool_config(engine_config.checkpoint, replicas=1)
-            cfg["applications"][0]["args"]["nixl"] = {"enabled": True, "ucx_transports": UCX}
-            address = deploy(cfg)
-            grpc_plain = PoolEncoderClient(PoolClientConfig([address]))
-            grpc_nixl = PoolEncoderClient(PoolClientConfig([address], transfer="nixl"))
-            handle_nixl = PoolEncoderClient(PoolClientConfig(transport="handle", tenant="t1", transfer="nixl"))
-            try:
-                inline = grpc_plain.encode(items)
-                for client in (grpc_nixl, handle_nixl):
-                    result = client.encode(items)
-                    assert torch.equal(result.embeddings, inline.embeddings)
-                    assert client.by_reference.reads == len(items) and client.by_reference.fallbacks == 0
-                stats = handle_nixl.transports[0].handle.options(method_name="replica_stats").remote().result()
-                assert wait_for(lambda: handle_nixl.transports[0].handle.options(method_name="replica_stats")
-                                .remote().result()["leases_active"] == 0, timeout_s=10), stats
-                assert stats["leases_granted"] == 2 * len(items)
-            finally:
-                for client in (grpc_plain, grpc_nixl, handle_nixl):
-                    client.close()
+            inline = grpc_plain.encode(items)
+            for client in (grpc_nixl, handle_nixl):
+                result = client.encode(items)
+                assert torch.equal(result.embeddings, inline.embeddings)
+                assert client.by_reference.reads == len(items) and client.by_reference.fallbacks == 0
+            stats = handle_nixl.transports[0].handle.options(method_name="replica_stats").remote().result()
+            assert wait_for(lambda: handle_nixl.transports[0].handle.options(method_name="replica_stats")
+                            .remote().result()["leases_active"] == 0, timeout_s=10), stats
+            assert stats["leases_granted"] == 2 * len(items)
         finally:
-            serve.shutdown()
-            ray.shutdown()
+            for client in (grpc_plain, grpc_nixl, handle_nixl):
+                client.close()
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -109,8 +109,8 @@ def test_sglangs_receiver_assembles_the_pools_rows_bit_for_bit(sglang_python, po
 
 
 def test_every_failure_fails_the_request_at_every_rank_and_the_front_serves_on(sglang_python, tmp_path):
-    """Undecodable media, a content_hash that is not the media's, a path on the encoder's host, the pool
-    gone: each rank fails the request with the reason, /encode answers an error, and the front keeps
+    """Undecodable media, a content_hash that is not the media's, a path on the encoder's host, a URL into the
+    encoder's own network, the pool gone: each rank fails the request with the reason, /encode answers an error, and the front keeps
     serving (and its health says whether the pool answers)."""
     good = image_bytes(120, 90)
     with pool_token(), BackgroundServer(ServerConfig(port=0, pipeline=PipelineConfig(
@@ -126,10 +126,13 @@ def failures(sglang_python, pool, good: bytes, tmp_path: Path) -> None:
             {"rid": "bad-hash", "images": [data_url(good, "image/png")], "videos": [],
              "content_hashes": ["sha256:" + "0" * 64]},
             {"rid": "local-path", "images": ["/etc/passwd"], "videos": []},
+            # A URL into the encoder's own network (here: the front's own health endpoint on loopback).
+            {"rid": "internal-host", "images": [f"{url}/health"], "videos": []},
             {"rid": "good", "images": [data_url(good, "image/png")], "videos": []},
         ]}, tmp_path / "bad")
         outcomes = {o["rid"]: o for o in result["requests"]}
-        for rid, reason in (("bad-data", "undecodable"), ("bad-hash", "content_hash"), ("local-path", "local paths")):
+        for rid, reason in (("bad-data", "undecodable"), ("bad-hash", "content_hash"), ("local-path", "local paths"),
+                            ("internal-host", "non-public address")):
             ranks = outcomes[rid]["ranks"]
             assert [r["status"] for r in ranks] == ["FAIL", "FAIL"], outcomes[rid]
             assert all(reason in r["error_msg"] and r["error_code"] == 400 for r in ranks), outcomes[rid]

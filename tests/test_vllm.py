@@ -210,9 +210,11 @@ def test_vllm_reads_the_pools_rows_with_nixl_without_staging(vllm_python, models
     """transfer: nixl: vLLM's workers read each item's rows straight from the pool's memory (no staging file,
     no rows through the scheduler's process) and generate vLLM alone's tokens; every lease is given back."""
     alone, _ = alone
+    from tests.conftest import pool_token
+
     port, key = free_port(), write_binding_key(tmp_path / "binding-key")
     bound = [prompt(images[i:i + 2], "bound") for i in range(0, len(images), 2)]
-    consumer = run(vllm_python, {"model": str(models["good"]), "binding_key_file": str(key), "connector": {
+    plan = {"model": str(models["good"]), "binding_key_file": str(key), "connector": {
         "role": "pool", "extra": {"address": f"127.0.0.1:{port}", "transfer": "nixl",
                                   "ucx_transports": "cma,tcp,self"}},
         "steps": [
@@ -220,7 +222,9 @@ def test_vllm_reads_the_pools_rows_with_nixl_without_staging(vllm_python, models
             {"op": "pool_upload", "images": images, "tenant": "alice"},
             {"op": "generate", "prompts": bound},
             {"op": "pool_upload", "images": images[:1], "tenant": "alice"},  # reports the leases still held
-        ]}, tmp_path, "nixl")
+        ]}
+    with pool_token():  # references go only to callers that authenticate: the scenario's pool and connector
+        consumer = run(vllm_python, plan, tmp_path, "nixl")
     _, _, generated, after = consumer
     assert tokens(generated) == tokens(alone[0])[:len(bound)] and generated["encoder_calls"] == 0
     assert generated["connector"]["fetches"] == generated["connector"]["by_reference"] == len(images)
@@ -384,7 +388,7 @@ def test_vllms_openai_server_with_the_pool_on_three_replicas_faults_users_and_ab
                 assert _chat(url, models["good"], conversation[1], "alice-key")["choices"][0]["token_ids"] == \
                     expected[1]["token_ids"]
                 def staged() -> list[Path]:  # the running connector's staged rows (it keeps none once all is done)
-                    return [f for d in Path("/dev/shm").glob("encoder-pool-ec-[0-9]*-*") for f in d.glob("*")]
+                    return [f for d in Path("/dev/shm").glob("encoder-pool-ec-[0-9]*-*") for f in d.glob("*.rows")]
 
                 assert wait_for(lambda: not staged(), timeout_s=10), staged()
                 # The whole pool gone: every request completes through vLLM's own encoder, without waiting.

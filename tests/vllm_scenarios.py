@@ -196,8 +196,13 @@ class Pool:
             pool.close()
         stats = self.server.server.model.stats()
         leases = self.server.server.servicer.answers.leases
-        return {"leases_active": leases.stats.active if leases else 0, "digests": [i.digest for i in items], "token_counts": [i.token_count for i in items],
-                "jobs_started": stats["jobs_started"]}
+        # Leases go back asynchronously (a NIXL notification): a second for any still on their way (they
+        # would otherwise end only at their 30 s expiry).
+        deadline = time.monotonic() + 1.0
+        while leases and leases.stats.active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return {"leases_active": leases.stats.active if leases else 0, "digests": [i.digest for i in items],
+                "token_counts": [i.token_count for i in items], "jobs_started": stats["jobs_started"]}
 
 
 def main() -> None:

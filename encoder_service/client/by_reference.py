@@ -37,9 +37,15 @@ class ReferenceRows:
         """`result` with its rows: read by reference, else from `inline_again()` (the same call, rows inline)."""
         if result.reference is None:
             return result
+        reader = None
         try:
-            rows = shared_reader(self.settings).read(result.reference, result.dtype, result.shape[1])
+            reader = shared_reader(self.settings)
+            if result.reference.nbytes != sum(result.token_counts) * result.shape[1] * result.dtype.itemsize:
+                raise TransferFailed("the reference's bytes are not the answer's rows")
+            rows = reader.read(result.reference, result.dtype, result.shape[1])
         except (NixlUnavailable, TransferFailed) as e:
+            if reader is not None:
+                reader.release(result.reference)  # the pool need not hold them until expiry
             with self._lock:
                 self.fallbacks += 1
                 warn, self._warned = not self._warned, True

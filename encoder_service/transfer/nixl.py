@@ -42,6 +42,7 @@ class NixlSettings:
     ucx_devices: str = ""  # UCX_NET_DEVICES ("": all)
     lease_s: float = 30.0  # how long an endpoint holds rows it handed out by reference
     lease_mb_per_tenant: int = 1024  # rows one tenant may hold under lease at a time; beyond: inline answers
+    lease_mb_total: int = 4096  # rows all tenants may hold under lease (leases of uncached rows hold the outputs arena)
 
 
 def load_api():

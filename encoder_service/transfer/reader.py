@@ -12,6 +12,7 @@ rows are not returned; any other failure raises TransferFailed: callers ask agai
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections import OrderedDict
 
@@ -34,6 +35,9 @@ class RowReader:
         self.agent = new_agent("encoder-reader", settings)
         self._peers: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
+        self._abandoned: list = []  # reads that did not finish: their memory stays registered and alive
+        self._releases: queue.Queue[RowsReference] = queue.Queue()
+        threading.Thread(target=self._send_releases, name="row-reader-releases", daemon=True).start()
         self.reads = 0
         self.bytes = 0
 
@@ -58,13 +62,14 @@ class RowReader:
     def read(self, ref: RowsReference, dtype: torch.dtype, hidden_size: int, out: torch.Tensor | None = None,
              timeout_s: float = 30.0, release: bool = True) -> torch.Tensor:
         """The rows of `ref` as one [sum(n_i), hidden] tensor (`out`, or a new host tensor); the lease given
-        back after (unless `release` is False: the caller calls `release`)."""
-        rows = ref.nbytes // (hidden_size * dtype.itemsize)
+        back after (unless `release` is False: the caller calls `release`). Any failure is TransferFailed."""
+        rows, row_bytes = ref.nbytes // (hidden_size * dtype.itemsize), hidden_size * dtype.itemsize
+        if ref.nbytes % row_bytes or any(length % row_bytes for _, length, _ in ref.segments):
+            raise TransferFailed(f"the reference's segments are not whole rows of {hidden_size} x {dtype}")
         if out is None:
             out = torch.empty(rows, hidden_size, dtype=dtype)
         if tuple(out.shape) != (rows, hidden_size) or out.dtype != dtype or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {dtype} tensor of [{rows}, {hidden_size}]")
-        peer = self._peer(ref)
+            raise TransferFailed(f"out must be a contiguous {dtype} tensor of [{rows}, {hidden_size}]")
         memory = "VRAM" if out.is_cuda else "DRAM"
         device = (out.device.index or 0) if out.is_cuda else 0
         base, local, remote = out.data_ptr(), [], []
@@ -74,7 +79,14 @@ class RowReader:
                 remote.append((address, length, remote_device))
             base += length
         check = torch.zeros(8, dtype=torch.uint8)
-        registered = self.agent.register_memory([out.view(torch.uint8).reshape(-1), check] if ref.nbytes else [check])
+        try:
+            peer = self._peer(ref)
+            registered = self.agent.register_memory([out.view(torch.uint8).reshape(-1), check] if ref.nbytes
+                                                    else [check])
+        except TransferFailed:
+            raise
+        except Exception as e:  # noqa: BLE001 - nixl's error types
+            raise TransferFailed(f"preparing a NIXL read from {ref.agent}: {e}") from e
         try:
             if local:
                 handle = self.agent.initialize_xfer("READ", self.agent.get_xfer_descs(local, memory),
@@ -83,12 +95,11 @@ class RowReader:
             handle = self.agent.initialize_xfer("READ", self.agent.get_xfer_descs([(check.data_ptr(), 8, 0)], "DRAM"),
                                                 self.agent.get_xfer_descs([ref.check], ref.memory), peer)
             wait(self.agent, handle, timeout_s, f"checking the lease at {peer}")
-        except TransferFailed:
-            raise
-        except Exception as e:  # noqa: BLE001 - nixl's error types
-            raise TransferFailed(f"a NIXL read from {peer} failed: {e}") from e
-        finally:
-            self.agent.deregister_memory(registered)
+        except Exception as e:  # noqa: BLE001 - a transfer may still be landing: its memory is never reused
+            with self._lock:
+                self._abandoned.append((registered, out, check))
+            raise e if isinstance(e, TransferFailed) else TransferFailed(f"a NIXL read from {peer} failed: {e}")
+        self.agent.deregister_memory(registered)
         if int.from_bytes(check.numpy().tobytes(), "little") != ref.check_word:
             raise LeaseExpired(f"lease {ref.lease_id} at {peer} ended before the read did")
         self.reads += 1
@@ -98,11 +109,23 @@ class RowReader:
         return out
 
     def release(self, ref: RowsReference) -> None:
-        """Give the lease back (best effort: an unreleased lease ends at its expiry)."""
-        try:
-            self.agent.send_notif(self._peer(ref), release_message(ref.lease_id))
-        except Exception:  # noqa: BLE001
-            log.debug("could not release lease %s", ref.lease_id, exc_info=True)
+        """Give the lease back, from a thread of this reader's (never on the caller's path; best effort: an
+        unreleased lease ends at its expiry)."""
+        self._releases.put(ref)
+
+    def _send_releases(self) -> None:
+        """Send queued releases; UCX progresses here (this agent has no progress thread), so they leave."""
+        while True:
+            try:
+                ref = self._releases.get(timeout=0.05)
+            except queue.Empty:
+                ref = None
+            try:
+                if ref is not None:
+                    self.agent.send_notif(self._peer(ref), release_message(ref.lease_id))
+                self.agent.get_new_notifs()  # progress: a notification sent is on its way after this
+            except Exception:  # noqa: BLE001
+                log.debug("could not release lease %s", getattr(ref, "lease_id", "?"), exc_info=True)
 
 
 _shared: RowReader | None = None

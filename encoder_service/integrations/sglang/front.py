@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import logging
 import time
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from encoder_service.client.retry import RetryPolicy
 from encoder_service.client.security import ClientSecurity
 from encoder_service.contract.media import MediaInput, Modality, media_digest
 from encoder_service.contract.result import EncodeResult
+from encoder_service.integrations.media_urls import BadMedia, check_media_host, decode_data_url, download
 from encoder_service.integrations.sglang.frames import MODALITIES, embedding_frames, error_frames
 
 log = logging.getLogger(__name__)
@@ -65,6 +64,8 @@ class SGLangFrontConfig:
     encode_timeout_s: float = 120.0  # the pool's answer for one part
     send_timeout_s: float = 180.0  # waiting for the ranks' registrations (SGLANG_ENCODER_SEND_TIMEOUT)
     allow_local_files: bool = False  # media named by a path on this host (off: a user could read its files)
+    allowed_media_domains: list[str] = field(default_factory=list)  # http(s) media only from these ([]: any)
+    allow_private_media_hosts: bool = False  # http(s) media from private/loopback addresses (off: see media_urls)
 
     @property
     def url(self) -> str:
@@ -133,6 +134,7 @@ class SGLangEncoderFront:
     # ------------------------------------------------------------------ endpoints
 
     async def encode(self, request: web.Request) -> web.Response:
+        body = None
         try:
             body = await request.json()
             req_id, modality, items, num_parts, part_idx = _check_encode(body)
@@ -190,34 +192,23 @@ class SGLangEncoderFront:
         url, content_hash = (item, None) if isinstance(item, str) else (item.get("url"), item.get("content_hash"))
         if not isinstance(url, str) or not url:
             raise FrontError(400, "an mm_items entry has no url")
-        if url.startswith("data:"):
-            try:
-                header, payload = url.split(",", 1)
-                if not header.endswith(";base64"):
-                    raise ValueError("not base64")
-                data = base64.b64decode(payload, validate=True)
-            except (ValueError, binascii.Error) as e:
-                raise FrontError(400, f"undecodable data URL: {e}") from None
-        elif url.startswith(("http://", "https://")):
-            data = await self._download(url)
-        elif self.cfg.allow_local_files:
-            data = await asyncio.to_thread(_read_file, url, self.cfg.max_media_bytes)
-        else:
-            raise FrontError(400, "media must be an http(s) or data: URL (local paths are not read here)")
+        try:
+            if url.startswith("data:"):
+                data = decode_data_url(url)
+            elif url.startswith(("http://", "https://")):
+                await check_media_host(url, self.cfg.allowed_media_domains, self.cfg.allow_private_media_hosts)
+                data = await download(self.http, url, self.cfg.max_media_bytes, self.cfg.fetch_timeout_s)
+            elif self.cfg.allow_local_files:
+                data = await asyncio.to_thread(_read_file, url, self.cfg.max_media_bytes)
+            else:
+                raise BadMedia("media must be an http(s) or data: URL (local paths are not read here)")
+        except BadMedia as e:
+            raise FrontError(400, str(e)) from None
         if len(data) > self.cfg.max_media_bytes:
             raise FrontError(400, f"a media item is larger than {self.cfg.max_media_bytes >> 20} MB")
         if content_hash and content_hash != media_digest(data):
             raise FrontError(400, f"content_hash {content_hash[:23]}… is not the digest of the media fetched")
         return MediaInput(modality, data)
-
-    async def _download(self, url: str) -> bytes:
-        try:
-            async with self.http.get(url, timeout=ClientTimeout(total=self.cfg.fetch_timeout_s)) as response:
-                if response.status != 200:
-                    raise FrontError(400, f"fetching {url} answered HTTP {response.status}")
-                return await response.content.read(self.cfg.max_media_bytes + 1)
-        except (OSError, asyncio.TimeoutError) as e:
-            raise FrontError(400, f"fetching {url} failed: {e}") from None
 
     async def _deliver(self, part: Part, frames: list) -> None:
         """The part's frames to every rank as it registers, until `receive_count` have them."""
@@ -273,11 +264,16 @@ class SGLangEncoderFront:
             self.parts.pop(part.req_id, None)
 
     async def _watch_pool(self) -> None:
+        """One probe at a time: a probe that outlives its 5 s is left to finish (the pool is reported down
+        meanwhile) rather than joined by a new thread every period."""
+        probe = None
         while True:
+            if probe is None or probe.done():
+                probe = asyncio.ensure_future(asyncio.to_thread(self.pool.model_info))
             try:
-                await asyncio.wait_for(asyncio.to_thread(self.pool.model_info), timeout=5)
+                await asyncio.wait_for(asyncio.shield(probe), timeout=5)
                 self.healthy = True
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - any failure or a slow answer: the pool is down for /health
                 self.healthy = False
             await asyncio.sleep(2.0)
 
@@ -310,7 +306,7 @@ def _check_encode(body) -> tuple[str, Modality, list, int, int]:
     num_parts, part_idx = body.get("num_parts"), body.get("part_idx")
     if not isinstance(req_id, str) or not req_id:
         raise ValueError("req_id must be a non-empty string")
-    if modality not in MODALITIES or modality == "AUDIO":
+    if not isinstance(modality, str) or modality not in MODALITIES or modality == "AUDIO":
         raise FrontError(400, f"modality {modality!r} is not served here (IMAGE, VIDEO)")
     if not isinstance(items, list) or not items:
         raise ValueError("mm_items must be a non-empty list")
@@ -351,11 +347,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--register", action="append", default=[],
                    help="a language server's encoder bootstrap URL (http://HOST:8997) to register with (repeatable)")
     p.add_argument("--allow-local-files", action="store_true", help="read media given as paths on this host")
+    p.add_argument("--allowed-media-domain", action="append", default=[],
+                   help="fetch http(s) media only from this domain and its subdomains (repeatable; default any)")
+    p.add_argument("--allow-private-media-hosts", action="store_true",
+                   help="fetch http(s) media from private, loopback and link-local addresses too")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = SGLangFrontConfig(args.pool, args.application, tenant=args.tenant, host=args.host, port=args.port,
                             advertise=args.advertise, register=args.register,
-                            allow_local_files=args.allow_local_files)
+                            allow_local_files=args.allow_local_files, allowed_media_domains=args.allowed_media_domain,
+                            allow_private_media_hosts=args.allow_private_media_hosts)
     web.run_app(SGLangEncoderFront(cfg).app(), host=cfg.host, port=cfg.port, print=lambda *_: print(
         f"SGLang encoder front on {cfg.url} (sglang {', '.join(SGLANG_VERSIONS)}) -> encoder pool "
         f"{', '.join(cfg.pool)}", flush=True))

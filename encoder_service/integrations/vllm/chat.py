@@ -29,10 +29,10 @@ Metrics (prometheus_client's default registry: vLLM's own /metrics shows them wh
 from __future__ import annotations
 
 import asyncio
-import binascii
 import logging
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Awaitable, Callable
@@ -46,6 +46,7 @@ from encoder_service.client.retry import RetryPolicy
 from encoder_service.client.security import ClientSecurity
 from encoder_service.contract.media import MediaInput, Modality, VideoSampling, media_digest
 from encoder_service.contract.settings import from_mapping
+from encoder_service.integrations.media_urls import BadMedia, check_media_host, decode_data_url
 from encoder_service.integrations.vllm.binding import Binder, Bound, tenant_of
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,11 @@ class ChatBinderConfig:
     # Frames vLLM samples from a video (its VideoMediaIO's `num_frames`, 32 unless the server was started with
     # --media-io-kwargs): the pool samples the same, so its rows and vLLM's placeholders agree.
     video_frames: int = 32
+    # http(s) media URLs: hosts they may name ([]: any public one); private, loopback and link-local
+    # addresses are refused unless allowed (a user must not make the front end fetch from its own network).
+    allowed_media_domains: list[str] = field(default_factory=list)
+    allow_private_media_hosts: bool = False
+    max_uploads: int = 64  # uploads to the pool in flight; beyond, a request's items go to vLLM's encoder
     recent_items: int = 65536  # items remembered as uploaded (sent by digest first when they come again)
     recent_s: float = 600.0  # ... for this long
 
@@ -93,10 +99,6 @@ def loads(body: bytes) -> dict:
 
 def dumps(body: dict) -> bytes:
     return orjson.dumps(body)
-
-
-class BadMedia(ValueError):
-    """A media part of the request cannot be used (bad URL or data): the request is answered 400."""
 
 
 @dataclass
@@ -158,6 +160,7 @@ class ChatBinder:
         self.download = download
         self.metrics = _metrics()
         self._uploads: set[asyncio.Task] = set()
+        self._upload_threads = ThreadPoolExecutor(8, thread_name_prefix="encoder-pool-upload")
         self._recent: OrderedDict[tuple[str, str], float] = OrderedDict()  # (tenant, digest) -> uploaded at
 
     async def rewrite(self, body: dict, api_key: str | None) -> dict:
@@ -194,6 +197,11 @@ class ChatBinder:
                                                 pruning_rate=bound.pruning_rate))
         body["ec_transfer_params"] = {"encoder_pool": {"items": len(parts)}}
         self.metrics["items"].labels("bound").inc(len(parts))
+        if len(self._uploads) >= self.cfg.max_uploads:  # the pool is slow or gone: vLLM's connector falls back
+            self.metrics["uploads"].labels("failed").inc()
+            log.warning("%d uploads to the encoder pool in flight: a request's %d item(s) go to vLLM's encoder",
+                        len(self._uploads), len(items))
+            return body
         task = asyncio.get_running_loop().create_task(self._upload(items, tenant))
         self._uploads.add(task)
         task.add_done_callback(self._uploads.discard)
@@ -203,7 +211,8 @@ class ChatBinder:
         probe = [self._uploaded_recently(tenant, digest) for digest in items]
         try:
             with self.metrics["upload_seconds"].time():
-                await asyncio.to_thread(self.pool.upload, list(items.values()), tenant, probe, list(items))
+                await asyncio.get_running_loop().run_in_executor(
+                    self._upload_threads, self.pool.upload, list(items.values()), tenant, probe, list(items))
             self.metrics["uploads"].labels("ok").inc()
             self._remember(tenant, items)
         except Exception as e:  # noqa: BLE001 - the connector falls back to vLLM's encoder for these
@@ -233,14 +242,9 @@ class ChatBinder:
 
     async def _bytes(self, url: str) -> bytes:
         if url.startswith("data:"):
-            try:
-                header, payload = url.split(",", 1)
-                if not header.endswith(";base64"):
-                    raise BadMedia("a data URL must be base64")
-                data = pybase64.b64decode(payload, validate=True)
-            except (ValueError, binascii.Error) as e:
-                raise BadMedia(f"undecodable data URL: {e}") from None
+            data = decode_data_url(url)
         elif url.startswith(("http://", "https://")) and self.download is not None:
+            await check_media_host(url, self.cfg.allowed_media_domains, self.cfg.allow_private_media_hosts)
             data = await self.download(url, self.cfg.max_media_bytes, self.cfg.fetch_timeout_s)
         else:
             raise BadMedia("a media URL must be a data: URL" + (" or an http(s) URL" if self.download else ""))
@@ -254,6 +258,7 @@ class ChatBinder:
             await asyncio.gather(*self._uploads, return_exceptions=True)
 
     def close(self) -> None:
+        self._upload_threads.shutdown(wait=False)
         self.pool.close()
 
 

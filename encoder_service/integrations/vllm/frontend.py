@@ -14,12 +14,15 @@ upload runs beside the request; vLLM's connector falls back to vLLM's own encode
 from __future__ import annotations
 
 import argparse
+import hmac
 import logging
+import os
 from dataclasses import dataclass
 
 from aiohttp import ClientSession, ClientTimeout, web
 
-from encoder_service.integrations.vllm.chat import BadMedia, ChatBinder, ChatBinderConfig, dumps, loads
+from encoder_service.integrations.media_urls import BadMedia, download
+from encoder_service.integrations.vllm.chat import ChatBinder, ChatBinderConfig, dumps, loads
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,10 @@ class FrontendConfig:
     binding: ChatBinderConfig
     host: str = "127.0.0.1"
     port: int = 8080
+    api_key: str = ""  # vLLM's API key ("": $VLLM_API_KEY): requests without it reach vLLM untouched (it refuses)
+
+    def __post_init__(self):
+        self.api_key = self.api_key or os.environ.get("VLLM_API_KEY", "")
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -42,20 +49,6 @@ def bearer(authorization: str | None) -> str | None:
 def error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message, "type": "invalid_request_error" if status == 400
                                         else "service_unavailable", "code": status}}, status=status)
-
-
-async def download(session: ClientSession, url: str, max_bytes: int, timeout_s: float) -> bytes:
-    """An http(s) media URL's bytes, at most `max_bytes` (BadMedia otherwise)."""
-    try:
-        async with session.get(url, timeout=ClientTimeout(total=timeout_s)) as response:
-            if response.status != 200:
-                raise BadMedia(f"fetching {url} answered HTTP {response.status}")
-            data = await response.content.read(max_bytes + 1)
-    except (OSError, TimeoutError) as e:
-        raise BadMedia(f"fetching {url} failed: {e}") from None
-    if len(data) > max_bytes:
-        raise BadMedia(f"{url} is larger than {max_bytes >> 20} MB")
-    return data
 
 
 class Frontend:
@@ -82,8 +75,11 @@ class Frontend:
         self.binder.close()
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        key = bearer(request.headers.get("Authorization"))
+        if self.cfg.api_key and not (key and hmac.compare_digest(key, self.cfg.api_key)):
+            return await self._forward(request, None)  # vLLM refuses it: no work for the pool before that
         try:
-            body = await self.binder.rewrite(loads(await request.read()), bearer(request.headers.get("Authorization")))
+            body = await self.binder.rewrite(loads(await request.read()), key)
         except BadMedia as e:
             return error(400, str(e))
         except ValueError as e:  # not JSON

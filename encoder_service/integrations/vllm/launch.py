@@ -12,8 +12,10 @@ are the ones to use).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import secrets
 import subprocess
 import time
@@ -98,12 +100,38 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 24
     raise TimeoutError(f"{url} did not answer within {timeout_s} s:\n{Path(log).read_text()[-4000:]}")
 
 
-def stop(*procs: subprocess.Popen) -> None:
+def stop(*procs: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGTERM, and wait until each server's whole process group is gone (vLLM's engine core and workers exit
+    after its API server: what they hold, such as the connector's staging, is released only then); SIGKILL
+    to what is left after `timeout_s`."""
     for proc in procs:
         proc.terminate()
     for proc in procs:
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if not _group_gone(proc.pid, timeout_s):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            _group_gone(proc.pid, 10.0)
+
+
+def _group_gone(pgid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # the id was reused by a group that is not ours
+        return False

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from aiohttp import ClientSession, ClientTimeout
 
-from encoder_service.integrations.vllm.chat import BadMedia, ChatBinder, ChatBinderConfig, dumps, loads
-from encoder_service.integrations.vllm.frontend import bearer, download
+from encoder_service.integrations.media_urls import BadMedia, download
+from encoder_service.integrations.vllm.chat import ChatBinder, ChatBinderConfig, dumps, loads
+from encoder_service.integrations.vllm.frontend import bearer
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,14 @@ class EncoderPoolMiddleware:
         body = b"".join(chunks)
         if self.api_key is None or (key is not None and hmac.compare_digest(key, self.api_key)):
             try:
-                body = dumps(await self.binder.rewrite(loads(body), key))
-            except BadMedia as e:
-                return await _answer_400(send, str(e))
-            except ValueError:  # not JSON: vLLM answers it
-                pass
+                parsed = loads(body)
+            except ValueError:  # not a JSON object: vLLM answers it (it carries nothing this would bind)
+                parsed = None
+            if parsed is not None:
+                try:
+                    body = dumps(await self.binder.rewrite(parsed, key))
+                except BadMedia as e:
+                    return await _answer_400(send, str(e))
         scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
                  + [(b"content-length", str(len(body)).encode())]}
         sent = False

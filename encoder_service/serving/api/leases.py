@@ -12,10 +12,11 @@ A lease also owns a slot of a small registered table that holds a random check w
 lives and 0 after: the reader reads it after the rows, so a read that outlived its lease (rows possibly
 reused) is detected, never used. The slot is cleared before the regions go back.
 
-Bounds: bytes under lease per tenant (`NixlSettings.lease_mb_per_tenant`) and slots; an answer beyond
-either goes inline instead (counted). Trust: any NIXL peer holding this agent's metadata can read every
-registered byte (all tenants' cached rows); the metadata is given only with a lease, to callers that
-passed the edge's authentication. See the README.
+Bounds: bytes under lease per tenant (`NixlSettings.lease_mb_per_tenant`) and in all
+(`lease_mb_total`), and slots; an answer beyond any goes inline instead (counted). Trust: any NIXL peer
+holding this agent's metadata can read, and write, every registered byte (all tenants' cached rows); the
+metadata is given only with a lease, to callers that passed the edge's authentication, and endpoints refuse
+to hand out references without authentication at all (`require_token`). See the README.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ class LeaseStats:
     bytes: int = 0  # under lease now
 
 
+def require_token(authenticated: bool) -> None:
+    """Rows by reference only where callers must authenticate: the references go to callers only, and a NIXL
+    peer with an agent's metadata can read and write all its registered memory."""
+    if not authenticated:
+        raise ValueError("rows by reference (nixl.enabled) needs authentication: configure bearer tokens "
+                         "(auth_token_file / $ENCODER_SERVICE_TOKEN_FILE / $ENCODER_SERVICE_TOKEN)")
+
+
 class RowLeases:
     def __init__(self, memory: list[torch.Tensor], settings: NixlSettings, give_back: Callable[[SharedReply], None]):
         """`memory`: the arenas (flat uint8 tensors) answers' rows live in; `give_back`: returns a reply's rows
@@ -89,7 +98,8 @@ class RowLeases:
         nbytes = reply.nbytes
         with self._lock:
             held = self._tenant_bytes.get(tenant, 0)
-            if not self._free or held + nbytes > self.settings.lease_mb_per_tenant << 20:
+            if (not self._free or held + nbytes > self.settings.lease_mb_per_tenant << 20
+                    or self.stats.bytes + nbytes > self.settings.lease_mb_total << 20):
                 self.stats.refused += 1
                 return None
             slot = self._free.pop()
@@ -131,21 +141,21 @@ class RowLeases:
         """Read release notifications (UCX progresses meanwhile); end expired leases."""
         next_sweep = 0.0
         while not self._stop.wait(POLL_BUSY_S if time.monotonic() < self._busy_until else POLL_IDLE_S):
-            try:
+            try:  # whatever fails, the thread goes on: it is what ends leases and progresses readers' transfers
                 for messages in self.agent.get_new_notifs().values():
                     for message in messages:
                         if (lease_id := released_lease(message)) is not None:
                             self.end(lease_id)
                             self._busy_until = time.monotonic() + BUSY_FOR_S
-            except Exception:  # noqa: BLE001 - keep serving; an unread release ends at expiry
-                log.exception("reading NIXL notifications failed")
-            now = time.monotonic()
-            if now >= next_sweep:
-                next_sweep = now + 0.1
-                with self._lock:
-                    expired = [lease.id for lease in self._leases.values() if lease.expires <= now]
-                for lease_id in expired:
-                    self.end(lease_id, expired=True)
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + 0.1
+                    with self._lock:
+                        expired = [lease.id for lease in self._leases.values() if lease.expires <= now]
+                    for lease_id in expired:
+                        self.end(lease_id, expired=True)
+            except Exception:  # noqa: BLE001 - an unread release ends at expiry
+                log.exception("the lease thread hit an error; it goes on")
 
     def close(self) -> None:
         """End every lease (their rows go back) and stop."""

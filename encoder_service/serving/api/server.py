@@ -34,7 +34,7 @@ from encoder_service.contract.wire.streams import DEFAULT_CHUNK_BYTES
 from encoder_service.serving.api import streaming
 from encoder_service.serving.api.answers import Answers
 from encoder_service.serving.api.edge import Edge, EdgeLimits, ServiceCounters, deadline_in
-from encoder_service.serving.api.leases import RowLeases
+from encoder_service.serving.api.leases import RowLeases, require_token
 from encoder_service.serving.api.metrics import EncoderMetrics
 from encoder_service.serving.api.security import Authenticator, TLSConfig, TokenCheck, is_loopback, tokens_from
 from encoder_service.serving.api.services import ENCODER_SERVICE, HEALTH_NAMES, REFLECTED_SERVICES
@@ -91,6 +91,8 @@ class EncoderServicer:
 
     def __init__(self, model: ModelProcess, cfg: ServerConfig, auth: Authenticator):
         self.model, self.cfg = model, cfg
+        if cfg.nixl.enabled:
+            require_token(auth.required)
         leases = RowLeases(model.shared_memory(), cfg.nixl, model.release) if cfg.nixl.enabled else None
         self.answers = Answers(leases)
         self.metrics = EncoderMetrics(model.stats, lambda: (self.edge.inflight_requests, self.edge.inflight_bytes),

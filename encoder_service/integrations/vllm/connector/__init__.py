@@ -39,7 +39,9 @@ class EncoderPoolConnector(ECConnectorBase):
 
             self.scheduler = SchedulerSide(self.cfg, vllm_config)
         else:
-            self.worker = WorkerSide(self.cfg, model.get_hidden_size(), model.dtype)
+            parallel = vllm_config.parallel_config
+            self.worker = WorkerSide(self.cfg, model.get_hidden_size(), model.dtype,
+                                     sole_reader=getattr(parallel, "world_size", 1) == 1)
 
     # ------------------------------------------------------------------ scheduler side
 

@@ -31,17 +31,16 @@ from typing import Any
 
 import grpc
 
-from encoder_service.client.checks import (EmbeddingCountMismatch, WrongEncoder, answer_models, check_answer_model,
-                                           check_rows)
+from encoder_service.client.checks import EmbeddingCountMismatch, WrongEncoder
 from encoder_service.contract.model_info import ModelFingerprint
 from encoder_service.contract.reference import RowsReference
-from encoder_service.contract.result import EncodeResult, dtype_name
+from encoder_service.contract.result import dtype_name
 from encoder_service.fingerprint import of_checkpoint
 from encoder_service.integrations.vllm.binding import Binder, Bound
 from encoder_service.integrations.vllm.connector.config import PoolConnectorConfig
 from encoder_service.integrations.vllm.connector.clients import check_pool, nixl_reader, pool_client
+from encoder_service.integrations.vllm.connector.fetcher import RowFetcher
 from encoder_service.integrations.vllm.connector.staging import StagingArea
-from encoder_service.proto import encoder_pb2 as pb
 
 log = logging.getLogger("encoder_service.integrations.vllm.connector")
 
@@ -113,6 +112,8 @@ class SchedulerSide:
             cfg.transfer = "bytes"
         budget = cfg.staging_mb << 20 or self._encoder_cache_bytes(vllm_config)
         self.staging = StagingArea(budget, Path(cfg.staging_dir) if cfg.staging_dir else None)
+        self.fetcher = RowFetcher(self.pool, self.staging, self.reader, self.expected, self.hidden_size, self.dtype,
+                                  by_reference=cfg.transfer == "nixl")
         self._threads = ThreadPoolExecutor(cfg.fetch_threads, thread_name_prefix="encoder-pool-fetch")
         self._lock = threading.Lock()
         self._progress = threading.Event()  # set when a fetch completes
@@ -213,26 +214,19 @@ class SchedulerSide:
         if now < item.retry_at or not self.staging.reserve(item.nbytes):
             return False
         item.state = State.FETCHING
-        item.future = self._threads.submit(self._fetch, item.bound)
+        item.future = self._threads.submit(self.fetcher.fetch, item.bound, item.name)
         item.future.add_done_callback(lambda _: self._progress.set())
         return False
-
-    def _fetch(self, bound: Bound) -> EncodeResult:
-        """The item's rows (bytes), or where they are (NIXL: the workers read them)."""
-        started = time.perf_counter()
-        rows = pb.ROWS_BY_REFERENCE if self.cfg.transfer == "nixl" else pb.ROWS_INLINE
-        result = self.pool.encode([bound.media()], tenant=bound.tenant, rows=rows)
-        if self.expected is not None:
-            check_answer_model(answer_models(result), self.expected)
-        self._count("fetch_seconds", time.perf_counter() - started)
-        return result
 
     def _settle(self, item: Item, now: float) -> None:
         """A finished fetch (caller holds the lock): staged, tried again later, or fallen back."""
         try:
-            result = item.future.result()
-            shape = (result.items[0].token_count, result.shape[1]) if result.reference else result.embeddings
-            check_rows(shape, item.rows, self.hidden_size, f"{item.bound.digest[:19]}…")
+            fetched = item.future.result()
+            result = fetched.result
+            if result.items[0].token_count != item.rows:
+                self.fetcher.discard(fetched)
+                raise EmbeddingCountMismatch(f"{item.bound.digest[:19]}…: {result.items[0].token_count} rows, the "
+                                             f"prompt has {item.rows} placeholders")
         except grpc.RpcError as e:
             self.staging.unreserve(item.nbytes)
             if e.code() == grpc.StatusCode.NOT_FOUND and now - item.first_seen < self.cfg.fetch_budget_s:
@@ -253,14 +247,20 @@ class SchedulerSide:
             log.error("the encoder pool's rows for %s… cannot be used: %s", item.bound.digest[:19], e)
             self._fall_back(item, "rejected", str(e))
             return
+        except Exception as e:  # noqa: BLE001 - undecodable answer, no room to stage (OSError): vLLM encodes it
+            self.staging.unreserve(item.nbytes)
+            log.error("fetching %s… failed: %r", item.bound.digest[:19], e)
+            self._fall_back(item, "staging_full" if isinstance(e, OSError) else "rejected", repr(e))
+            return
         if result.reference is not None:  # the workers read the rows; only their bytes are reserved here
             item.reference, item.dtype = result.reference, dtype_name(result.dtype)
             self._count("by_reference")
         else:
-            item.path = self.staging.write(item.name, result.embeddings.to(self.dtype))
+            item.path = fetched.path
             self._count("staged_files")
         item.state = State.STAGED
         self._count("fetches")
+        self._count("fetch_seconds", fetched.seconds)
         self._count("fetched_bytes", item.nbytes)
         if not item.users:
             self._free(item)
@@ -293,6 +293,7 @@ class SchedulerSide:
         if getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0:
             self._wait_for_progress()
         with self._lock:
+            self._settle_orphans()
             self._step += 1
             for identifier in getattr(scheduler_output, "free_encoder_mm_hashes", ()) or ():
                 self._vllm_cached.discard(identifier)
@@ -300,6 +301,14 @@ class SchedulerSide:
             for load in loads:
                 self.items[load.identifier].loads_pending.add(self._step)
             return self._step, loads
+
+    def _settle_orphans(self) -> None:
+        """Fetches that finished for requests already gone (aborted mid-fetch): settled and freed, so their
+        reservations (and leases) do not outlive them (lock held)."""
+        now = time.monotonic()
+        for item in [i for i in self.items.values() if not i.users and i.state == State.FETCHING and i.future.done()]:
+            self._settle(item, now)
+            self._free(item)
 
     def _wait_for_progress(self) -> None:
         """An empty step: wait (GIL released) until a fetch completes, a miss is due to be retried, or
@@ -344,7 +353,7 @@ class SchedulerSide:
 
     def _free(self, item: Item) -> None:
         """Drop an item nobody needs (lock held): a fetch in flight settles first, a load in flight comes back."""
-        if item.state == State.FETCHING or item.loads_pending:
+        if self.items.get(item.identifier) is not item or item.state == State.FETCHING or item.loads_pending:
             return
         if item.state == State.STAGED:
             self._unstage(item)

@@ -3,18 +3,23 @@ item in a directory of shared memory, bounded in bytes, owned by one engine-core
 
 - bounded: a fetch starts only once its bytes are reserved (`reserve`); the scheduler side sizes the area
   from vLLM's encoder-cache budget, so staged rows never outgrow what vLLM itself would hold;
-- owned: the directory is `encoder-pool-ec-<pid>-<random>`; at start-up every such directory whose process
-  is gone (a vLLM killed by SIGTERM or SIGKILL) is removed (`reclaim_stale`), and `close` removes this one;
+- owned: the directory is `encoder-pool-ec-<pid>-<random>`, and its owner holds an exclusive lock on its
+  `.owner` file for as long as it runs (the kernel drops it when the process dies, however it dies). At
+  start-up every such directory whose lock can be taken (its owner is gone: a vLLM killed by SIGTERM or
+  SIGKILL) is removed (`reclaim_stale`), and `close` removes this one. A lock, not a pid: several vLLMs may
+  share /dev/shm across PID namespaces (containers with --ipc=host), where a pid says nothing;
 - raw bytes, written once and read once (no pickle, no format of its own): the worker knows dtype and shape.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -29,28 +34,41 @@ def default_root() -> Path:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(os.environ.get("TMPDIR", "/tmp"))
 
 
-def _alive(pid: int) -> bool:
+OWNER = ".owner"
+
+
+ORPHAN_AGE_S = 60.0  # a directory without an owner's lock this old was never finished (or predates the lock)
+
+
+def _owner_gone(path: Path) -> bool:
+    """Whether the directory's owner no longer runs: its lock can be taken (then it is held until removal).
+    A directory is locked before it becomes visible; one without a lock file is a start that died half-way
+    (hidden) or an older connector's, stale once it is ORPHAN_AGE_S old."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        fd = os.open(path / OWNER, os.O_RDWR)
+    except FileNotFoundError:
+        try:
+            return time.time() - path.stat().st_mtime > ORPHAN_AGE_S
+        except FileNotFoundError:  # removed meanwhile
+            return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
-    return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def reclaim_stale(root: Path) -> int:
-    """Remove the staging directories of processes that no longer run; returns the bytes freed."""
+    """Remove the staging directories whose owners no longer run; returns the bytes freed."""
     freed = 0
-    for path in root.glob(DIR_PREFIX + "*"):
-        try:
-            pid = int(path.name[len(DIR_PREFIX):].split("-")[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _alive(pid):
-            freed += sum(f.stat().st_size for f in path.glob("*") if f.is_file())
+    for path in [*root.glob(DIR_PREFIX + "*"), *root.glob("." + DIR_PREFIX + "*")]:
+        if path.is_dir() and _owner_gone(path):
+            size = sum(f.stat().st_size for f in path.glob("*") if f.is_file())
             shutil.rmtree(path, ignore_errors=True)
-            log.warning("removed the staging directory %s of a vLLM that is gone (%d bytes)", path, freed)
+            freed += size
+            log.warning("removed the staging directory %s of a vLLM that is gone (%d bytes)", path, size)
     return freed
 
 
@@ -58,8 +76,12 @@ class StagingArea:
     def __init__(self, max_bytes: int, root: Path | None = None):
         root = root or default_root()
         self.reclaimed = reclaim_stale(root)
-        self.dir = root / f"{DIR_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-        self.dir.mkdir(parents=True)
+        partial = root / f".{DIR_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        partial.mkdir(parents=True)
+        self._owner = os.open(partial / OWNER, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._owner, fcntl.LOCK_EX)  # held for this process's life
+        self.dir = root / partial.name[1:]
+        os.rename(partial, self.dir)  # found by reclaim_stale only once locked
         self.max_bytes = max_bytes
         self.reserved = 0  # bytes reserved for fetches in flight and items staged
         self._lock = threading.Lock()
@@ -97,6 +119,7 @@ class StagingArea:
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        os.close(self._owner)
 
 
 def read_rows(path: str, rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:

@@ -45,8 +45,9 @@ class PoolWorkerMetadata(ECConnectorWorkerMetadata):
 
 
 class WorkerSide:
-    def __init__(self, cfg: PoolConnectorConfig, hidden_size: int, dtype: torch.dtype):
+    def __init__(self, cfg: PoolConnectorConfig, hidden_size: int, dtype: torch.dtype, sole_reader: bool = True):
         self.cfg, self.hidden_size, self.dtype = cfg, hidden_size, dtype
+        self.sole_reader = sole_reader  # the only worker: it gives each lease back once it has read it
         self._done: set[int] = set()
         self.reader = nixl_reader(cfg)
         self._pool: PoolEncoderClient | None = None
@@ -69,19 +70,26 @@ class WorkerSide:
         self._done.add(metadata.step)
 
     def _read(self, load: Load, device: torch.device) -> torch.Tensor:
-        """An item's rows with NIXL, into this worker's device memory; as bytes from the pool if that fails."""
-        dtype = dtype_from_name(load.dtype)
+        """An item's rows with NIXL, into this worker's device memory; as bytes from the pool if that fails.
+        Only both failing fails the step (vLLM cannot encode the item at this point). The lease is given back
+        here by a sole worker; with several (every worker of a parallel group reads it), by the scheduler side
+        once all their steps are back, or at its expiry."""
         try:
             if self.reader is None:
                 raise TransferFailed("no NIXL agent in this worker")
+            dtype = dtype_from_name(load.dtype)
             out = torch.empty(load.rows, self.hidden_size, dtype=dtype, device=device)
-            return self.reader.read(load.reference, dtype, self.hidden_size, out=out)
-        except TransferFailed as e:
+            return self.reader.read(load.reference, dtype, self.hidden_size, out=out, release=self.sole_reader)
+        except Exception as e:  # noqa: BLE001 - whatever NIXL raised: the bytes path next
             self.read_fallbacks += 1
             log.warning("reading an item's rows with NIXL failed (%s): fetching them as bytes", e)
+        try:
             result = self._bytes_client().encode([load.bound.media()], tenant=load.bound.tenant)
             check_rows(result.embeddings, load.rows, self.hidden_size, f"{load.bound.digest[:19]}…")
-            return result.embeddings
+        except Exception as e:
+            raise RuntimeError(f"the encoder pool's rows for item {load.bound.digest[:19]}… could not be read with "
+                               f"NIXL nor fetched as bytes ({e!r}); vLLM's encoder cache lacks them") from e
+        return result.embeddings
 
     def _bytes_client(self) -> PoolEncoderClient:
         if self._pool is None:

@@ -37,7 +37,7 @@ from encoder_service.proto import encoder_pb2 as pb
 from encoder_service.serving.api import streaming
 from encoder_service.serving.api.answers import Answers
 from encoder_service.serving.api.edge import Edge, EdgeLimits, deadline_in
-from encoder_service.serving.api.leases import RowLeases
+from encoder_service.serving.api.leases import RowLeases, require_token
 from encoder_service.serving.api.metrics import RayEncoderMetrics
 from encoder_service.serving.api.security import Authenticator
 from encoder_service.serving.api.serve.autoscaling import PENDING_TOKENS
@@ -109,6 +109,8 @@ class EncoderDeployment:
             if warning:
                 log.warning(warning)
         nixl_cfg = from_mapping(NixlSettings, nixl, "args.nixl")
+        if nixl_cfg.enabled:
+            require_token(bool(tokens))
         self.answers = Answers(RowLeases(self.model.shared_memory(), nixl_cfg, self.model.release)
                                if nixl_cfg.enabled else None)
         self._reflection = ReflectionServicer(REFLECTED_SERVICES)
@@ -126,7 +128,7 @@ class EncoderDeployment:
         go back to the model process; the edge records it."""
         read_from = time.perf_counter()
         if (out := self.answers.by_reference(reply, namespace)) is not None:
-            self.edge.succeeded(reply.header, reply.items, 0, started, len(out), time.perf_counter() - read_from)
+            self.edge.succeeded(reply.header, reply.items, reply.rows, started, len(out), time.perf_counter() - read_from)
             return out
         try:
             out = await asyncio.get_running_loop().run_in_executor(None, read, reply)
