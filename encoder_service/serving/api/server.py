@@ -119,7 +119,7 @@ class EncoderServicer:
         try:
             with self.edge.admitted(len(request), started):
                 namespace = self.edge.identify(context.invocation_metadata()).namespace
-                reply = await asyncio.wrap_future(self.model.submit(request, deadline, namespace=namespace))
+                reply = await self.model.reply(self.model.submit(request, deadline, namespace=namespace))
                 serialize_from = time.perf_counter()
                 if (response := self.answers.by_reference(reply, namespace)) is None:  # else: the lease's now
                     try:
@@ -136,9 +136,13 @@ class EncoderServicer:
         self.edge.succeeded(reply.header, reply.items, reply.rows, started, len(response), serialize_s)
         return response
 
-    async def EncodeStream(self, request: bytes, context: grpc.aio.ServicerContext):
+    async def EncodeStream(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
         """Encode, each item's rows sent as soon as they are ready (`streaming`): a StreamStart, the items
-        in completion order, a StreamEnd; a failure ends the stream with Encode's status."""
+        in completion order, a StreamEnd; a failure ends the stream with Encode's status.
+
+        Written with `context.write`, not as a generator: a client that hangs up cancels this coroutine
+        where it waits, so the items' rows go back at once (a generator handler is left suspended at its
+        `yield`, and its rows wait for the generator to be finalized)."""
         started = time.perf_counter()
         deadline = deadline_in(context.time_remaining())
         info, tally = self.model.info, streaming.StreamTally()
@@ -146,10 +150,12 @@ class EncoderServicer:
             with self.edge.admitted(len(request), started):
                 namespace = self.edge.identify(context.invocation_metadata()).namespace
                 async with contextlib.aclosing(streaming.model_events(self.model, request, deadline,
-                                                                      namespace)) as events:
-                    async for message in streaming.wire_messages(events, info.dtype, info.hidden_size,
-                                                                 self.cfg.stream_chunk_bytes, self._serialize, tally):
-                        yield message
+                                                                      namespace)) as events, \
+                        contextlib.aclosing(streaming.wire_messages(events, info.dtype, info.hidden_size,
+                                                                    self.cfg.stream_chunk_bytes, self._serialize,
+                                                                    tally)) as messages:
+                    async for message in messages:
+                        await context.write(message)
         except asyncio.CancelledError:
             self.edge.cancelled(started)
             raise

@@ -26,14 +26,19 @@ async def model_events(model, request: bytes, deadline: float | None, namespace:
     future = model.submit(request, deadline, extras, namespace,
                           on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
     future.add_done_callback(lambda f: loop.call_soon_threadsafe(events.put_nowait, None))
+    released = False
     try:
         while (event := await events.get()) is not None:
             yield event
-        reply = await asyncio.wrap_future(future)
+        reply = await model.reply(future)
         model.release(reply)
+        released = True
         yield reply
     finally:
-        future.cancel()  # a no-op once it is done
+        # Closed early (the client hung up): the call is cancelled, or, if it had finished, its answer's rows
+        # go back here (nobody will read them).
+        if not future.cancel() and not released and future.exception() is None:
+            model.release(future.result())
         model.release_items(future.call_id)
 
 

@@ -79,6 +79,9 @@ class ModelServer:
         self._calls: dict[int, _Call] = {}
         self._answers: dict[int, HeldRows] = {}  # answers whose rows the parent still reads, by call id
         self._holds: dict[int, list[Region]] = {}  # streamed items' regions the parent still reads, by call id
+        # Streamed calls until the parent's ReleaseItems (it sends one for every stream, however it ended): an
+        # item the pipeline hands over after that, even once the call itself is done, goes straight back.
+        self._streams: dict[int, _Call] = {}
         self._admissions: queue.Queue[_Call | None] = queue.Queue()
         self._admitter = threading.Thread(target=self._admit_loop, name="model-process-admission", daemon=True)
         self._admitter.start()
@@ -108,6 +111,8 @@ class ModelServer:
                 call = _Call(msg.id, msg)
                 with self._lock:
                     self._calls[call.id] = call
+                    if msg.stream:
+                        self._streams[call.id] = call
                 self._admissions.put(call)
             elif isinstance(msg, messages.Cancel):
                 with self._lock:
@@ -125,7 +130,7 @@ class ModelServer:
             elif isinstance(msg, messages.ReleaseItems):
                 with self._lock:
                     regions = self._holds.pop(msg.id, [])
-                    if (call := self._calls.get(msg.id)) is not None:
+                    if (call := self._streams.pop(msg.id, None)) is not None:
                         call.items_released = True
                 for region in regions:
                     self.pipeline.store.release(region)

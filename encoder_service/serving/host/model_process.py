@@ -22,6 +22,7 @@ The child's side is `model_child`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import logging
@@ -143,6 +144,16 @@ class ModelProcess:
     def release(self, reply: SharedReply) -> None:
         """Give a finished request's rows back; `reply.segments` must not be read afterwards."""
         self._send(messages.Release(reply.id))
+
+    async def reply(self, future: Future[SharedReply]) -> SharedReply:
+        """Await a `submit`'s answer on the event loop. A caller cancelled just as the answer came (its client
+        hung up) has its rows given back here: nobody else will, and they would hold the arena for good."""
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            if not future.cancel() and future.exception() is None:  # it had finished: with an answer
+                self.release(future.result())
+            raise
 
     def release_items(self, call: int) -> None:
         """Give back the rows every item event of a streamed call held (their segments must not be read

@@ -121,7 +121,7 @@ class EncoderDeployment:
         self._model_info = pb.ModelInfo.FromString(self._info_bytes)
 
     async def _encode(self, request: bytes, deadline: float | None, namespace: str) -> SharedReply:
-        return await asyncio.wrap_future(self.model.submit(request, deadline, {"replica": self.replica}, namespace))
+        return await self.model.reply(self.model.submit(request, deadline, {"replica": self.replica}, namespace))
 
     async def _consume(self, reply: SharedReply, read, started: float, namespace: str):
         """The answer by reference (a lease then holds the rows), else `read(reply)` on a thread, then the rows
