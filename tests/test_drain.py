@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,12 +24,6 @@ from encoder_service.client.endpoint import EncoderClient
 from encoder_service.client.security import ClientSecurity
 from encoder_service.contract.media import MediaInput, Modality
 from tests.conftest import gradient_png, wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -60,8 +53,10 @@ def _evidence(proc: subprocess.Popen, log: Path, error: BaseException | None) ->
 @pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGINT, True)],
                          ids=["sigterm-server", "sigterm-group", "sigint-group"])
 def test_a_signal_drains_the_call_in_flight_and_refuses_new_ones(tmp_path, sig, to_group):
-    metrics_port, log = _free_port(), tmp_path / "server.log"
-    proc, address = _serve(log, "--drain-grace-s", "60", "--metrics-port", str(metrics_port))
+    log = tmp_path / "server.log"
+    # Port 0: the server picks its metrics port (a port picked here could be taken before the server binds it).
+    proc, address = _serve(log, "--drain-grace-s", "60", "--metrics-port", "0")
+    metrics_port = int(proc.stdout.readline().rsplit(":", 1)[1].split("/")[0])
     try:
         # Small on the wire, slow to decode and tile: in the server when the signal comes.
         items = [MediaInput(Modality.IMAGE, gradient_png(1920, 1080, i), item_id=str(i)) for i in range(16)]

@@ -259,6 +259,8 @@ async def serve_forever(cfg: ServerConfig) -> None:
     try:
         await server.start()
         print(f"encoder-service listening on {server.address}", flush=True)
+        if server.metrics_port is not None:  # the port chosen, when asked for 0
+            print(f"encoder-service metrics on http://{cfg.host}:{server.metrics_port}/metrics", flush=True)
         ended = asyncio.ensure_future(server.wait())
         await asyncio.wait([ended, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
