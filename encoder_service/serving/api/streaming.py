@@ -30,7 +30,7 @@ async def model_events(model, request: bytes, deadline: float | None, namespace:
     try:
         while (event := await events.get()) is not None:
             yield event
-        reply = await model.reply(future)
+        reply = await asyncio.wrap_future(future)  # cancelled here: the finally below gives the rows back
         model.release(reply)
         released = True
         yield reply
