@@ -132,13 +132,17 @@ def encoder_server(engine_config):
         yield server
 
 
+def environment_python(script: str, env_dir: str) -> str:
+    """The Python of a test environment that `scripts/<script>` builds into `env_dir` (once; kept after)."""
+    done = subprocess.run([str(ROOT / "scripts" / script)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, f"scripts/{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return str(ROOT / env_dir / "bin" / "python")
+
+
 @pytest.fixture(scope="session")
 def vllm_python() -> str:
-    """The vLLM test environment's Python (built once: ~2 min, 3.5 GB; kept in .venv-vllm)."""
-    done = subprocess.run([str(ROOT / "scripts" / "vllm_env.sh")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=1800)
-    assert done.returncode == 0, f"scripts/vllm_env.sh failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return str(ROOT / ".venv-vllm" / "bin" / "python")
+    """The vLLM test environment's Python (built once: ~2 min, 4 GB; kept in .venv-vllm)."""
+    return environment_python("vllm_env.sh", ".venv-vllm")
 
 
 def vllm_answers(vllm_python: str, cases: dict, tmp_path: Path) -> dict:

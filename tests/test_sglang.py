@@ -24,7 +24,7 @@ from encoder_service.serving.api.serve.local import free_port
 from encoder_service.serving.api.server import BackgroundServer, ServerConfig
 from encoder_service.serving.host.pipeline import PipelineConfig
 from encoder_service.integrations.vllm.launch import stop, wait_http
-from tests.conftest import image_bytes, pool_token
+from tests.conftest import environment_python, image_bytes, pool_token
 from tests.video_fixture import mp4_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,10 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def sglang_python() -> str:
-    done = subprocess.run([str(ROOT / "scripts" / "sglang_env.sh")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=1800)
-    assert done.returncode == 0, f"scripts/sglang_env.sh failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return str(ROOT / ".venv-sglang" / "bin" / "python")
+    """SGLang's test environment (scripts/sglang_env.sh: sglang over the vLLM environment's packages)."""
+    return environment_python("sglang_env.sh", ".venv-sglang")
 
 
 def data_url(data: bytes, mime: str) -> str:
