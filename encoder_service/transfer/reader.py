@@ -63,7 +63,8 @@ class RowReader:
              timeout_s: float = 30.0, release: bool = True) -> torch.Tensor:
         """The rows of `ref` as one [sum(n_i), hidden] tensor (`out`, or a new host tensor); the lease given
         back after (unless `release` is False: the caller calls `release`). Any failure is TransferFailed."""
-        rows, row_bytes = ref.nbytes // (hidden_size * dtype.itemsize), hidden_size * dtype.itemsize
+        row_bytes = hidden_size * dtype.itemsize
+        rows = ref.nbytes // row_bytes
         if ref.nbytes % row_bytes or any(length % row_bytes for _, length, _ in ref.segments):
             raise TransferFailed(f"the reference's segments are not whole rows of {hidden_size} x {dtype}")
         if out is None:
