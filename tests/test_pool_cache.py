@@ -235,6 +235,32 @@ def test_the_autoscaling_policy_counts_vit_tokens_and_requests_queued_before_rep
     assert desired_replicas(1000, 65536, 96, 32) == 3  # 96 requests waiting at routers: grow anyway
 
 
+def test_the_autoscaling_policy_never_shrinks_the_pool_on_a_replica_that_has_not_reported():
+    """Serve's own context: a busy replica whose report is missing must not read as an idle one."""
+    from ray.serve._private.common import DeploymentID, ReplicaID
+    from ray.serve.config import AutoscalingContext
+
+    from encoder_service.serving.api.serve.autoscaling import PENDING_TOKENS, EncoderLoadPolicy
+
+    deployment = DeploymentID(name="EncoderDeployment", app_name="encoder")
+    a, b = (ReplicaID(unique_id=name, deployment_id=deployment) for name in ("a", "b"))
+
+    def context(reports: dict) -> AutoscalingContext:
+        return AutoscalingContext(
+            deployment_id=deployment, deployment_name="EncoderDeployment", app_name="encoder",
+            current_num_replicas=2, target_num_replicas=2, running_replicas=[a, b], total_num_requests=4.0,
+            total_queued_requests=0.0, aggregated_metrics={PENDING_TOKENS: reports}, raw_metrics={},
+            capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=4, policy_state={},
+            last_scale_up_time=None, last_scale_down_time=None, current_time=None, config=None)
+
+    policy = EncoderLoadPolicy(target_pending_tokens=1000)
+    assert policy(context({a: 100.0, b: 100.0}))[0] < 1  # both idle-ish: Serve may shrink to min_replicas
+    assert policy(context({a: 3000.0, b: 1000.0}))[0] == 4  # 4000 tokens pending: four replicas' worth
+    desired, state = policy(context({a: 100.0}))  # b is silent
+    assert desired == 2 and state["silent_replicas"] == 1
+    assert policy(context({a: 5000.0}))[0] == 5  # silence never holds growth back
+
+
 def test_a_tenant_header_is_a_namespace_inside_the_token_and_a_second_token_header_is_refused(cache_server):
     """A front end keeps its users apart with the `tenant` header: inside its token's namespace, never reaching
     another token's; a forged second `authorization` header is refused, whatever it holds."""

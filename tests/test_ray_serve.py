@@ -83,8 +83,10 @@ def _config(tiny_checkpoint, port: int, gpus_per_replica: float = 0, cache_mb: i
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster, tiny_checkpoint):
-    """min 1, max 2 replicas; a replica per ~2000 pending ViT tokens (about one 600x450 image) as the target."""
-    address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=1, max_replicas=2))
+    """min 1, max 2 replicas; a replica per ~2000 pending ViT tokens (about one 600x450 image) as the target.
+    Scaling down waits 8 s of low load: on CI's 2 cores a starting replica competes with the load for the
+    CPU, and a shorter delay once gave up a scale-up in progress."""
+    address = deploy(_config(tiny_checkpoint, ray_cluster, min_replicas=1, max_replicas=2, downscale_delay_s=8.0))
     with EncoderClient(address, timeout=60) as client:
         yield address, client
 

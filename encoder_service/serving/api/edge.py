@@ -5,6 +5,7 @@ server, the Serve gRPC deployment, the Serve handle method).
   caller's named tenant) and so the cache namespace its rows are kept under;
 - admission: requests or request bytes in flight over the limits are refused at once with `Busy`
   (UNAVAILABLE + `retry-after-ms`: retry later or on another replica) instead of queueing without bound;
+  so is every call once the door drains (`drain`), while the calls in flight go on (`idle`);
 - the deadline, as a time.monotonic() instant the model process honours;
 - failures as statuses (`contract.wire.status`: code, message, details, retry-after), and metrics and
   counters for every outcome.
@@ -13,12 +14,13 @@ A door only adapts this to its transport: how a status is sent, how a deadline i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
-from encoder_service.contract.errors import Busy
+from encoder_service.contract.errors import Busy, Unavailable
 from encoder_service.contract.wire.model_info import with_access
 from encoder_service.contract.wire.responses import response_extras
 from encoder_service.contract.wire.status import status_for
@@ -61,6 +63,7 @@ class Edge:
         self.limits, self.metrics, self.auth = limits, metrics, auth
         self.counters = ServiceCounters()
         self.inflight_requests = self.inflight_bytes = 0
+        self.draining = False
 
     def identify(self, metadata) -> Identity:
         """A gRPC call's identity (raises Unauthenticated)."""
@@ -79,11 +82,12 @@ class Edge:
         """A call of `nbytes` request bytes in flight for the block; raises `Busy` over the limits. The gauges
         drop as the block ends, before any status goes out: a caller told of it sees them drop."""
         limits = self.limits
+        if self.draining:
+            self._refused(started)
+            raise Unavailable("the server is shutting down (draining): retry on another replica")
         if (self.inflight_requests >= limits.max_inflight_requests
                 or self.inflight_bytes + nbytes > limits.max_inflight_request_bytes):
-            self.counters.refused += 1
-            self.metrics.refusal()
-            self.metrics.record("UNAVAILABLE", time.perf_counter() - started)
+            self._refused(started)
             raise Busy(f"encoder busy: {self.inflight_requests} requests ({self.inflight_bytes >> 20} MB) in flight; "
                        f"retry after {limits.retry_after_ms} ms or on another replica", limits.retry_after_ms)
         self.inflight_requests += 1
@@ -93,6 +97,21 @@ class Edge:
         finally:
             self.inflight_requests -= 1
             self.inflight_bytes -= nbytes
+
+    def _refused(self, started: float) -> None:
+        self.counters.refused += 1
+        self.metrics.refusal()
+        self.metrics.record("UNAVAILABLE", time.perf_counter() - started)
+
+    def drain(self) -> None:
+        """Refuse every new call from now on (UNAVAILABLE: retry on another replica); calls in flight go on."""
+        self.draining = True
+
+    async def idle(self, deadline: float) -> bool:
+        """Wait until no call is in flight, or until time.monotonic() passes `deadline`; True when idle."""
+        while self.inflight_requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return not self.inflight_requests
 
     def succeeded(self, header: bytes, items: int, rows: int, started: float, nbytes: int,
                   serialize_s: float) -> None:

@@ -58,6 +58,8 @@ class ServerConfig:
     max_inflight_requests: int = 128
     retry_after_ms: int = 200
     drain_grace_s: float = 30.0  # on SIGTERM: NOT_SERVING, no new calls, in-flight ones get this long
+    # ... and once they are answered the connections stay open this long (within the grace) before they close.
+    drain_linger_s: float = 1.0
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one); None: off
     serialize_threads: int = 4
     stream_chunk_bytes: int = DEFAULT_CHUNK_BYTES  # EncodeStream: rows per message at most
@@ -235,10 +237,20 @@ class EncoderServer:
 
     async def stop(self, grace: float = 1.0) -> None:
         """Drain: health says NOT_SERVING, new calls are refused (UNAVAILABLE), calls in flight get
-        `grace` seconds to finish; then the model process is shut down."""
+        `grace` seconds to finish; then the model process is shut down.
+
+        New calls are refused by the edge, not by closing connections: those close only once the calls in
+        flight were answered, and a moment later (`drain_linger_s`). A socket closed with its client's last
+        frames unread sends a TCP reset, and a reset makes the client's kernel drop what it has not read
+        yet, the end of an answer included (docs/reliability.md, the drain flake)."""
         if self.server is not None:
+            deadline = time.monotonic() + grace
             await self.health.enter_graceful_shutdown()
-            await self.server.stop(grace)
+            edge = self.servicer.edge
+            edge.drain()
+            if await edge.idle(deadline):
+                await asyncio.sleep(max(0.0, min(self.cfg.drain_linger_s, deadline - time.monotonic())))
+            await self.server.stop(max(0.0, deadline - time.monotonic()))
         self.servicer.close()
         await asyncio.to_thread(self.model.close)
 

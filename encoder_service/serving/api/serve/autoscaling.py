@@ -6,8 +6,9 @@ replica reports the ViT tokens it has admitted and not finished (`pending_vit_to
 decoded, queued for the device, on it; `EncoderDeployment.record_autoscaling_stats`), and this
 policy sizes the pool so that each replica holds about `target_pending_tokens` of them. Requests
 waiting in Serve's routers (every replica at `max_ongoing_requests`) are invisible to the replicas,
-so the pool also grows when those alone would need more replicas. Serve applies the deployment's
-min/max replicas, delays and scaling factors to what the policy asks for.
+so the pool also grows when those alone would need more replicas. A running replica that has not
+reported is not an idle one (it may be too busy to answer): the pool never shrinks on its silence.
+Serve applies the deployment's min/max replicas, delays and scaling factors to what the policy asks for.
 
     autoscaling_config:
       policy:
@@ -46,4 +47,7 @@ class EncoderLoadPolicy:
         pending = float(sum(per_replica.values()))
         desired = desired_replicas(pending, self.target_pending_tokens, float(ctx.total_num_requests),
                                    self.max_ongoing_requests)
-        return desired, {"pending_vit_tokens": pending}
+        silent = sum(1 for replica in ctx.running_replicas if replica not in per_replica)
+        if silent:
+            desired = max(desired, float(ctx.target_num_replicas))
+        return desired, {"pending_vit_tokens": pending, "silent_replicas": silent}

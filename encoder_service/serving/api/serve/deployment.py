@@ -28,7 +28,7 @@ from ray import serve
 
 from encoder_service.client.security import tokens_from
 from encoder_service.config import EngineConfig
-from encoder_service.contract.errors import Unauthenticated
+from encoder_service.contract.errors import Unauthenticated, Unavailable
 from encoder_service.contract.settings import from_mapping
 from encoder_service.contract.wire.metadata import APPLICATION_KEY
 from encoder_service.contract.result import dtype_name
@@ -49,6 +49,7 @@ from encoder_service.transfer.nixl import NixlSettings
 
 DEPLOYMENT_NAME = "EncoderDeployment"
 WATCH_POLL_S = 1.0
+STATS_WAIT_S = 2.0  # an autoscaling report waits this long for the model process, then repeats the last one
 
 log = logging.getLogger("ray.serve")
 
@@ -96,6 +97,7 @@ class EncoderDeployment:
             keep_large_buffers_in_heap()
         # One replica per CPU slot: don't let every replica's torch grab every core.
         self.model = ModelProcess(cfg, pipeline_cfg, torch_threads=cpus if cfg.device == "cpu" else 0)
+        self._pending_tokens = 0.0  # the last autoscaling report's
         context = serve.get_replica_context()
         self.replica, self.app_name = context.replica_id.unique_id, context.app_name
         if context.rank is not None and context.rank.rank == 0:  # once per deployment, not once per replica
@@ -280,9 +282,12 @@ class EncoderDeployment:
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric (`autoscaling.EncoderLoadPolicy`): the ViT tokens this replica
-        has admitted and not finished."""
-        stats = await asyncio.to_thread(self.model.stats, 5.0)
-        return {PENDING_TOKENS: float(stats.get(PENDING_TOKENS, 0))}
+        has admitted and not finished. A model process too busy to answer in time gets its last count
+        reported: no report at all would read as an idle replica."""
+        with contextlib.suppress(TimeoutError, Unavailable):
+            stats = await asyncio.to_thread(self.model.stats, STATS_WAIT_S)
+            self._pending_tokens = float(stats.get(PENDING_TOKENS, 0))
+        return {PENDING_TOKENS: self._pending_tokens}
 
     async def replica_stats(self) -> dict[str, Any]:
         """This replica's id, embedding cache (hits, joins, inserts, evictions, bytes, entries), work done
