@@ -155,11 +155,13 @@ def test_an_item_that_kills_two_workers_is_poison_and_refused_at_once(engine_con
         worker = pipeline.pool._workers[0]
         future = pipeline.encode(_items((64, 64)) + [poison])
         first = _kill_while_busy(worker, None)
-        _kill_while_busy(worker, first)
+        second = _kill_while_busy(worker, first)
         with pytest.raises(PoisonInput) as failed:
             future.result(timeout=120)
         assert failed.value.item_index == 1 and status_for(failed.value).name == "INVALID_ARGUMENT"
         assert reason_for(failed.value) == "POISON"
+        # The item fails before its worker is replaced: wait for the replacement, then watch it stay idle.
+        assert wait_for(lambda: worker.proc.pid != second and worker.proc.poll() is None, 60)
         pid = worker.proc.pid
         with pytest.raises(PoisonInput):
             pipeline.encode([poison])  # at once, at admission: no worker tries it again
