@@ -16,7 +16,7 @@ for i in $(seq 1 "$N"); do
   rev=$(git rev-parse --short HEAD)
   python3 -m venv .venv && . .venv/bin/activate
   started=$(date +%s)
-  pip install -q -c constraints.txt -e '.[test]' > "$OUT/run$i.log" 2>&1 && python -m pytest -q >> "$OUT/run$i.log" 2>&1
+  .ci/run > "$OUT/run$i.log" 2>&1  # CI's command, which is the README's
   code=$?
   echo "run $i at $rev rc=$code seconds=$(( $(date +%s) - started )) $(grep -E 'passed|failed' "$OUT/run$i.log" | tail -1)" >> "$OUT/summary.txt"
   deactivate; cd "$WORK" && rm -rf "$dir"
